@@ -1,0 +1,121 @@
+"""Shared config pieces: model sizes, mesh, dtypes, logical-axis rules.
+
+Every entry point takes `--config=configs/<file>.py[:arg]` and any field can be overridden from the command line
+with `--config.a.b=value` (ml_collections `config_flags`). The arg string is big_vision-style, a comma-separated
+list of `key=value` (e.g. `model=tiny,scan=True`).
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+# LLaMA decoder sizes. `llama7b` is LLaVA-v1.5-7B (LLaMA-2-7B architecture) with the MedPLIB vocab of 32267
+# (32000 + the 267 added tokens, facts section 1.1).
+LLM_SIZES = {
+    'tiny': dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=1024),
+    'llama7b': dict(vocab_size=32267, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                    num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    max_position_embeddings=4096),
+}
+
+# CLIP ViT vision tower sizes. `clip_l336` is openai/clip-vit-large-patch14-336 (facts section 2).
+VISION_SIZES = {
+    'tiny': dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3,
+                 num_heads=4, layer_norm_eps=1e-5),
+    'clip_l336': dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24,
+                      num_heads=16, layer_norm_eps=1e-5),
+}
+
+# Logical axis -> mesh axis. One table for parameters and activations (MaxText's `logical_axis_rules`).
+# Parameters: the model ("embed") dimension is FSDP-sharded, heads / FFN / vocab tensor-parallel.
+# Activations: batch over data x fsdp, heads / mlp / vocab over tensor.
+LOGICAL_AXIS_RULES = (
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
+    ('layers', None),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('norm', None),
+    ('expert', None),
+    ('vision_embed', 'fsdp'),
+    ('vision_heads', 'tensor'),
+    ('vision_mlp', 'tensor'),
+    ('vision_patch', None),
+    ('vision_channels', None),
+    ('vision_positions', None),
+)
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+    """Parses a big_vision-style arg string `a=1,b=x` over typed defaults; unknown keys are an error."""
+    out = mlc.ConfigDict(defaults)
+    for item in filter(None, (arg or '').split(',')):
+        if '=' not in item:
+            raise ValueError(f'config arg {item!r}: expected key=value')
+        key, value = item.split('=', 1)
+        if key not in defaults:
+            raise ValueError(f'config arg {key!r}: unknown key; known: {sorted(defaults)}')
+        default = defaults[key]
+        if isinstance(default, bool):
+            if value.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError(f'config arg {key!r}: expected a bool, got {value!r}')
+            out[key] = value.lower() in ('true', '1')
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
+def llm_config(size: str) -> mlc.ConfigDict:
+    if size not in LLM_SIZES:
+        raise ValueError(f'unknown LLM size {size!r}; known: {sorted(LLM_SIZES)}')
+    return mlc.ConfigDict(dict(LLM_SIZES[size]))
+
+
+def vision_config(size: str) -> mlc.ConfigDict:
+    if size not in VISION_SIZES:
+        raise ValueError(f'unknown vision size {size!r}; known: {sorted(VISION_SIZES)}')
+    # select_layer -2 / select_feature 'patch': LLaVA-v1.5's feature (facts section 2).
+    return mlc.ConfigDict(dict(VISION_SIZES[size], select_layer=-2, select_feature='patch'))
+
+
+def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32', param_dtype: str = 'float32',
+                 scan_layers: bool = False, remat_policy: str = 'none') -> mlc.ConfigDict:
+    cfg = mlc.ConfigDict()
+    cfg.llm = llm_config(llm)
+    cfg.vision = vision_config(vision)
+    cfg.projector = mlc.ConfigDict(dict(type='mlp2x_gelu'))
+    cfg.dtype = dtype  # compute dtype
+    cfg.param_dtype = param_dtype
+    cfg.scan_layers = scan_layers  # nn.scan over decoder layers; both layouts load the same weights
+    cfg.remat_policy = remat_policy  # see medplib_jax.models.llama.REMAT_POLICIES
+    return cfg
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
+    """Mesh axis sizes; exactly one may be -1 (= all remaining devices)."""
+    return mlc.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    """Base config. arg keys: model (tiny|7b), dtype, scan, remat."""
+    a = parse_arg(arg, model='tiny', dtype='float32', scan=False, remat='none')
+    sizes = {'tiny': ('tiny', 'tiny'), '7b': ('llama7b', 'clip_l336')}
+    if a.model not in sizes:
+        raise ValueError(f'config arg model={a.model!r}: known: {sorted(sizes)}')
+    llm, vision = sizes[a.model]
+    cfg = mlc.ConfigDict()
+    cfg.model = model_config(llm, vision, dtype=a.dtype, scan_layers=a.scan, remat_policy=a.remat)
+    cfg.mesh = mesh_config()
+    cfg.logical_axis_rules = LOGICAL_AXIS_RULES
+    cfg.seed = 0
+    cfg.smoke = mlc.ConfigDict(dict(batch_size=2, seq_len=32))
+    return cfg

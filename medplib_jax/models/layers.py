@@ -1,0 +1,74 @@
+"""Building blocks shared by the towers: dtype lookup, logically-partitioned Dense, RMSNorm, attention core."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    if name not in DTYPES:
+        raise ValueError(f'unknown dtype {name!r}; known: {sorted(DTYPES)}')
+    return DTYPES[name]
+
+
+def dense(features: int, axes: tuple[str, str], *, use_bias: bool = False, dtype: jnp.dtype = jnp.float32,
+          param_dtype: jnp.dtype = jnp.float32, name: str | None = None,
+          kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.Dense:
+    """nn.Dense whose kernel (in, out) and bias (out,) carry logical axis names."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+def layer_norm(eps: float, axis_name: str, *, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm with logical names on scale/bias; statistics in fp32 whatever the compute dtype."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name, use_fast_variance=False,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis_name,)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis_name,)))
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm, HF convention: normalise in fp32, cast back, then scale by `weight`."""
+    eps: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param('weight', nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
+                            (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention with grouped KV heads.
+
+    q: (B, T, H, D); k, v: (B, S, K, D) with H a multiple of K; mask: bool, broadcastable to (B, T, S),
+    True = may attend. Scores and softmax in fp32; output in q's dtype, (B, T, H, D).
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    if h % kv:
+        raise ValueError(f'{h} query heads are not a multiple of {kv} key/value heads')
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, t, mask.shape[-1]))[:, None, None]
+        # A finite minimum (not -inf) keeps fully-masked rows (padding queries) NaN-free, as HF does.
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Activation sharding hint by logical names (a no-op outside a mesh/rules context)."""
+    return nn.with_logical_constraint(x, tuple(axes))

@@ -1,0 +1,247 @@
+"""LLaMA decoder (LLaVA-v1.5-7B / LLaMA-2 architecture) in Flax linen.
+
+Parameter names mirror HF `LlamaForCausalLM` (`model/layers_3/self_attn/q_proj/kernel` <->
+`model.layers.3.self_attn.q_proj.weight`) so the converter is a short table. Decoding uses a `cache` collection:
+call with `decode=True` once on a (batch, max_len) dummy to create it, then prefill and step with
+`mutable=['cache']`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medplib_jax.models.layers import RMSNorm, constrain, dense, dot_product_attention, dtype_of
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+BATCH, LENGTH, EMBED = 'activation_batch', 'activation_length', 'activation_embed'
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    dtype: str = 'float32'
+    param_dtype: str = 'float32'
+    scan_layers: bool = False
+    remat_policy: str = 'none'
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f'llm.num_heads={self.num_heads} is not a multiple of '
+                             f'llm.num_kv_heads={self.num_kv_heads}')
+        if self.head_dim % 2:
+            raise ValueError(f'llm.head_dim={self.head_dim} must be even for RoPE')
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f'model.remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}')
+        dtype_of(self.dtype), dtype_of(self.param_dtype)
+
+    @classmethod
+    def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'LlamaConfig':
+        """From `config.model` (its `llm` block plus the shared dtype / layout fields)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        llm = dict(model_cfg['llm'])
+        unknown = set(llm) - known
+        if unknown:
+            raise ValueError(f'config.model.llm: unknown keys {sorted(unknown)}')
+        shared = {k: model_cfg[k] for k in ('dtype', 'param_dtype', 'scan_layers', 'remat_policy') if k in model_cfg}
+        return cls(**llm, **shared)
+
+    @classmethod
+    def from_hf(cls, hf: Any, **overrides: Any) -> 'LlamaConfig':
+        """From a transformers `LlamaConfig` (or its dict). RoPE theta lives in `rope_parameters` in 5.x."""
+        d = hf if isinstance(hf, Mapping) else hf.to_dict()
+        rope = d.get('rope_parameters') or {}
+        if rope.get('rope_type', 'default') != 'default':
+            raise ValueError(f'rope_parameters.rope_type={rope["rope_type"]!r} is not supported (only default)')
+        return cls(vocab_size=d['vocab_size'], hidden_size=d['hidden_size'],
+                   intermediate_size=d['intermediate_size'], num_layers=d['num_hidden_layers'],
+                   num_heads=d['num_attention_heads'],
+                   num_kv_heads=d.get('num_key_value_heads') or d['num_attention_heads'],
+                   head_dim=d.get('head_dim') or d['hidden_size'] // d['num_attention_heads'],
+                   rms_norm_eps=d['rms_norm_eps'], rope_theta=rope.get('rope_theta', d.get('rope_theta', 10000.0)),
+                   max_position_embeddings=d['max_position_embeddings'], **overrides)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """HF rotary tables: frequencies over the first half, duplicated (not interleaved); fp32. -> (B, L, D)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, L, H, D). HF casts the tables to x's dtype before rotating."""
+    cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class LlamaAttention(nn.Module):
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, token_mask: jax.Array | None, decode: bool) -> jax.Array:
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        b, t, _ = x.shape
+        q = dense(cfg.num_heads * cfg.head_dim, ('embed', 'heads'), dtype=dt, param_dtype=pdt, name='q_proj')(x)
+        k = dense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), dtype=dt, param_dtype=pdt, name='k_proj')(x)
+        v = dense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), dtype=dt, param_dtype=pdt, name='v_proj')(x)
+        q = constrain(q.reshape(b, t, cfg.num_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_heads', None))
+        k = constrain(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_kv_heads', None))
+        v = constrain(v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_kv_heads', None))
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if token_mask is None:
+            token_mask = jnp.ones((b, t), bool)
+        if decode:
+            k, v, mask = self._update_cache(k, v, token_mask)
+        else:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & token_mask[:, None, :]
+        out = dot_product_attention(q, k, v, mask)
+        out = constrain(out, (BATCH, LENGTH, 'activation_heads', None)).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return dense(cfg.hidden_size, ('heads', 'embed'), dtype=dt, param_dtype=pdt, name='o_proj')(out)
+
+    def _update_cache(self, k: jax.Array, v: jax.Array, token_mask: jax.Array):
+        """Writes this chunk (prefill or one step) at `cache_index`; returns full cached K/V and the mask.
+
+        The first call (at init) only sizes the cache from its dummy input: (batch, max_len).
+        """
+        initialized = self.has_variable('cache', 'cached_key')
+        ck = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+        cv = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+        cm = self.variable('cache', 'cached_mask', jnp.zeros, k.shape[:2], bool)
+        idx = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+        t = k.shape[1]
+        if not initialized:
+            q_slot = jnp.arange(t)
+            return k, v, (q_slot[:, None] >= q_slot[None, :])[None] & token_mask[:, None, :]
+        start = idx.value
+        ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, start, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, start, 0, 0))
+        cm.value = jax.lax.dynamic_update_slice(cm.value, token_mask, (0, start))
+        idx.value = start + t
+        q_slot = start + jnp.arange(t)
+        k_slot = jnp.arange(ck.value.shape[1])
+        mask = (k_slot[None, :] <= q_slot[:, None])[None] & cm.value[:, None, :]
+        return ck.value, cv.value, mask
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU FFN: down(silu(gate(x)) * up(x))."""
+    cfg: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        gate = dense(cfg.intermediate_size, ('embed', 'mlp'), dtype=dt, param_dtype=pdt, name='gate_proj')(x)
+        up = dense(cfg.intermediate_size, ('embed', 'mlp'), dtype=dt, param_dtype=pdt, name='up_proj')(x)
+        h = constrain(nn.silu(gate) * up, (BATCH, LENGTH, 'activation_mlp'))
+        return dense(cfg.hidden_size, ('mlp', 'embed'), dtype=dt, param_dtype=pdt, name='down_proj')(h)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block. With `scanned=True` it returns (carry, None) as `nn.scan` wants."""
+    cfg: LlamaConfig
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, token_mask: jax.Array | None, decode: bool = False):
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        x = constrain(x, (BATCH, LENGTH, EMBED))
+        h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='input_layernorm')(x)
+        x = x + LlamaAttention(cfg, name='self_attn')(h, positions, token_mask, decode)
+        h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='post_attention_layernorm')(x)
+        x = x + LlamaMLP(cfg, name='mlp')(h)
+        x = constrain(x, (BATCH, LENGTH, EMBED))
+        return (x, None) if self.scanned else x
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder stack, final norm. Accepts ids or ready embeddings (the multimodal merge)."""
+    cfg: LlamaConfig
+
+    def setup(self):
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')))
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        layer_cls = LlamaDecoderLayer
+        if cfg.remat_policy != 'none':
+            # argnum 4 = `decode` (self is 0); prevent_cse is only needed outside scan.
+            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=(4,))
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                layer_cls, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, scanned=True, name='layers')
+        else:
+            self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='norm')
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, token_mask: jax.Array | None = None,
+                 decode: bool = False) -> jax.Array:
+        x = inputs_embeds.astype(dtype_of(self.cfg.dtype))
+        if self.cfg.scan_layers:
+            x, _ = self.layers(x, positions, token_mask, decode)
+        else:
+            for layer in self.layers:
+                x = layer(x, positions, token_mask, decode)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Returns (fp32 logits (B, L, V), final-norm hidden states (B, L, D))."""
+    cfg: LlamaConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = dense(cfg.vocab_size, ('embed', 'vocab'), dtype=dtype_of(cfg.dtype),
+                             param_dtype=dtype_of(cfg.param_dtype), name='lm_head',
+                             kernel_init=nn.initializers.normal(0.02))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.model.embed(input_ids)
+
+    def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                 positions: jax.Array | None = None, token_mask: jax.Array | None = None,
+                 decode: bool = False) -> tuple[jax.Array, jax.Array]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError('pass exactly one of input_ids and inputs_embeds')
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        b, t = inputs_embeds.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        hidden = self.model(inputs_embeds, positions, token_mask, decode)
+        logits = self.lm_head(hidden).astype(jnp.float32)
+        return constrain(logits, (BATCH, LENGTH, 'activation_vocab')), hidden
