@@ -49,7 +49,6 @@ LOGICAL_AXIS_RULES = (
     ('vision_embed', 'fsdp'),
     ('vision_heads', 'tensor'),
     ('vision_mlp', 'tensor'),
-    ('vision_patch', None),
     ('vision_channels', None),
     ('vision_positions', None),
 )

@@ -124,7 +124,7 @@ class CLIPVisionEmbeddings(nn.Module):
                           use_bias=False, dtype=dt, param_dtype=pdt, name='patch_embedding',
                           kernel_init=nn.with_logical_partitioning(
                               nn.initializers.lecun_normal(),
-                              ('vision_patch', 'vision_patch', 'vision_channels', 'vision_embed')))(pixels.astype(dt))
+                              (None, None, 'vision_channels', 'vision_embed')))(pixels.astype(dt))
         b = patches.shape[0]
         patches = patches.reshape(b, -1, d)  # row-major over the patch grid, as HF's flatten(2)
         cls = self.param('class_embedding',

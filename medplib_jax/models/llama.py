@@ -205,7 +205,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='norm')
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        return self.embed_tokens(input_ids)
+        # Gather from a table whose hidden dim is not sharded: with the FSDP-sharded table XLA can only
+        # re-layout the batch-sharded result by replicating it ("involuntary full rematerialization").
+        table = nn.with_logical_constraint(self.embed_tokens.embedding, ('vocab', None))
+        out = jnp.take(table, input_ids, axis=0).astype(dtype_of(self.cfg.dtype))
+        return constrain(out, (BATCH, LENGTH, EMBED))
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, token_mask: jax.Array | None = None,
                  decode: bool = False) -> jax.Array:

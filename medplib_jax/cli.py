@@ -1,0 +1,62 @@
+"""`medplib-jax` entry point: `medplib-jax COMMAND [--config=configs/common.py:arg] [--config.a.b=value ...]`."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import configs
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'common.py')
+
+# Commands that later issues fill in; each names where it will come from.
+_PENDING = {
+    'train': 'training (the stage-parametrised train step) is not implemented yet',
+    'eval': 'evaluation (OmniMedVQA, MeCoVQA-C/R/G metrics) is not implemented yet',
+    'chat': 'interactive inference (VQA, region prompts, grounding) is not implemented yet',
+    'convert': 'checkpoint conversion to Orbax is not implemented yet; the HF key tables are in '
+               'medplib_jax.convert (llama, clip)',
+    'make-demo-data': 'the synthetic MeCoVQA-style data generator is not implemented yet',
+}
+COMMANDS = ('demo', *_PENDING)
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        got = ' '.join(argv[1:]) or 'nothing'
+        raise app.UsageError(f'expected one command of {", ".join(COMMANDS)}; got {got}')
+    command = argv[1]
+    if command in _PENDING:
+        print(f'medplib-jax {command}: {_PENDING[command]}.', file=sys.stderr)
+        return 2
+    from medplib_jax.demo import run_demo
+    run_demo(flags.FLAGS.config)
+    return 0
+
+
+def _define_config_flag(argv: list[str]) -> None:
+    """Defines --config. ml_collections applies `--config.x=` overrides while defining the flag, so a field that
+    does not exist fails here: report it in one line instead of a traceback."""
+    try:
+        config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:arg]; fields overridable with '
+                                        '--config.field=value.', lock_config=True)
+    except (AttributeError, KeyError) as e:  # ml_collections' locked-config errors
+        text = str(e).replace('\\', '')
+        key = re.search(r"'(\w+)'", text)
+        key = key.group(1) if key else text
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        bad = [a.split('=')[0] for a in argv if a.startswith('--config.') and key in a.split('=')[0].split('.')]
+        sys.exit(f'FATAL Flags parsing error: {bad[0] if bad else "--config"}: no such config field {key!r}'
+                 + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))
+
+
+def main() -> None:
+    _define_config_flag(sys.argv)
+    app.run(_main)
+
+
+if __name__ == '__main__':
+    main()

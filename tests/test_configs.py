@@ -1,0 +1,63 @@
+"""Configs: sizes, arg strings, `--config.x=` overrides, and clear errors for wrong keys."""
+import os
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import configs
+from configs.common import get_config, parse_arg
+from medplib_jax.models.clip import CLIPVisionConfig
+from medplib_jax.models.llama import LlamaConfig
+
+CONFIG_FILE = os.path.join(os.path.dirname(configs.__file__), 'common.py')
+
+
+def test_sizes_build_model_configs():
+    tiny = get_config()
+    assert LlamaConfig.from_model_config(tiny.model).num_kv_heads == 2
+    big = get_config('model=7b,dtype=bfloat16,scan=True,remat=full')
+    llm = LlamaConfig.from_model_config(big.model)
+    assert (llm.num_layers, llm.hidden_size, llm.intermediate_size, llm.vocab_size) == (32, 4096, 11008, 32267)
+    assert (llm.dtype, llm.scan_layers, llm.remat_policy) == ('bfloat16', True, 'full')
+    vis = CLIPVisionConfig.from_model_config(big.model)
+    assert (vis.image_size, vis.patch_size, vis.num_layers, vis.select_layer) == (336, 14, 24, -2)
+
+
+def test_arg_string_errors():
+    with pytest.raises(ValueError, match="config arg 'size': unknown key"):
+        get_config('size=7b')
+    with pytest.raises(ValueError, match="model='9b'"):
+        get_config('model=9b')
+    with pytest.raises(ValueError, match='expected a bool'):
+        parse_arg('scan=maybe', scan=False)
+    with pytest.raises(ValueError, match='key=value'):
+        parse_arg('scan', scan=False)
+
+
+def test_command_line_overrides(monkeypatch):
+    argv = ['prog', f'--config={CONFIG_FILE}:model=7b', '--config.model.llm.num_layers=3', '--config.mesh.fsdp=4',
+            '--config.model.dtype=bfloat16']
+    monkeypatch.setattr(sys, 'argv', argv)  # config_flags registers the override flags from sys.argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', CONFIG_FILE, flag_values=fv, lock_config=True)
+    fv(argv)
+    cfg = fv.config
+    assert cfg.model.llm.num_layers == 3 and cfg.model.llm.hidden_size == 4096
+    assert cfg.mesh.fsdp == 4 and cfg.model.dtype == 'bfloat16'
+    assert LlamaConfig.from_model_config(cfg.model).num_layers == 3
+
+
+def test_unknown_model_keys_are_rejected():
+    cfg = get_config()
+    cfg.unlock()
+    cfg.model.llm.num_expertz = 2
+    with pytest.raises(ValueError, match=r"config.model.llm: unknown keys \['num_expertz'\]"):
+        LlamaConfig.from_model_config(cfg.model)
+    cfg.model.vision.patchsize = 3
+    with pytest.raises(ValueError, match=r"config.model.vision: unknown keys \['patchsize'\]"):
+        CLIPVisionConfig.from_model_config(cfg.model)
+    cfg.model.dtype = 'float8'
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        LlamaConfig.from_model_config({**cfg.model, 'llm': dict(get_config().model.llm)})
