@@ -86,8 +86,22 @@ def vision_config(size: str) -> mlc.ConfigDict:
     return mlc.ConfigDict(dict(VISION_SIZES[size], select_layer=-2, select_feature='patch'))
 
 
+def moe_config(mode: str = 'none') -> mlc.ConfigDict:
+    """Two-expert MoE FFN; defaults = the reference's stage-IV recipe (facts section 4). Sweep capacity_factor /
+    top_k here. `aux_loss_coef` 0.0 is the stage-IV recipe (the reference's CLI default is 0.01); the aux loss is
+    computed and logged either way."""
+    return mlc.ConfigDict(dict(mode=mode, num_experts=2, top_k=1, capacity_factor=1.5, eval_capacity_factor=2.0,
+                               min_capacity=0, group_size=4, route_padding=True, aux_loss_coef=0.0))
+
+
+def lora_config(rank: int = 0, alpha: float = 16.0, dropout: float = 0.05, targets: tuple = ()) -> mlc.ConfigDict:
+    """peft-style LoRA on the named projections; rank 0 = none. Stage recipes (facts 4.6): II r16 on all seven,
+    III r8 on gate/up/down, IV r8 on gate/up/down (per expert) + q/v."""
+    return mlc.ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets)))
+
+
 def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32', param_dtype: str = 'float32',
-                 scan_layers: bool = False, remat_policy: str = 'none') -> mlc.ConfigDict:
+                 scan_layers: bool = False, remat_policy: str = 'none', moe: str = 'none') -> mlc.ConfigDict:
     cfg = mlc.ConfigDict()
     cfg.llm = llm_config(llm)
     cfg.vision = vision_config(vision)
@@ -96,6 +110,8 @@ def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32'
     cfg.param_dtype = param_dtype
     cfg.scan_layers = scan_layers  # nn.scan over decoder layers; both layouts load the same weights
     cfg.remat_policy = remat_policy  # see medplib_jax.models.llama.REMAT_POLICIES
+    cfg.moe = moe_config(moe)
+    cfg.lora = lora_config()
     return cfg
 
 
@@ -105,16 +121,18 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDic
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    """Base config. arg keys: model (tiny|7b), dtype, scan, remat."""
-    a = parse_arg(arg, model='tiny', dtype='float32', scan=False, remat='none')
+    """Base config. arg keys: model (tiny|7b), dtype, scan, remat, moe (none|dense|first_half|second_half|sparse)."""
+    a = parse_arg(arg, model='tiny', dtype='float32', scan=False, remat='none', moe='none')
     sizes = {'tiny': ('tiny', 'tiny'), '7b': ('llama7b', 'clip_l336')}
     if a.model not in sizes:
         raise ValueError(f'config arg model={a.model!r}: known: {sorted(sizes)}')
     llm, vision = sizes[a.model]
     cfg = mlc.ConfigDict()
-    cfg.model = model_config(llm, vision, dtype=a.dtype, scan_layers=a.scan, remat_policy=a.remat)
+    cfg.model = model_config(llm, vision, dtype=a.dtype, scan_layers=a.scan, remat_policy=a.remat, moe=a.moe)
+    if a.moe != 'none':  # stage-IV adapters: per-expert LoRA on the FFN, LoRA on q and v
+        cfg.model.lora = lora_config(8, 16.0, 0.05, ('gate_proj', 'up_proj', 'down_proj', 'q_proj', 'v_proj'))
     cfg.mesh = mesh_config()
     cfg.logical_axis_rules = LOGICAL_AXIS_RULES
     cfg.seed = 0
-    cfg.smoke = mlc.ConfigDict(dict(batch_size=2, seq_len=32))
+    cfg.smoke = mlc.ConfigDict(dict(batch_size=4, seq_len=32))  # batch: a multiple of moe.group_size
     return cfg

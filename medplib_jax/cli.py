@@ -33,7 +33,13 @@ def _main(argv: list[str]) -> int:
         print(f'medplib-jax {command}: {_PENDING[command]}.', file=sys.stderr)
         return 2
     from medplib_jax.demo import run_demo
-    run_demo(flags.FLAGS.config)
+    try:
+        run_demo(flags.FLAGS.config)
+    except ValueError as e:  # configuration problems: one line (MEDPLIB_DEBUG=1 for the traceback)
+        if os.environ.get('MEDPLIB_DEBUG'):
+            raise
+        print(f'medplib-jax {command}: {e}', file=sys.stderr)
+        return 2
     return 0
 
 

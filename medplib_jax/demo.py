@@ -20,11 +20,26 @@ from medplib_jax import sharding
 from medplib_jax.infer.generate import greedy_generate
 from medplib_jax.models.clip import CLIPVisionConfig, CLIPVisionTower, MultimodalProjector
 from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from medplib_jax.models.moe import collect_moe_metrics
 from medplib_jax.train.losses import IGNORE_INDEX, next_token_cross_entropy
 
 
 def _count(params: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _moe_report(llm: LlamaForCausalLM, params: Any, text: jax.Array, seed: int, mesh, rules) -> dict[str, Any]:
+    """One training-mode forward (where tokens can be dropped) to show router load and drops."""
+    @jax.jit
+    def fwd(params, text):
+        _, state = llm.apply(params, text, train=True, mutable=['intermediates'],
+                             rngs={'moe': jax.random.key(seed), 'dropout': jax.random.key(seed + 1)})
+        return collect_moe_metrics(state['intermediates'])
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        m = jax.device_get(fwd(params, text))
+    return dict(aux_loss=float(m['aux_loss']), expert_counts=m['expert_counts'].tolist(),
+                drop_fraction=[round(float(v), 3) for v in m['drop_fraction']])
 
 
 def run_demo(config: mlc.ConfigDict, log=print) -> dict[str, Any]:
@@ -39,6 +54,9 @@ def run_demo(config: mlc.ConfigDict, log=print) -> dict[str, Any]:
     batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
     if b % batch_shards:
         raise ValueError(f'config.smoke.batch_size={b} is not divisible by mesh data x fsdp = {batch_shards}')
+    if llm_cfg.moe_layers and b % llm_cfg.moe.group_size:
+        raise ValueError(f'config.smoke.batch_size={b} is not a multiple of config.model.moe.group_size='
+                         f'{llm_cfg.moe.group_size} (MoE routing groups are whole sequences)')
     rng = np.random.default_rng(config.seed)
     pixels = jnp.asarray(rng.normal(size=(b, vis_cfg.image_size, vis_cfg.image_size, 3)), jnp.float32)
     text = jnp.asarray(rng.integers(3, llm_cfg.vocab_size, size=(b, t)), jnp.int32)
@@ -81,6 +99,11 @@ def run_demo(config: mlc.ConfigDict, log=print) -> dict[str, Any]:
         f'loss {summary["loss"]:.4f} over {summary["supervised_tokens"]} tokens '
         f'(ln V = {np.log(llm_cfg.vocab_size):.4f}); first call {first:.2f}s, second {second:.3f}s')
     log(f'greedy decode (KV cache), 8 tokens per sample: {summary["generated"]}')
+    if llm_cfg.moe_layers:
+        summary['moe'] = m = _moe_report(llm, llm_p, text, config.seed, mesh, rules)
+        log(f'MoE, training mode (capacity factor {llm_cfg.moe.capacity_factor}, top-{llm_cfg.moe.top_k}): '
+            f'aux loss {m["aux_loss"]:.4f} over {len(llm_cfg.moe_layers)} layers; tokens per expert '
+            f'by layer {m["expert_counts"]}; dropped {m["drop_fraction"]}')
     if not summary['finite']:
         raise FloatingPointError('demo: non-finite logits')
     return summary

@@ -18,8 +18,15 @@ def test_demo_runs_on_one_device():
     res = _run('demo', '--config.smoke.seq_len=8')
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in res.stdout
-    assert 'logits (2, 24, 512)' in res.stdout  # 16 image tokens + 8 text tokens, tiny vocab
+    assert 'logits (4, 24, 512)' in res.stdout  # 16 image tokens + 8 text tokens, tiny vocab
     assert 'greedy decode (KV cache)' in res.stdout
+
+
+def test_demo_with_moe_reports_router_load():
+    res = _run('demo', '--config=configs/common.py:moe=dense', '--config.smoke.seq_len=8')
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'MoE, training mode (capacity factor 1.5, top-1): aux loss' in res.stdout
+    assert 'tokens per expert by layer' in res.stdout
 
 
 def test_demo_runs_sharded_on_eight_devices():
@@ -33,6 +40,9 @@ def test_demo_runs_sharded_on_eight_devices():
 @pytest.mark.parametrize('args,message', [
     (('demo', '--config.mesh.fsdpp=2'), "--config.mesh.fsdpp: no such config field 'fsdpp'"),
     (('demo', '--config.smoke.batch_size=3'), 'config.smoke.batch_size=3 is not divisible by mesh data x fsdp = 8'),
+    (('demo', '--config=configs/common.py:moe=dense', '--config.smoke.batch_size=16', '--config.model.moe.group_size=3'),
+     'medplib-jax demo: config.smoke.batch_size=16 is not a multiple of config.model.moe.group_size=3'),
+    (('demo', '--config.model.moe.top_k=3'), 'medplib-jax demo: moe.top_k=3: only top-1 and top-2 gating exist'),
     (('train',), 'medplib-jax train: training (the stage-parametrised train step) is not implemented yet.'),
     (('fly',), 'expected one command of demo, train'),
 ])

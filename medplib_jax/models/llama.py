@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from medplib_jax.models.layers import RMSNorm, constrain, dense, dot_product_attention, dtype_of
+from medplib_jax.models.lora import LoRAConfig, LoRADense
+from medplib_jax.models.moe import MoEConfig, MoEFFN
 
 REMAT_POLICIES = {
     'none': None,
@@ -42,6 +44,8 @@ class LlamaConfig:
     param_dtype: str = 'float32'
     scan_layers: bool = False
     remat_policy: str = 'none'
+    lora: LoRAConfig = LoRAConfig()
+    moe: MoEConfig = MoEConfig()
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -52,6 +56,19 @@ class LlamaConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f'model.remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}')
         dtype_of(self.dtype), dtype_of(self.param_dtype)
+        if self.scan_layers and self.moe.mode not in ('none', 'dense'):
+            raise ValueError(f'model.moe.mode={self.moe.mode!r} makes layers differ; nn.scan needs identical layers '
+                             f'(use moe.mode dense or none, or scan_layers=False)')
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return self.moe.layer_indices(self.num_layers)
+
+    def proj(self, features: int, axes: tuple[str, str], name: str, stacked: int = 0) -> LoRADense:
+        """A bias-free projection, LoRA-wrapped when `name` is a configured LoRA target."""
+        lora = self.lora if self.lora.applies_to(name) else LoRAConfig()
+        return LoRADense(features, axes, lora, stacked=stacked, dtype=dtype_of(self.dtype),
+                         param_dtype=dtype_of(self.param_dtype), name=name)
 
     @classmethod
     def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'LlamaConfig':
@@ -62,7 +79,8 @@ class LlamaConfig:
         if unknown:
             raise ValueError(f'config.model.llm: unknown keys {sorted(unknown)}')
         shared = {k: model_cfg[k] for k in ('dtype', 'param_dtype', 'scan_layers', 'remat_policy') if k in model_cfg}
-        return cls(**llm, **shared)
+        return cls(**llm, **shared, lora=LoRAConfig.from_dict(model_cfg.get('lora')),
+                   moe=MoEConfig.from_dict(model_cfg.get('moe')))
 
     @classmethod
     def from_hf(cls, hf: Any, **overrides: Any) -> 'LlamaConfig':
@@ -99,13 +117,13 @@ class LlamaAttention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, token_mask: jax.Array | None, decode: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, token_mask: jax.Array | None, decode: bool,
+                 train: bool = False) -> jax.Array:
         cfg = self.cfg
-        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         b, t, _ = x.shape
-        q = dense(cfg.num_heads * cfg.head_dim, ('embed', 'heads'), dtype=dt, param_dtype=pdt, name='q_proj')(x)
-        k = dense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), dtype=dt, param_dtype=pdt, name='k_proj')(x)
-        v = dense(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), dtype=dt, param_dtype=pdt, name='v_proj')(x)
+        q = cfg.proj(cfg.num_heads * cfg.head_dim, ('embed', 'heads'), 'q_proj')(x, train)
+        k = cfg.proj(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), 'k_proj')(x, train)
+        v = cfg.proj(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), 'v_proj')(x, train)
         q = constrain(q.reshape(b, t, cfg.num_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_heads', None))
         k = constrain(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_kv_heads', None))
         v = constrain(v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_kv_heads', None))
@@ -121,7 +139,7 @@ class LlamaAttention(nn.Module):
             mask = causal[None] & token_mask[:, None, :]
         out = dot_product_attention(q, k, v, mask)
         out = constrain(out, (BATCH, LENGTH, 'activation_heads', None)).reshape(b, t, cfg.num_heads * cfg.head_dim)
-        return dense(cfg.hidden_size, ('heads', 'embed'), dtype=dt, param_dtype=pdt, name='o_proj')(out)
+        return cfg.proj(cfg.hidden_size, ('heads', 'embed'), 'o_proj')(out, train)
 
     def _update_cache(self, k: jax.Array, v: jax.Array, token_mask: jax.Array):
         """Writes this chunk (prefill or one step) at `cache_index`; returns full cached K/V and the mask.
@@ -153,29 +171,35 @@ class LlamaMLP(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.cfg
-        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
-        gate = dense(cfg.intermediate_size, ('embed', 'mlp'), dtype=dt, param_dtype=pdt, name='gate_proj')(x)
-        up = dense(cfg.intermediate_size, ('embed', 'mlp'), dtype=dt, param_dtype=pdt, name='up_proj')(x)
+        gate = cfg.proj(cfg.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x, train)
+        up = cfg.proj(cfg.intermediate_size, ('embed', 'mlp'), 'up_proj')(x, train)
         h = constrain(nn.silu(gate) * up, (BATCH, LENGTH, 'activation_mlp'))
-        return dense(cfg.hidden_size, ('mlp', 'embed'), dtype=dt, param_dtype=pdt, name='down_proj')(h)
+        return cfg.proj(cfg.hidden_size, ('mlp', 'embed'), 'down_proj')(h, train)
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block. With `scanned=True` it returns (carry, None) as `nn.scan` wants."""
+    """Pre-norm block; its FFN is the two-expert MoE when `is_moe`. With `scanned=True` it returns
+    (carry, None) as `nn.scan` wants."""
     cfg: LlamaConfig
     scanned: bool = False
+    is_moe: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, token_mask: jax.Array | None, decode: bool = False):
+    def __call__(self, x: jax.Array, positions: jax.Array, token_mask: jax.Array | None, decode: bool = False,
+                 train: bool = False):
         cfg = self.cfg
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='input_layernorm')(x)
-        x = x + LlamaAttention(cfg, name='self_attn')(h, positions, token_mask, decode)
+        x = x + LlamaAttention(cfg, name='self_attn')(h, positions, token_mask, decode, train)
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='post_attention_layernorm')(x)
-        x = x + LlamaMLP(cfg, name='mlp')(h)
+        if self.is_moe:
+            # Dropped tokens get a zero FFN output: the residual carries them through unchanged.
+            x = x + MoEFFN(cfg.moe, cfg.intermediate_size, cfg.lora, dt, pdt, name='mlp')(h, token_mask, train)
+        else:
+            x = x + LlamaMLP(cfg, name='mlp')(h, train)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         return (x, None) if self.scanned else x
 
@@ -193,15 +217,18 @@ class LlamaModel(nn.Module):
         policy = REMAT_POLICIES[cfg.remat_policy]
         layer_cls = LlamaDecoderLayer
         if cfg.remat_policy != 'none':
-            # argnum 4 = `decode` (self is 0); prevent_cse is only needed outside scan.
-            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=(4,))
+            # argnums 4, 5 = `decode`, `train` (self is 0); prevent_cse is only needed outside scan.
+            layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=(4, 5))
+        moe_layers = cfg.moe_layers
         if cfg.scan_layers:
             self.layers = nn.scan(
-                layer_cls, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, scanned=True, name='layers')
+                layer_cls, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+                split_rngs={'params': True, 'dropout': True, 'moe': True},
+                in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: 'layers'})(
+                    cfg, scanned=True, is_moe=bool(moe_layers), name='layers')
         else:
-            self.layers = [layer_cls(cfg, name=f'layers_{i}') for i in range(cfg.num_layers)]
+            self.layers = [layer_cls(cfg, is_moe=i in moe_layers, name=f'layers_{i}') for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, pdt, name='norm')
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -212,18 +239,22 @@ class LlamaModel(nn.Module):
         return constrain(out, (BATCH, LENGTH, EMBED))
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, token_mask: jax.Array | None = None,
-                 decode: bool = False) -> jax.Array:
+                 decode: bool = False, train: bool = False) -> jax.Array:
         x = inputs_embeds.astype(dtype_of(self.cfg.dtype))
         if self.cfg.scan_layers:
-            x, _ = self.layers(x, positions, token_mask, decode)
+            x, _ = self.layers(x, positions, token_mask, decode, train)
         else:
             for layer in self.layers:
-                x = layer(x, positions, token_mask, decode)
+                x = layer(x, positions, token_mask, decode, train)
         return self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Returns (fp32 logits (B, L, V), final-norm hidden states (B, L, D))."""
+    """Returns (fp32 logits (B, L, V), final-norm hidden states (B, L, D)).
+
+    `train=True` selects training behaviour: LoRA dropout (rng 'dropout') and the MoE training capacity factor
+    (rng 'moe' for the gate's noise). MoE metrics are sown into `intermediates` (see moe.collect_moe_metrics).
+    """
     cfg: LlamaConfig
 
     def setup(self):
@@ -238,7 +269,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  positions: jax.Array | None = None, token_mask: jax.Array | None = None,
-                 decode: bool = False) -> tuple[jax.Array, jax.Array]:
+                 decode: bool = False, train: bool = False) -> tuple[jax.Array, jax.Array]:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError('pass exactly one of input_ids and inputs_embeds')
         if inputs_embeds is None:
@@ -246,6 +277,6 @@ class LlamaForCausalLM(nn.Module):
         b, t = inputs_embeds.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        hidden = self.model(inputs_embeds, positions, token_mask, decode)
+        hidden = self.model(inputs_embeds, positions, token_mask, decode, train)
         logits = self.lm_head(hidden).astype(jnp.float32)
         return constrain(logits, (BATCH, LENGTH, 'activation_vocab')), hidden

@@ -1,0 +1,109 @@
+"""LoRA adapters with peft's semantics (the reference uses peft 0.10): y = x W + (alpha / r) * dropout(x) A B.
+
+A is initialised like torch's kaiming_uniform(a=sqrt(5)) (U(+-1/sqrt(fan_in))), B with zeros, so a fresh adapter
+changes nothing. The base weight of a LoRA-wrapped projection is frozen (peft freezes `base_layer`): gradients
+stop at it. Parameters live beside the base kernel: `q_proj/kernel`, `q_proj/lora_A`, `q_proj/lora_B`; `merge`
+folds them into the kernel (W += alpha/r * A B) as the reference does at the end of each stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torch.nn.Linear / kaiming_uniform(a=sqrt(5)) init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 0  # 0 = no adapters
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        unknown = set(self.targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f'lora.targets: unknown {sorted(unknown)}; known: {list(LORA_TARGETS)}')
+        if self.rank < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f'lora: rank={self.rank} must be >= 0 and dropout={self.dropout} in [0, 1)')
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def applies_to(self, name: str) -> bool:
+        return self.rank > 0 and name in self.targets
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> 'LoRAConfig':
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f'config.model.lora: unknown keys {sorted(unknown)}')
+        if 'targets' in d:
+            d['targets'] = tuple(d['targets'])
+        return cls(**d)
+
+
+class LoRADense(nn.Module):
+    """Bias-free Dense with an optional LoRA branch.
+
+    Plain: kernel (in, out), lora_A (in, r), lora_B (r, out). With `stacked=E` every parameter gets a leading
+    expert axis (logical name `expert`) and the input is (E, ..., in): one projection per expert.
+    """
+    features: int
+    axes: tuple[str, str]
+    lora: LoRAConfig = LoRAConfig()
+    stacked: int = 0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        d_in = x.shape[-1]
+        lead, lead_axes = ((self.stacked,), ('expert',)) if self.stacked else ((), ())
+        kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, lead_axes + self.axes),
+                            lead + (d_in, self.features), self.param_dtype)
+        e = 'e' if self.stacked else ''
+        x = x.astype(self.dtype)
+        if self.lora.rank == 0:
+            return jnp.einsum(f'{e}...i,{e}io->{e}...o', x, kernel.astype(self.dtype))
+        r = self.lora.rank
+        a = self.param('lora_A', nn.with_logical_partitioning(torch_linear_init, lead_axes + (self.axes[0], None)),
+                       lead + (d_in, r), self.param_dtype)
+        b = self.param('lora_B', nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                              lead_axes + (None, self.axes[1])),
+                       lead + (r, self.features), self.param_dtype)
+        # The base weight is frozen, as peft freezes `base_layer`.
+        base = jnp.einsum(f'{e}...i,{e}io->{e}...o', x, jax.lax.stop_gradient(kernel).astype(self.dtype))
+        xd = x
+        if train and self.lora.dropout > 0:
+            keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.lora.dropout, x.shape)
+            xd = jnp.where(keep, x / (1.0 - self.lora.dropout), 0).astype(self.dtype)
+        h = jnp.einsum(f'{e}...i,{e}ir->{e}...r', xd, a.astype(self.dtype))
+        branch = jnp.einsum(f'{e}...r,{e}ro->{e}...o', h, b.astype(self.dtype))
+        return base + (self.lora.scale * branch).astype(self.dtype)
+
+
+def merge(params: Any, lora: LoRAConfig) -> Any:
+    """Folds every (kernel, lora_A, lora_B) triple into its kernel and drops the adapters (stage hand-off).
+
+    Works for plain kernels (in, out) and stacked ones (..., in, out), e.g. experts or scanned layers.
+    """
+    if isinstance(params, Mapping):
+        if 'lora_A' in params and 'lora_B' in params and 'kernel' in params:
+            k = params['kernel']
+            delta = jnp.matmul(params['lora_A'].astype(jnp.float32), params['lora_B'].astype(jnp.float32))
+            merged = {n: v for n, v in params.items() if n not in ('lora_A', 'lora_B')}
+            merged['kernel'] = (k.astype(jnp.float32) + lora.scale * delta).astype(k.dtype)
+            return merged
+        return {n: merge(v, lora) for n, v in params.items()}
+    return params

@@ -1,0 +1,326 @@
+"""Two-expert LoRA mixture-of-experts FFN with DeepSpeed's capacity-factor top-k gating (MedPLIB stage IV).
+
+`top_k_gating` reproduces DeepSpeed's `top1gating` / `top2gating` (as used by MedPLIB through deepspeed 0.13.1)
+on one group of S tokens. The layer groups `moe.group_size` sequences (not "the tokens on one device", as
+DeepSpeed does) so that capacity, dropping and the aux loss do not depend on the device mesh, then dispatches and
+combines with einsums over (group, expert, capacity) as in GShard / MaxText.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medplib_jax.models.layers import constrain
+from medplib_jax.models.lora import LoRAConfig, LoRADense, torch_linear_init
+
+MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Defaults are the reference's stage-IV recipe (facts section 4.2)."""
+    mode: str = 'none'  # which layers are MoE: the reference's moe_mode ('dense' = all layers)
+    num_experts: int = 2
+    top_k: int = 1
+    capacity_factor: float = 1.5  # training
+    eval_capacity_factor: float = 2.0  # evaluation: with 2 experts and top-1, nothing is dropped
+    min_capacity: int = 0
+    group_size: int = 4  # sequences per routing group (the reference's stage-IV per-GPU micro-batch)
+    route_padding: bool = True  # reference: padding is routed and counts toward capacity
+    aux_loss_coef: float = 0.0  # stage-IV recipe; the reference's CLI default is 0.01
+
+    def __post_init__(self):
+        if self.mode not in MOE_MODES:
+            raise ValueError(f'moe.mode={self.mode!r}; known: {MOE_MODES}')
+        if self.top_k not in (1, 2):
+            raise ValueError(f'moe.top_k={self.top_k}: only top-1 and top-2 gating exist')
+        if self.num_experts < self.top_k or self.num_experts < 1:
+            raise ValueError(f'moe.num_experts={self.num_experts} must be >= moe.top_k={self.top_k}')
+        if self.group_size < 1 or self.min_capacity < 0:
+            raise ValueError(f'moe.group_size={self.group_size} must be >= 1, '
+                             f'moe.min_capacity={self.min_capacity} >= 0')
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            raise ValueError('moe.capacity_factor and moe.eval_capacity_factor must be > 0')
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The reference's moe_mode: sparse = every other layer from 0."""
+        half = num_layers // 2
+        return {'none': (), 'dense': tuple(range(num_layers)), 'first_half': tuple(range(half)),
+                'second_half': tuple(range(half, num_layers)),
+                'sparse': tuple(range(0, num_layers, 2))}[self.mode]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> 'MoEConfig':
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f'config.model.moe: unknown keys {sorted(unknown)}')
+        return cls(**d)
+
+
+def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """DeepSpeed's `_capacity`: ceil(S / E * cf * k) in float32 (torch multiplies a float32 tensor), >= min."""
+    c = int(np.ceil(np.float32(num_tokens / num_experts) * np.float32(capacity_factor * k)))
+    return max(c, min_capacity)
+
+
+def gate_needs_noise(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> bool:
+    """Whether the gate's result can depend on its noise. Top-1: only when tokens can be dropped (the random
+    token selection picks who stays). Top-2: the Gumbel second choice matters only with more than 2 experts."""
+    if k == 1:
+        return capacity(num_tokens, num_experts, 1, capacity_factor, min_capacity) < num_tokens
+    return num_experts > 2
+
+
+def _dynamic_capacity(n_used: jax.Array, num_experts: int, k: int, capacity_factor: float,
+                      min_capacity: int) -> jax.Array:
+    c = jnp.ceil(n_used.astype(jnp.float32) / num_experts * np.float32(capacity_factor * k)).astype(jnp.int32)
+    return jnp.maximum(c, min_capacity)
+
+
+def top_k_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_capacity: int,
+                 noise: jax.Array | None = None, rng: jax.Array | None = None,
+                 used_token: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """DeepSpeed top-1 / top-2 gating over one group of S tokens.
+
+    logits: (S, E) router logits (computed in fp32). noise: the (S, E) array DeepSpeed would draw, uniform [0, 1)
+    for k=1 (random token selection priorities), standard Gumbel for k=2 (second choice); drawn from `rng` when
+    None (and zeros when the result cannot depend on it). used_token: optional (S,) 0/1 mask; tokens with 0 are
+    not routed, not counted toward capacity (capacity = ceil(n_used / E * cf * k)) nor in the aux loss means.
+
+    Returns (aux_loss, combine_weights (S, E, C), dispatch_mask (S, E, C) bool, expert_counts (E,)), with
+    DeepSpeed's conventions: top-1 combine weights are the unrenormalised gate probability; top-2 weights are
+    renormalised over the kept choices; counts are first choices before dropping; C is the static capacity.
+    """
+    if k not in (1, 2):
+        raise ValueError(f'top_k_gating: k={k}; only 1 and 2 are supported')
+    logits = logits.astype(jnp.float32)
+    s, e = logits.shape
+    cap = capacity(s, e, k, capacity_factor, min_capacity)
+    gates = jax.nn.softmax(logits, axis=-1)
+    if noise is None:
+        if gate_needs_noise(s, e, k, capacity_factor, min_capacity):
+            if rng is None:
+                raise ValueError(f'top_k_gating: k={k} with {s} tokens, {e} experts and capacity {cap} depends on '
+                                 f'random noise: pass `noise` or `rng`')
+            noise = (jax.random.uniform(rng, (s, e)) if k == 1 else jax.random.gumbel(rng, (s, e)))
+        else:
+            noise = jnp.zeros((s, e), jnp.float32)
+    noise = noise.astype(jnp.float32)
+
+    used = jnp.ones((s,), jnp.int32) if used_token is None else used_token.astype(jnp.int32)
+    n_used = used.sum()
+    limit = cap if used_token is None else jnp.minimum(_dynamic_capacity(n_used, e, k, capacity_factor,
+                                                                         min_capacity), cap)
+    first = jax.nn.one_hot(jnp.argmax(gates, axis=-1), e, dtype=jnp.int32)
+    mask1 = first * used[:, None]
+    counts = mask1.sum(axis=0)
+
+    # Aux loss from first choices before dropping. DeepSpeed means over all S; with a used-token mask we mean
+    # over the used tokens (padding says nothing about balance).
+    denom = s if used_token is None else jnp.maximum(n_used, 1)
+    me = (gates * used[:, None]).sum(axis=0) / denom
+    ce = mask1.astype(jnp.float32).sum(axis=0) / denom
+
+    if k == 1:
+        aux = jnp.sum(me * ce) * e
+        # Random token selection: an over-full expert keeps the `limit` tokens of highest priority.
+        priority = mask1 * noise
+        order = jnp.argsort(-priority, axis=0, stable=True)
+        rank = jnp.argsort(order, axis=0, stable=True)
+        mask1 = mask1 * (rank < limit)
+        loc1 = jnp.cumsum(mask1, axis=0) - 1  # buffer slot = order among the kept tokens, in token order
+        loc1_s = jnp.sum(loc1 * mask1, axis=1)
+        gates1 = gates * mask1
+        combine = gates1[:, :, None] * jax.nn.one_hot(loc1_s, cap, dtype=jnp.float32)[:, None, :]
+    else:
+        aux = jnp.mean(me * ce) * e * e
+        except1 = jnp.where(first > 0, -jnp.inf, logits + noise)  # Gumbel-max over the other experts
+        mask2 = jax.nn.one_hot(jnp.argmax(except1, axis=-1), e, dtype=jnp.int32) * used[:, None]
+        loc1 = jnp.cumsum(mask1, axis=0) - 1
+        # Second choices queue behind every first choice of that expert (dropped ones included).
+        loc2 = jnp.cumsum(mask2, axis=0) - 1 + jnp.sum(mask1, axis=0, keepdims=True)
+        mask1 = mask1 * (loc1 < limit)
+        mask2 = mask2 * (loc2 < limit)
+        loc1_s = jnp.sum(loc1 * mask1, axis=1)
+        loc2_s = jnp.sum(loc2 * mask2, axis=1)
+        g1 = jnp.sum(gates * mask1, axis=1)
+        g2 = jnp.sum(gates * mask2, axis=1)
+        norm = jnp.maximum(g1 + g2, jnp.finfo(jnp.float32).eps)
+        g1, g2 = g1 / norm, g2 / norm
+        combine = ((g1[:, None] * mask1)[:, :, None] * jax.nn.one_hot(loc1_s, cap, dtype=jnp.float32)[:, None, :]
+                   + (g2[:, None] * mask2)[:, :, None] * jax.nn.one_hot(loc2_s, cap, dtype=jnp.float32)[:, None, :])
+    return aux, combine, combine != 0, counts
+
+
+class Experts(nn.Module):
+    """E SwiGLU FFNs stacked on a leading `expert` axis, each with its own LoRA on gate/up/down."""
+    intermediate_size: int
+    num_experts: int
+    lora: LoRAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """x: (E, G, C, D) -> (E, G, C, D)."""
+        d = x.shape[-1]
+
+        def proj(features, axes, name):
+            lora = self.lora if self.lora.applies_to(name) else LoRAConfig()
+            return LoRADense(features, axes, lora, stacked=self.num_experts, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name=name)
+
+        gate = proj(self.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x, train)
+        up = proj(self.intermediate_size, ('embed', 'mlp'), 'up_proj')(x, train)
+        h = constrain(nn.silu(gate) * up, ('expert', 'activation_batch', None, 'activation_mlp'))
+        return proj(d, ('mlp', 'embed'), 'down_proj')(h, train)
+
+
+class MoEFFN(nn.Module):
+    """Router (`gate/wg`, fp32, bias-free) + capacity-factor gating + stacked experts.
+
+    Sows per call, into `intermediates`: `moe_aux_loss` (mean over groups), `moe_expert_counts` (E,) first
+    choices, `moe_drop_fraction` (share of the k * used-token choices that found no buffer slot).
+    """
+    moe: MoEConfig
+    intermediate_size: int
+    lora: LoRAConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None, train: bool,
+                 noise: jax.Array | None = None) -> jax.Array:
+        """x (B, L, D); token_mask (B, L) or None; noise: optional explicit (B / group_size, group_size * L, E)
+        gate noise (else drawn from the 'moe' rng when the result depends on it)."""
+        moe = self.moe
+        b, length, d = x.shape
+        if b % moe.group_size:
+            raise ValueError(f'moe.group_size={moe.group_size} does not divide the batch of {b} sequences; set '
+                             f'--config.model.moe.group_size to a divisor (routing groups are whole sequences)')
+        groups, s = b // moe.group_size, moe.group_size * length
+        xg = constrain(x.reshape(groups, s, d), ('activation_batch', 'activation_length', 'activation_embed'))
+        logits = _Router(moe.num_experts, name='gate')(xg)
+        cf = moe.capacity_factor if train else moe.eval_capacity_factor
+        k = moe.top_k
+        if noise is None and gate_needs_noise(s, moe.num_experts, k, cf, moe.min_capacity):
+            key = self.make_rng('moe')
+            shape = (groups, s, moe.num_experts)
+            noise = jax.random.uniform(key, shape) if k == 1 else jax.random.gumbel(key, shape)
+        used = None
+        if not moe.route_padding:
+            used = (jnp.ones((b, length), bool) if token_mask is None else token_mask).reshape(groups, s)
+        gate_fn = lambda lg, nz, us: top_k_gating(lg, k=k, capacity_factor=cf, min_capacity=moe.min_capacity,
+                                                  noise=nz, used_token=us)
+        aux, combine, dispatch, counts = jax.vmap(gate_fn, in_axes=(0, None if noise is None else 0,
+                                                                    None if used is None else 0))(logits, noise, used)
+        expert_in = jnp.einsum('gsec,gsd->egcd', dispatch.astype(self.dtype), xg.astype(self.dtype))
+        expert_in = constrain(expert_in, ('expert', 'activation_batch', None, 'activation_embed'))
+        expert_out = Experts(self.intermediate_size, moe.num_experts, self.lora, self.dtype, self.param_dtype,
+                             name='experts')(expert_in, train)
+        y = jnp.einsum('gsec,egcd->gsd', combine.astype(self.dtype), expert_out)
+
+        n_used = s * groups if used is None else used.sum()
+        self.sow('intermediates', 'moe_aux_loss', aux.mean())
+        self.sow('intermediates', 'moe_expert_counts', counts.sum(axis=0))
+        self.sow('intermediates', 'moe_drop_fraction', 1.0 - dispatch.sum() / jnp.maximum(k * n_used, 1))
+        return y.reshape(b, length, d)
+
+
+class _Router(nn.Module):
+    """`gate.wg` of the reference: Linear(D -> E, bias=False), input and weight in fp32 (DeepSpeed casts both),
+    PyTorch's default Linear init."""
+    num_experts: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(self.num_experts, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, name='wg',
+                        kernel_init=nn.with_logical_partitioning(torch_linear_init, ('embed', None)))(
+            x.astype(jnp.float32))
+
+
+_METRIC_PATH = re.compile(r'layers_(\d+)/mlp/(moe_\w+)$|layers/mlp/(moe_\w+)$')
+
+
+def collect_moe_metrics(intermediates: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Gathers the sown MoE metrics of every layer (scanned or not), in layer order.
+
+    Returns `aux_loss` (sum over MoE layers: what the loss adds, times moe.aux_loss_coef),
+    `aux_loss_per_layer` (L,), `expert_counts` (L, E), `drop_fraction` (L,). Empty dict for a dense model.
+    """
+    per_name: dict[str, list[tuple[int, jax.Array]]] = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(
+            intermediates, is_leaf=lambda x: isinstance(x, tuple))[0]:
+        key = '/'.join(str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path)
+        m = _METRIC_PATH.search(key)
+        if not m:
+            continue
+        value = value[0] if isinstance(value, tuple) else value
+        if m.group(1) is not None:
+            per_name.setdefault(m.group(2), []).append((int(m.group(1)), value))
+        else:  # scanned: leading layer axis
+            per_name.setdefault(m.group(3), []).extend(enumerate(value))
+    if not per_name:
+        return {}
+    stacked = {n: jnp.stack([v for _, v in sorted(items, key=lambda t: t[0])]) for n, items in per_name.items()}
+    return {'aux_loss': stacked['moe_aux_loss'].sum(), 'aux_loss_per_layer': stacked['moe_aux_loss'],
+            'expert_counts': stacked['moe_expert_counts'], 'drop_fraction': stacked['moe_drop_fraction']}
+
+
+def experts_from_dense(ffns: list[Mapping[str, Any]]) -> dict:
+    """Stacks dense FFN param trees ({gate,up,down}_proj/kernel) into one `experts` tree, in the given order.
+
+    MedPLIB: `experts_from_dense([stage3_ffn, stage2_ffn])` -> expert 0 = grounding, expert 1 = vision-language.
+    """
+    names = ('gate_proj', 'up_proj', 'down_proj')
+    for i, ffn in enumerate(ffns):
+        missing = [n for n in names if 'kernel' not in ffn.get(n, {})]
+        extra = sorted(set(ffn) - set(names))
+        if missing or extra:
+            raise ValueError(f'experts_from_dense: FFN {i} must hold exactly {names} kernels; '
+                             f'missing {missing}, unexpected {extra} (merge LoRA first)')
+    return {n: {'kernel': jnp.stack([jnp.asarray(f[n]['kernel']) for f in ffns])} for n in names}
+
+
+def moe_llm_params_from_dense(fresh: Mapping[str, Any], ground: Mapping[str, Any], vl: Mapping[str, Any],
+                              moe_layers: tuple[int, ...]) -> dict:
+    """Stage-IV start (facts 4.5), on unscanned LLaMA param trees (LoRA already merged into ground / vl).
+
+    - MoE layers' experts: expert 0 <- `ground` (stage III) FFN, expert 1 <- `vl` (stage II) FFN.
+    - Router and adapters from `fresh` (the MoE model's own init); every expert gets expert 0's LoRA A, as the
+      reference deep-copies one LoRA-wrapped MLP into each expert (B is zero, so outputs start unchanged).
+    - Everything else (attention, norms, embeddings, lm_head, dense FFNs of non-MoE layers) from `vl`.
+    """
+    out = _merge_missing(vl, fresh)  # adapters that only the fresh (LoRA / MoE) model has
+    for i in moe_layers:
+        key = f'layers_{i}'
+        mlp = _deep_copy(fresh['model'][key]['mlp'])
+        stacked = experts_from_dense([ground['model'][key]['mlp'], vl['model'][key]['mlp']])
+        for proj, leaves in mlp['experts'].items():
+            leaves['kernel'] = stacked[proj]['kernel'].astype(leaves['kernel'].dtype)
+            if 'lora_A' in leaves:
+                leaves['lora_A'] = jnp.broadcast_to(leaves['lora_A'][:1], leaves['lora_A'].shape)
+        out['model'][key]['mlp'] = mlp
+    return out
+
+
+def _deep_copy(tree: Mapping[str, Any]) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def _merge_missing(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
+    """`base` plus the keys only `extra` has (recursively)."""
+    out = _deep_copy(base)
+    for k, v in extra.items():
+        if k not in out:
+            out[k] = _deep_copy(v) if isinstance(v, Mapping) else v
+        elif isinstance(v, Mapping) and isinstance(out[k], Mapping):
+            out[k] = _merge_missing(out[k], v)
+    return out

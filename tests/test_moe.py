@@ -1,0 +1,415 @@
+"""MoE gate and layer against a naive loop reference (DeepSpeed semantics as the facts state), hand-computed
+cases, the dense-mixture limit, gradients, padding routing, and mesh independence."""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.common import LOGICAL_AXIS_RULES
+from medplib_jax import sharding
+from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from medplib_jax.models.lora import LoRAConfig
+from medplib_jax.models.moe import (MoEConfig, MoEFFN, collect_moe_metrics, experts_from_dense,
+                                    moe_llm_params_from_dense, top_k_gating)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Naive reference: loops over tokens and experts, written from the semantics (not from the implementation).
+def _softmax32(logits):
+    z = logits.astype(np.float32) - logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    return (p / p.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def naive_gating(logits, k, cf, min_capacity, noise, used=None):
+    s, e = logits.shape
+    used = np.ones(s, bool) if used is None else used.astype(bool)
+    n = int(used.sum()) if not np.all(used) else s
+    cap_static = max(math.ceil(s / e * cf * k), min_capacity)
+    cap = max(math.ceil(n / e * cf * k), min_capacity)
+    gates = _softmax32(logits)
+    first = [int(np.argmax(gates[t])) for t in range(s)]
+    counts = np.zeros(e, np.int64)
+    for t in range(s):
+        if used[t]:
+            counts[first[t]] += 1
+    me = np.array([sum(gates[t, x] for t in range(s) if used[t]) / n for x in range(e)])
+    ce = counts / n
+    combine = np.zeros((s, e, cap_static), np.float64)
+    if k == 1:
+        aux = e * float(np.sum(me * ce))
+        for x in range(e):
+            mine = [t for t in range(s) if used[t] and first[t] == x]
+            kept = set(sorted(mine, key=lambda t: -noise[t, x])[:cap])
+            slot = 0
+            for t in range(s):  # buffer slots in token order
+                if t in kept:
+                    combine[t, x, slot] = gates[t, x]
+                    slot += 1
+    else:
+        aux = e * e * float(np.mean(me * ce))
+        second = []
+        for t in range(s):
+            scores = [logits[t, x] + noise[t, x] if x != first[t] else -np.inf for x in range(e)]
+            second.append(int(np.argmax(scores)))
+        slot1, slot2 = np.zeros(e, int), np.zeros(e, int)
+        pos1, pos2 = {}, {}
+        for t in range(s):
+            if used[t]:
+                pos1[t] = slot1[first[t]]
+                slot1[first[t]] += 1
+        for t in range(s):
+            if used[t]:
+                pos2[t] = counts[second[t]] + slot2[second[t]]  # behind all first choices of that expert
+                slot2[second[t]] += 1
+        for t in range(s):
+            if not used[t]:
+                continue
+            k1, k2 = pos1[t] < cap, pos2[t] < cap
+            g1 = gates[t, first[t]] if k1 else 0.0
+            g2 = gates[t, second[t]] if k2 else 0.0
+            denom = max(g1 + g2, np.finfo(np.float32).eps)
+            if k1:
+                combine[t, first[t], pos1[t]] = g1 / denom
+            if k2:
+                combine[t, second[t], pos2[t]] = g2 / denom
+    return aux, combine, combine != 0, counts
+
+
+def naive_swiglu(x, gate_w, up_w, down_w):
+    g = x @ gate_w
+    return ((g / (1 + np.exp(-g))) * (x @ up_w)) @ down_w
+
+
+def _noise(rng, shape, k):
+    return rng.uniform(size=shape).astype(np.float32) if k == 1 else rng.gumbel(size=shape).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('k', [1, 2])
+@pytest.mark.parametrize('cf', [0.5, 1.0, 1.5, 2.0])
+@pytest.mark.parametrize('min_capacity', [0, 4])
+def test_gate_matches_naive_reference(np_rng, k, cf, min_capacity):
+    for s, e in ((37, 2), (24, 3)):
+        logits = np_rng.normal(size=(s, e)).astype(np.float32) * 2
+        noise = _noise(np_rng, (s, e), k)
+        aux, combine, dispatch, counts = top_k_gating(jnp.asarray(logits), k=k, capacity_factor=cf,
+                                                      min_capacity=min_capacity, noise=jnp.asarray(noise))
+        r_aux, r_combine, r_dispatch, r_counts = naive_gating(logits, k, cf, min_capacity, noise)
+        assert combine.shape == r_combine.shape
+        np.testing.assert_allclose(np.asarray(combine), r_combine, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(dispatch), r_dispatch)
+        np.testing.assert_array_equal(np.asarray(counts), r_counts)
+        assert abs(float(aux) - r_aux) <= 1e-6
+
+
+@pytest.mark.parametrize('k', [1, 2])
+@pytest.mark.parametrize('cf', [0.5, 1.0, 1.5, 2.0])
+@pytest.mark.parametrize('min_capacity', [0, 4])
+def test_layer_output_matches_naive_reference(np_rng, k, cf, min_capacity):
+    """Whole layer (router -> gate -> dispatch -> LoRA experts -> combine) vs per-token loops."""
+    b, length, d, f, e = 4, 6, 16, 24, 3
+    moe = MoEConfig(mode='dense', num_experts=e, top_k=k, capacity_factor=cf, min_capacity=min_capacity,
+                    group_size=2)
+    lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=('gate_proj', 'up_proj', 'down_proj'))
+    layer = MoEFFN(moe, f, lora)
+    x = np_rng.normal(size=(b, length, d)).astype(np.float32)
+    params = nn.unbox(layer.init(jax.random.key(0), jnp.asarray(x), None, True,
+                                 noise=jnp.zeros((2, 12, e))))['params']
+    # non-zero LoRA B so the adapters take part
+    for name in ('gate_proj', 'up_proj', 'down_proj'):
+        params['experts'][name]['lora_B'] = jnp.asarray(np_rng.normal(size=params['experts'][name]['lora_B'].shape)
+                                                        * 0.1, jnp.float32)
+    noise = _noise(np_rng, (2, 12, e), k)
+    y, state = layer.apply({'params': params}, jnp.asarray(x), None, True, noise=jnp.asarray(noise),
+                           mutable=['intermediates'])
+    wg = np.asarray(params['gate']['wg']['kernel'])
+    p = jax.tree.map(np.asarray, params['experts'])
+
+    def w(name, i):  # merged expert weight: W + alpha/r A B
+        return p[name]['kernel'][i] + lora.scale * p[name]['lora_A'][i] @ p[name]['lora_B'][i]
+
+    xg = x.reshape(2, 12, d)
+    expected = np.zeros_like(xg, dtype=np.float64)
+    auxes = []
+    for g in range(2):
+        aux, combine, _, _ = naive_gating(xg[g] @ wg, k, cf, min_capacity, noise[g])
+        auxes.append(aux)
+        for t in range(12):
+            for i in range(e):
+                weight = combine[t, i].sum()
+                if weight:
+                    expected[g, t] += weight * naive_swiglu(xg[g, t], w('gate_proj', i), w('up_proj', i),
+                                                            w('down_proj', i))
+    np.testing.assert_allclose(np.asarray(y).reshape(2, 12, d), expected, rtol=0,
+                               atol=1e-6 * max(1.0, np.abs(expected).max()))
+    sown = state['intermediates']
+    assert abs(float(sown['moe_aux_loss'][0]) - np.mean(auxes)) <= 1e-6
+
+
+def test_hand_computed_top1_dropping_and_buffer_positions():
+    """6 tokens, 2 experts, cf 1 -> capacity 3. Expert 0 is chosen by tokens 0, 1, 3, 4 (one too many): the
+    random token selection keeps the 3 highest priorities (tokens 0, 4, 3), drops token 1; buffer slots follow
+    token order among the kept: 0 -> 0, 3 -> 1, 4 -> 2. Expert 1 keeps tokens 2 -> 0, 5 -> 1."""
+    logits = np.array([[2., 0.], [1., 0.], [0., 1.], [3., 0.], [0.5, 0.], [0., 2.]], np.float32)
+    priority = np.array([[.9, .3], [.1, .3], [.5, .8], [.5, .3], [.7, .3], [.2, .6]], np.float32)
+    aux, combine, dispatch, counts = top_k_gating(jnp.asarray(logits), k=1, capacity_factor=1.0, min_capacity=0,
+                                                  noise=jnp.asarray(priority))
+    p = lambda a, b: float(np.exp(a) / (np.exp(a) + np.exp(b)))  # noqa: E731
+    expected = np.zeros((6, 2, 3))
+    expected[0, 0, 0] = p(2, 0)
+    expected[3, 0, 1] = p(3, 0)
+    expected[4, 0, 2] = p(0.5, 0)
+    expected[2, 1, 0] = p(1, 0)
+    expected[5, 1, 1] = p(2, 0)
+    np.testing.assert_allclose(np.asarray(combine), expected, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(dispatch), expected > 0)
+    np.testing.assert_array_equal(np.asarray(counts), [4, 2])  # counted before dropping
+    me = np.array([p(2, 0) + p(1, 0) + p(0, 1) + p(3, 0) + p(.5, 0) + p(0, 2)]) / 6
+    me = np.array([me[0], 1 - me[0]])
+    np.testing.assert_allclose(float(aux), 2 * np.sum(me * np.array([4, 2]) / 6), atol=1e-6)
+
+
+def test_hand_computed_top2_and_token_dropped_by_both_passes_through():
+    """Same tokens, k=2, cf 0.5 -> capacity ceil(6/2*0.5*2) = 3. First choices of expert 0 (tokens 0,1,3,4) take
+    slots 0,1,2,3 -> token 4 dropped. Second choices queue behind all first choices of their expert: expert 1 had
+    2 first choices, so tokens 0,1,3,4 get slots 2,3,4,5 (only token 0 fits); tokens 2,5 go to expert 0 slots
+    4,5 (dropped). Token 4 is dropped by both experts and its MoE output is exactly 0."""
+    logits = np.array([[2., 0.], [1., 0.], [0., 1.], [3., 0.], [0.5, 0.], [0., 2.]], np.float32)
+    _, combine, dispatch, _ = top_k_gating(jnp.asarray(logits), k=2, capacity_factor=0.5, min_capacity=0,
+                                           noise=jnp.zeros((6, 2)))
+    g = _softmax32(logits)
+    expected = np.zeros((6, 2, 3))
+    expected[0, 0, 0], expected[0, 1, 2] = g[0, 0], g[0, 1]  # both kept: renormalised gates = softmax
+    expected[1, 0, 1] = 1.0  # only its first choice kept: renormalised to 1
+    expected[3, 0, 2] = 1.0
+    expected[2, 1, 0] = 1.0
+    expected[5, 1, 1] = 1.0
+    np.testing.assert_allclose(np.asarray(combine), expected, atol=1e-6)
+    assert not np.asarray(dispatch)[4].any()
+
+    # The same case through the layer: hidden size 2 with an identity router makes the router logits = x.
+    moe = MoEConfig(mode='dense', num_experts=2, top_k=2, capacity_factor=0.5, group_size=1)
+    layer = MoEFFN(moe, 8, LoRAConfig())
+    x = jnp.asarray(logits[None])
+    params = nn.unbox(layer.init(jax.random.key(0), x, None, True))['params']
+    params['gate']['wg']['kernel'] = jnp.eye(2)
+    y = np.asarray(layer.apply({'params': params}, x, None, True, noise=jnp.zeros((1, 6, 2))))[0]
+    assert np.all(y[4] == 0)  # its MoE contribution is exactly zero: the residual carries it unchanged
+    assert np.all(np.abs(y[[0, 1, 2, 3, 5]]).sum(-1) > 0)
+
+
+def test_top2_with_capacity_factor_two_is_the_dense_mixture(np_rng):
+    """E=2, k=2, cf>=2: nobody is dropped; output = sum_e softmax_e * FFN_e(x)."""
+    d, f = 8, 12
+    moe = MoEConfig(mode='dense', num_experts=2, top_k=2, capacity_factor=2.0, group_size=2)
+    layer = MoEFFN(moe, f, LoRAConfig())
+    x = np_rng.normal(size=(4, 5, d)).astype(np.float32)
+    variables = nn.unbox(layer.init(jax.random.key(1), jnp.asarray(x), None, True))
+    y, state = layer.apply(variables, jnp.asarray(x), None, True, mutable=['intermediates'])
+    p = jax.tree.map(np.asarray, variables['params'])
+    gates = _softmax32(x.reshape(-1, d) @ p['gate']['wg']['kernel'])
+    dense = sum(gates[:, i:i + 1] * naive_swiglu(x.reshape(-1, d), p['experts']['gate_proj']['kernel'][i],
+                                                 p['experts']['up_proj']['kernel'][i],
+                                                 p['experts']['down_proj']['kernel'][i]) for i in range(2))
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, d), dense, rtol=0, atol=1e-6 * np.abs(dense).max())
+    assert float(state['intermediates']['moe_drop_fraction'][0]) == 0.0
+
+
+def test_dropped_token_passes_through_the_decoder_layer_unchanged(np_rng):
+    """With a tiny capacity most tokens are dropped; for them the block's FFN adds exactly 0, so the layer output
+    equals the post-attention residual stream."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                      head_dim=8, moe=MoEConfig(mode='dense', capacity_factor=0.25, group_size=1))
+    model = LlamaForCausalLM(cfg)
+    ids = jnp.asarray(np_rng.integers(0, 64, size=(1, 12)))
+    rngs = {'params': jax.random.key(0), 'moe': jax.random.key(1)}
+    variables = nn.unbox(model.init(rngs, ids, train=True))
+    _, state = model.apply(variables, ids, train=True, rngs={'moe': jax.random.key(2)},
+                           mutable=['intermediates'], capture_intermediates=True)
+    inter = state['intermediates']['model']['layers_0']
+    mlp_out = np.asarray(inter['mlp']['__call__'][0])[0]
+    dropped = np.all(mlp_out == 0, axis=-1)
+    # capacity ceil(12/2*0.25) = 2 per expert: at most 4 of 12 tokens are kept
+    assert dropped.sum() >= 8
+    assert float(inter['mlp']['moe_drop_fraction'][0]) == pytest.approx(dropped.mean())
+
+
+def test_gradients_reach_router_and_lora_not_base_weights(np_rng):
+    moe = MoEConfig(mode='dense', capacity_factor=1.5, group_size=2)
+    lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.05, targets=('gate_proj', 'up_proj', 'down_proj'))
+    layer = MoEFFN(moe, 12, lora)
+    x = jnp.asarray(np_rng.normal(size=(4, 6, 8)), jnp.float32)
+    rngs = {'params': jax.random.key(0), 'moe': jax.random.key(1), 'dropout': jax.random.key(2)}
+    params = nn.unbox(layer.init(rngs, x, None, True))['params']
+    params['experts']['down_proj']['lora_B'] = jnp.full_like(params['experts']['down_proj']['lora_B'], 0.1)
+    target = jnp.asarray(np_rng.normal(size=x.shape), jnp.float32)
+
+    def loss(p):
+        y = layer.apply({'params': p}, x, None, True, rngs={'moe': jax.random.key(3), 'dropout': jax.random.key(4)})
+        return jnp.sum((y - target) ** 2)
+
+    grads = jax.grad(loss)(params)
+    assert np.abs(np.asarray(grads['gate']['wg']['kernel'])).max() > 0
+    for name in ('gate_proj', 'up_proj', 'down_proj'):
+        assert np.abs(np.asarray(grads['experts'][name]['lora_B'])).max() > 0
+        assert np.all(np.asarray(grads['experts'][name]['kernel']) == 0), name  # frozen base
+    assert np.abs(np.asarray(grads['experts']['down_proj']['lora_A'])).max() > 0
+
+
+def test_padding_is_routed_by_default_and_excluded_with_route_padding_false(np_rng):
+    s, e = 20, 2
+    logits = jnp.asarray(np_rng.normal(size=(s, e)), jnp.float32)
+    noise = jnp.asarray(np_rng.uniform(size=(s, e)), jnp.float32)
+    used = np.ones(s, bool)
+    used[13:] = False  # 7 padding positions
+    # default (reference): padding routed, counted, and capacity from all 20 tokens
+    _, combine, _, counts = top_k_gating(logits, k=1, capacity_factor=1.0, min_capacity=0, noise=noise)
+    assert int(counts.sum()) == s and combine.shape[-1] == 10
+    # used-token mask: padding not routed, capacity ceil(13/2*1.0) = 7 per expert, aux over real tokens
+    aux, combine_u, dispatch_u, counts_u = top_k_gating(logits, k=1, capacity_factor=1.0, min_capacity=0,
+                                                        noise=noise, used_token=jnp.asarray(used))
+    assert int(counts_u.sum()) == 13
+    assert not np.asarray(dispatch_u)[13:].any()
+    assert np.asarray(dispatch_u).sum(axis=(0, 2)).max() <= 7
+    r_aux, r_combine, _, r_counts = naive_gating(np.asarray(logits), 1, 1.0, 0, np.asarray(noise), used)
+    np.testing.assert_allclose(np.asarray(combine_u), r_combine, atol=1e-6)
+    assert abs(float(aux) - r_aux) <= 1e-6
+
+    # the layer wires the token mask only with route_padding=False
+    x = jnp.asarray(np_rng.normal(size=(2, 10, 8)), jnp.float32)
+    mask = jnp.asarray(np.arange(10)[None] < np.array([10, 3])[:, None])
+    for route_padding, n_routed in ((True, 20), (False, 13)):
+        layer = MoEFFN(MoEConfig(mode='dense', route_padding=route_padding, group_size=2), 12, LoRAConfig())
+        variables = nn.unbox(layer.init(jax.random.key(0), x, mask, False))
+        _, state = layer.apply(variables, x, mask, False, mutable=['intermediates'])
+        assert int(state['intermediates']['moe_expert_counts'][0].sum()) == n_routed
+
+
+def test_eval_top1_touches_exactly_one_expert_per_token(np_rng):
+    moe = MoEConfig(mode='dense')  # eval capacity factor 2.0 with 2 experts: capacity = S, nothing dropped
+    logits = jnp.asarray(np_rng.normal(size=(64, 2)), jnp.float32)
+    _, combine, dispatch, _ = top_k_gating(logits, k=1, capacity_factor=moe.eval_capacity_factor, min_capacity=0)
+    np.testing.assert_array_equal(np.asarray(dispatch).sum(axis=(1, 2)), np.ones(64))
+    # the weight is the (unrenormalised) top-1 probability, in [0.5, 1] for 2 experts
+    w = np.asarray(combine).sum(axis=(1, 2))
+    assert np.all((w >= 0.5) & (w <= 1.0))
+
+
+def test_gate_needs_noise_or_rng_when_tokens_can_drop():
+    with pytest.raises(ValueError, match='pass `noise` or `rng`'):
+        top_k_gating(jnp.zeros((8, 2)), k=1, capacity_factor=1.0, min_capacity=0)
+    a = top_k_gating(jnp.ones((8, 2)), k=1, capacity_factor=1.0, min_capacity=0, rng=jax.random.key(0))
+    b = top_k_gating(jnp.ones((8, 2)), k=1, capacity_factor=1.0, min_capacity=0, rng=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
+def _moe_llama(scan_layers=False):
+    return LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8, scan_layers=scan_layers,
+                       lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.0,
+                                       targets=('q_proj', 'v_proj', 'gate_proj', 'up_proj', 'down_proj')),
+                       moe=MoEConfig(mode='dense', capacity_factor=1.0, group_size=4))
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_moe_model_on_8_devices_equals_1_device(np_rng, scan_layers):
+    """Mesh (data=4, fsdp=2): logits, per-layer aux loss, expert counts and drop fraction identical to 1 device,
+    in training mode (capacity factor 1.0: tokens are dropped, by random token selection)."""
+    cfg = _moe_llama(scan_layers)
+    model = LlamaForCausalLM(cfg)
+    ids = jnp.asarray(np_rng.integers(0, cfg.vocab_size, size=(32, 8)))
+    boxed = model.init({'params': jax.random.key(0), 'moe': jax.random.key(1)}, ids, train=True)
+    params = nn.unbox(boxed)['params']
+
+    def run(p, i):
+        (logits, _), state = model.apply({'params': p}, i, train=True, rngs={'moe': jax.random.key(7)},
+                                         mutable=['intermediates'])
+        return logits, collect_moe_metrics(state['intermediates'])
+
+    ref_logits, ref_m = jax.jit(run)(jax.device_put(params, jax.devices()[0]), ids)
+    assert float(ref_m['drop_fraction'].max()) > 0  # the test exercises dropping
+    mesh = sharding.make_mesh(dict(data=4, fsdp=2, tensor=1))
+    shardings = sharding.param_shardings(boxed, mesh, LOGICAL_AXIS_RULES)['params']
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        logits, m = jax.jit(run)(sharding.shard_like(params, shardings),
+                                 jax.device_put(ids, sharding.data_sharding(mesh, 2)))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=0,
+                               atol=1e-5 * float(np.abs(ref_logits).max()))
+    np.testing.assert_array_equal(np.asarray(m['expert_counts']), np.asarray(ref_m['expert_counts']))
+    np.testing.assert_array_equal(np.asarray(m['drop_fraction']), np.asarray(ref_m['drop_fraction']))
+    np.testing.assert_allclose(np.asarray(m['aux_loss_per_layer']), np.asarray(ref_m['aux_loss_per_layer']),
+                               rtol=1e-6)
+    assert m['expert_counts'].shape == (2, 2)
+
+
+def test_metrics_collected_per_layer_and_in_total(np_rng):
+    cfg = dataclasses.replace(_moe_llama(), moe=MoEConfig(mode='sparse', group_size=4), num_layers=3)
+    model = LlamaForCausalLM(cfg)
+    ids = jnp.asarray(np_rng.integers(0, cfg.vocab_size, size=(4, 8)))
+    variables = nn.unbox(model.init(jax.random.key(0), ids))
+    assert 'experts' in variables['params']['model']['layers_0']['mlp']
+    assert 'experts' not in variables['params']['model']['layers_1']['mlp']  # sparse: layers 0 and 2
+    _, state = model.apply(variables, ids, mutable=['intermediates'])
+    m = collect_moe_metrics(state['intermediates'])
+    assert m['aux_loss_per_layer'].shape == (2,) and m['expert_counts'].shape == (2, 2)
+    np.testing.assert_allclose(float(m['aux_loss']), float(m['aux_loss_per_layer'].sum()), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m['expert_counts']).sum(-1), [32, 32])
+    assert collect_moe_metrics({}) == {}
+
+
+def test_experts_from_two_dense_ffns_order_and_errors(np_rng):
+    ffn = lambda: {n: {'kernel': np_rng.normal(size=shape).astype(np.float32)} for n, shape in  # noqa: E731
+                   (('gate_proj', (4, 6)), ('up_proj', (4, 6)), ('down_proj', (6, 4)))}
+    ground, vl = ffn(), ffn()
+    experts = experts_from_dense([ground, vl])
+    np.testing.assert_array_equal(np.asarray(experts['up_proj']['kernel'][0]), ground['up_proj']['kernel'])
+    np.testing.assert_array_equal(np.asarray(experts['up_proj']['kernel'][1]), vl['up_proj']['kernel'])
+    with_lora = dict(vl, gate_proj={'kernel': vl['gate_proj']['kernel'], 'lora_A': np.zeros((4, 2))})
+    with pytest.raises(ValueError, match='merge LoRA first'):
+        experts_from_dense([ground, {k: v for k, v in with_lora.items() if k != 'up_proj'}])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match='top_k=3'):
+        MoEConfig(top_k=3)
+    with pytest.raises(ValueError, match="moe.mode='half'"):
+        MoEConfig(mode='half')
+    with pytest.raises(ValueError, match='unknown keys'):
+        MoEConfig.from_dict({'capacity': 2})
+    with pytest.raises(ValueError, match='nn.scan needs identical layers'):
+        dataclasses.replace(_moe_llama(scan_layers=True), moe=MoEConfig(mode='sparse'))
+    layer = MoEFFN(MoEConfig(mode='dense', group_size=4), 8, LoRAConfig())
+    with pytest.raises(ValueError, match='group_size=4 does not divide the batch of 3'):
+        layer.init(jax.random.key(0), jnp.zeros((3, 2, 4)), None, False)
+
+
+def test_stage_four_start_from_two_dense_stages(np_rng):
+    """Expert 0 <- stage III FFN, expert 1 <- stage II FFN; attention etc. from stage II; fresh router; identical
+    LoRA A in both experts, B zero: the MoE model starts as the gate-weighted stage-II/III FFNs."""
+    dense_cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                            num_kv_heads=2, head_dim=8)
+    moe_cfg = dataclasses.replace(_moe_llama(), vocab_size=64, hidden_size=16, intermediate_size=32, num_heads=2,
+                                  head_dim=8)
+    ids = jnp.zeros((4, 3), jnp.int32)
+    stage2 = nn.unbox(LlamaForCausalLM(dense_cfg).init(jax.random.key(2), ids))['params']
+    stage3 = nn.unbox(LlamaForCausalLM(dense_cfg).init(jax.random.key(3), ids))['params']
+    fresh = nn.unbox(LlamaForCausalLM(moe_cfg).init(jax.random.key(4), ids))['params']
+    params = moe_llm_params_from_dense(fresh, stage3, stage2, moe_cfg.moe_layers)
+    assert jax.tree.structure(params) == jax.tree.structure(fresh)
+    experts = params['model']['layers_1']['mlp']['experts']
+    np.testing.assert_array_equal(experts['down_proj']['kernel'][0], stage3['model']['layers_1']['mlp']['down_proj']['kernel'])
+    np.testing.assert_array_equal(experts['down_proj']['kernel'][1], stage2['model']['layers_1']['mlp']['down_proj']['kernel'])
+    np.testing.assert_array_equal(experts['up_proj']['lora_A'][0], experts['up_proj']['lora_A'][1])
+    np.testing.assert_array_equal(params['model']['layers_0']['mlp']['gate']['wg']['kernel'],
+                                  fresh['model']['layers_0']['mlp']['gate']['wg']['kernel'])
+    np.testing.assert_array_equal(params['model']['layers_0']['self_attn']['q_proj']['kernel'],
+                                  stage2['model']['layers_0']['self_attn']['q_proj']['kernel'])
+    assert 'lora_A' in params['model']['layers_0']['self_attn']['q_proj']  # stage-IV q/v adapters
+    np.testing.assert_array_equal(params['lm_head']['kernel'], stage2['lm_head']['kernel'])
+    logits, _ = LlamaForCausalLM(moe_cfg).apply({'params': params}, jnp.asarray(np_rng.integers(0, 64, (4, 5))))
+    assert bool(jnp.isfinite(logits).all())
