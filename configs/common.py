@@ -51,6 +51,12 @@ LOGICAL_AXIS_RULES = (
     ('vision_mlp', 'tensor'),
     ('vision_channels', None),
     ('vision_positions', None),
+    # SAM-Med2D (image encoder, prompt encoder, mask decoder)
+    ('sam_embed', 'fsdp'),
+    ('sam_heads', 'tensor'),
+    ('sam_mlp', 'tensor'),
+    ('sam_channels', None),
+    ('sam_positions', None),
 )
 
 

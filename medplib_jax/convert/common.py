@@ -33,6 +33,10 @@ LINEAR = Layout('linear', lambda x: x.T, lambda x: x.T)
 # torch Conv2d weight [out, in, kh, kw] -> flax Conv kernel [kh, kw, in, out].
 CONV = Layout('conv', lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
 
+# torch ConvTranspose2d weight [in, out, kh, kw] -> the forward conv's HWIO kernel [kh, kw, out, in]
+# (models.layers.ConvTranspose2d flips it with transpose_kernel=True).
+CONV_TRANSPOSE = Layout('conv_transpose', lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+
 Rule = tuple[str, str, Layout]
 
 

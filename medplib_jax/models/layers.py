@@ -72,3 +72,36 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Activation sharding hint by logical names (a no-op outside a mesh/rules context)."""
     return nn.with_logical_constraint(x, tuple(axes))
+
+
+class ConvTranspose2d(nn.Module):
+    """PyTorch `ConvTranspose2d` semantics on NHWC inputs (SAM-Med2D adapter k4/s2/p1, SAM upscaling k2/s2/p0).
+
+    The kernel is stored as the *forward* convolution's HWIO kernel, i.e. torch's [in, out, kh, kw] weight
+    transposed to [kh, kw, out, in] (`convert.common.CONV_TRANSPOSE`); `transpose_kernel=True` flips it. Output
+    size = (H - 1) * stride - 2 * padding + kernel, as in torch (no output_padding).
+    """
+    features: int
+    kernel_size: int
+    stride: int
+    padding: int = 0
+    use_bias: bool = True
+    axes: tuple[str | None, str | None] = (None, None)  # logical names of (out, in) channels
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param('kernel', nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                                   (None, None) + tuple(self.axes)),
+                            (k, k, self.features, x.shape[-1]), self.param_dtype)
+        pad = k - 1 - self.padding
+        y = jax.lax.conv_transpose(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+                                   ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                   transpose_kernel=True)
+        if self.use_bias:
+            bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[0],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y

@@ -1,0 +1,35 @@
+"""Shared blocks: PyTorch ConvTranspose2d layout and semantics, attention core masking."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from medplib_jax.convert.common import CONV_TRANSPOSE
+from medplib_jax.models.layers import ConvTranspose2d, dot_product_attention
+
+
+@pytest.mark.parametrize('kernel,stride,padding', [(4, 2, 1), (2, 2, 0)])
+@pytest.mark.parametrize('size', [(8, 8), (5, 7)])
+def test_conv_transpose_matches_torch(np_rng, kernel, stride, padding, size):
+    """The SAM-Med2D adapter (k4 s2 p1) and SAM upscaling (k2 s2 p0) layers, converted from torch weights."""
+    torch.manual_seed(int(np_rng.integers(1 << 30)))
+    ref = torch.nn.ConvTranspose2d(6, 5, kernel, stride=stride, padding=padding, bias=True)
+    x = np_rng.normal(size=(2, 6) + size).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.tensor(x)).numpy().transpose(0, 2, 3, 1)
+    params = {'kernel': CONV_TRANSPOSE.forward(ref.weight.detach().numpy()), 'bias': ref.bias.detach().numpy()}
+    ours = ConvTranspose2d(5, kernel, stride, padding).apply({'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert ours.shape == expected.shape == (2, size[0] * 2, size[1] * 2, 5)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(CONV_TRANSPOSE.inverse(params['kernel']), ref.weight.detach().numpy())
+
+
+def test_attention_fully_masked_rows_stay_finite(np_rng):
+    q = jnp.asarray(np_rng.normal(size=(1, 3, 2, 4)), jnp.float32)
+    mask = jnp.asarray([[[False, False, False], [True, False, False], [True, True, True]]])
+    out = dot_product_attention(q, q, q, mask)
+    assert bool(jnp.isfinite(out).all())
+    np.testing.assert_allclose(np.asarray(out[0, 1]), np.asarray(q[0, 0]), rtol=1e-6)  # attends to key 0 only
+    with pytest.raises(ValueError, match='not a multiple'):
+        dot_product_attention(jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)))
