@@ -1,5 +1,4 @@
 """Shared blocks: PyTorch ConvTranspose2d layout and semantics, attention core masking."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from medplib_jax.models.layers import RMSNorm, constrain, dense, dot_product_attention, dtype_of
-from medplib_jax.models.lora import LoRAConfig, LoRADense
+from medplib_jax.models.lora import LoRAConfig, LoRADense, projection
 from medplib_jax.models.moe import MoEConfig, MoEFFN
 
 REMAT_POLICIES = {
@@ -66,9 +66,8 @@ class LlamaConfig:
 
     def proj(self, features: int, axes: tuple[str, str], name: str, stacked: int = 0) -> LoRADense:
         """A bias-free projection, LoRA-wrapped when `name` is a configured LoRA target."""
-        lora = self.lora if self.lora.applies_to(name) else LoRAConfig()
-        return LoRADense(features, axes, lora, stacked=stacked, dtype=dtype_of(self.dtype),
-                         param_dtype=dtype_of(self.param_dtype), name=name)
+        return projection(features, axes, name, self.lora, stacked=stacked, dtype=dtype_of(self.dtype),
+                          param_dtype=dtype_of(self.param_dtype))
 
     @classmethod
     def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'LlamaConfig':

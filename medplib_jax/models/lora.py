@@ -8,7 +8,7 @@ folds them into the kernel (W += alpha/r * A B) as the reference does at the end
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -91,6 +91,13 @@ class LoRADense(nn.Module):
         h = jnp.einsum(f'{e}...i,{e}ir->{e}...r', xd, a.astype(self.dtype))
         branch = jnp.einsum(f'{e}...r,{e}ro->{e}...o', h, b.astype(self.dtype))
         return base + (self.lora.scale * branch).astype(self.dtype)
+
+
+def projection(features: int, axes: tuple[str, str], name: str, lora: LoRAConfig, *, stacked: int = 0,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> LoRADense:
+    """A bias-free projection named `name`, LoRA-wrapped only when `name` is one of `lora.targets`."""
+    return LoRADense(features, axes, lora if lora.applies_to(name) else LoRAConfig(), stacked=stacked, dtype=dtype,
+                     param_dtype=param_dtype, name=name)
 
 
 def merge(params: Any, lora: LoRAConfig) -> Any:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medplib_jax.models.layers import constrain
-from medplib_jax.models.lora import LoRAConfig, LoRADense, torch_linear_init
+from medplib_jax.models.lora import LoRAConfig, projection, torch_linear_init
 
 MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
 
@@ -173,9 +173,8 @@ class Experts(nn.Module):
         d = x.shape[-1]
 
         def proj(features, axes, name):
-            lora = self.lora if self.lora.applies_to(name) else LoRAConfig()
-            return LoRADense(features, axes, lora, stacked=self.num_experts, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=name)
+            return projection(features, axes, name, self.lora, stacked=self.num_experts, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
 
         gate = proj(self.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x, train)
         up = proj(self.intermediate_size, ('embed', 'mlp'), 'up_proj')(x, train)

@@ -9,7 +9,6 @@ and then resizes: correct geometry, for new training.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 SAM_SIZE = 256
 LOW_RES = 64
