@@ -1,0 +1,234 @@
+"""SAM-Med2D image encoder: ViT-B at 256x256 with decomposed relative positions and an adapter in every block
+(facts 5.1). Frozen in MedPLIB. NHWC in (B, 256, 256, 3), NHWC out (B, 16, 16, 256).
+
+Names mirror `sam-med2d_b.pth` (`image_encoder.blocks.3.attn.qkv.weight` <-> `blocks_3/attn/qkv/kernel`).
+With `adapter=False` it is the original SAM ViT (what HF `SamModel`'s vision encoder computes), used for parity.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from medplib_jax.models.layers import ConvTranspose2d, dense, dtype_of, layer_norm
+
+
+@dataclasses.dataclass(frozen=True)
+class SamImageEncoderConfig:
+    """Defaults: SAM-Med2D ViT-B (`build_sam_vit_b(image_size=256, encoder_adapter=True)`)."""
+    image_size: int = 256
+    patch_size: int = 16
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    out_chans: int = 256
+    window_size: int = 14
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    layer_norm_eps: float = 1e-6
+    adapter: bool = True
+    adapter_ratio: float = 0.25
+    adapter_norm_eps: float = 1e-5  # the adapter's nn.LayerNorm keeps torch's default eps
+    dtype: str = 'float32'
+    param_dtype: str = 'float32'
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f'sam_encoder.image_size={self.image_size} is not a multiple of '
+                             f'sam_encoder.patch_size={self.patch_size}')
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f'sam_encoder.hidden_size={self.hidden_size} is not a multiple of num_heads')
+        if any(not 0 <= i < self.depth for i in self.global_attn_indexes):
+            raise ValueError(f'sam_encoder.global_attn_indexes={self.global_attn_indexes} outside depth {self.depth}')
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> 'SamImageEncoderConfig':
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f'config.model.sam_encoder: unknown keys {sorted(unknown)}')
+        if 'global_attn_indexes' in d:
+            d['global_attn_indexes'] = tuple(d['global_attn_indexes'])
+        return cls(**{**d, **overrides})
+
+    @classmethod
+    def from_hf(cls, hf: Any, **overrides: Any) -> 'SamImageEncoderConfig':
+        """From a transformers `SamVisionConfig` (original SAM: no adapters)."""
+        d = hf if isinstance(hf, Mapping) else hf.to_dict()
+        return cls(image_size=d['image_size'], patch_size=d['patch_size'], hidden_size=d['hidden_size'],
+                   depth=d['num_hidden_layers'], num_heads=d['num_attention_heads'], mlp_dim=d['mlp_dim'],
+                   out_chans=d['output_channels'], window_size=d['window_size'],
+                   global_attn_indexes=tuple(d['global_attn_indexes']), layer_norm_eps=d['layer_norm_eps'],
+                   adapter=False, **overrides)
+
+
+def rel_pos_table(rel_pos: jax.Array, size: int) -> jax.Array:
+    """(2*size-1, C) table -> (size, size, C): entry [i, j] = rel_pos[i - j + size - 1] (SAM's get_rel_pos for
+    equal query/key sizes; checkpoints always carry the matching length)."""
+    if rel_pos.shape[0] != 2 * size - 1:
+        raise ValueError(f'rel_pos has {rel_pos.shape[0]} positions, attention over {size} needs {2 * size - 1}')
+    idx = jnp.arange(size)[:, None] - jnp.arange(size)[None, :] + size - 1
+    return rel_pos[idx]
+
+
+class SamVitAttention(nn.Module):
+    """Multi-head attention over an (h, w) map with SAM's decomposed relative-position bias."""
+    cfg: SamImageEncoderConfig
+    size: int  # side of the (square) map this block attends over: the window or the whole grid
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        b, h, w, c = x.shape
+        hd = c // cfg.num_heads
+        qkv = dense(3 * c, ('sam_embed', 'sam_heads'), use_bias=True, dtype=dt, param_dtype=pdt, name='qkv')(x)
+        q, k, v = jnp.split(qkv.reshape(b, h * w, 3, cfg.num_heads, hd), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, HW, heads, hd)
+        init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ('sam_positions', None))
+        rel_h = rel_pos_table(self.param('rel_pos_h', init, (2 * self.size - 1, hd), pdt), h)
+        rel_w = rel_pos_table(self.param('rel_pos_w', init, (2 * self.size - 1, hd), pdt), w)
+        # Decomposed bias from the *unscaled* queries: bias[q=(i, j), k=(a, b)] = q . Rh[i, a] + q . Rw[j, b].
+        rq = q.reshape(b, h, w, cfg.num_heads, hd).astype(jnp.float32)
+        bias_h = jnp.einsum('zijnc,iac->znija', rq, rel_h.astype(jnp.float32))
+        bias_w = jnp.einsum('zijnc,jkc->znijk', rq, rel_w.astype(jnp.float32))
+        bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, cfg.num_heads, h * w, h * w)
+        out = _biased_attention(q, k, v, bias).reshape(b, h, w, c)
+        return dense(c, ('sam_heads', 'sam_embed'), use_bias=True, dtype=dt, param_dtype=pdt, name='proj')(out)
+
+
+def _biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d) + bias) v in fp32; q, k, v (B, T, heads, d); bias (B, heads, T, T)."""
+    d = q.shape[-1]
+    scores = jnp.einsum('bqnd,bknd->bnqk', q, k, preferred_element_type=jnp.float32) * (d ** -0.5) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum('bnqk,bknd->bqnd', probs, v)
+
+
+class Adapter(nn.Module):
+    """SAM-Med2D `Adapter_Layer`: LayerNorm(x + spatial(x * channel_gate(x))), gate from pooled features."""
+    cfg: SamImageEncoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        c = x.shape[-1]
+        hidden = int(c * cfg.adapter_ratio)
+        pooled = x.mean(axis=(1, 2))
+        gate = nn.relu(dense(hidden, ('sam_embed', 'sam_mlp'), dtype=dt, param_dtype=pdt, name='channel_0')(pooled))
+        gate = jax.nn.sigmoid(dense(c, ('sam_mlp', 'sam_embed'), dtype=dt, param_dtype=pdt, name='channel_2')(gate))
+        gated = x * gate[:, None, None, :]
+        conv_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                 (None, None, 'sam_channels', 'sam_embed'))
+        s = nn.relu(nn.Conv(c, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
+                            param_dtype=pdt, kernel_init=conv_init, name='spatial_0')(gated))
+        s = nn.relu(ConvTranspose2d(c, 4, 2, 1, use_bias=False, axes=('sam_embed', 'sam_channels'), dtype=dt,
+                                    param_dtype=pdt, name='spatial_2')(s))
+        return layer_norm(cfg.adapter_norm_eps, 'sam_embed', dtype=dt, param_dtype=pdt, name='norm')(x + s)
+
+
+class SamVitBlock(nn.Module):
+    cfg: SamImageEncoderConfig
+    window: int  # 0 = global attention
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        b, h, w, c = x.shape
+        shortcut = x
+        x = layer_norm(cfg.layer_norm_eps, 'sam_embed', dtype=dt, param_dtype=pdt, name='norm1')(x)
+        attn = SamVitAttention(cfg, self.window or h, name='attn')
+        if self.window:
+            ws = self.window
+            ph, pw = -h % ws, -w % ws  # zero-pad (after norm1, as SAM does) to whole windows
+            xp = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+            nh, nw = (h + ph) // ws, (w + pw) // ws
+            win = xp.reshape(b, nh, ws, nw, ws, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, ws, ws, c)
+            out = attn(win).reshape(b, nh, nw, ws, ws, c).transpose(0, 1, 3, 2, 4, 5)
+            x = out.reshape(b, h + ph, w + pw, c)[:, :h, :w]
+        else:
+            x = attn(x)
+        x = shortcut + x
+        normed = layer_norm(cfg.layer_norm_eps, 'sam_embed', dtype=dt, param_dtype=pdt, name='norm2')(x)
+        mlp = _SamMLP(cfg.mlp_dim, dt, pdt, name='mlp')(normed)
+        if cfg.adapter:
+            mlp = mlp + Adapter(cfg, name='Adapter')(normed)
+        return x + mlp
+
+
+class _SamMLP(nn.Module):
+    mlp_dim: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.gelu(dense(self.mlp_dim, ('sam_embed', 'sam_mlp'), name='lin1', **kw)(x), approximate=False)
+        return dense(x.shape[-1], ('sam_mlp', 'sam_embed'), name='lin2', **kw)(h)
+
+
+class SamImageEncoder(nn.Module):
+    cfg: SamImageEncoderConfig
+
+    @nn.compact
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        conv_axes = (None, None, 'sam_channels', 'sam_embed')
+        x = _Conv(cfg.hidden_size, cfg.patch_size, cfg.patch_size, 0, True, conv_axes, dt, pdt,
+                  name='patch_embed')(pixels.astype(dt))
+        pos = self.param('pos_embed', nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), (None, 'sam_positions', None, 'sam_embed')),
+            (1, cfg.grid, cfg.grid, cfg.hidden_size), pdt)
+        x = x + pos.astype(dt)
+        for i in range(cfg.depth):
+            window = 0 if i in cfg.global_attn_indexes else cfg.window_size
+            x = SamVitBlock(cfg, window, name=f'blocks_{i}')(x)
+        return _Neck(cfg, name='neck')(x)
+
+
+class _Conv(nn.Module):
+    """A Conv2d whose parameters sit under `proj` (SAM's `patch_embed.proj`)."""
+    features: int
+    kernel: int
+    stride: int
+    padding: int
+    use_bias: bool
+    axes: tuple
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride,
+                       padding=((self.padding, self.padding),) * 2, use_bias=self.use_bias, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name='proj',
+                       kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axes[-1],)))(x)
+
+
+class _Neck(nn.Module):
+    """Conv 1x1 -> LayerNorm2d -> Conv 3x3 -> LayerNorm2d, submodules `0`..`3` as in the checkpoint."""
+    cfg: SamImageEncoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        init = lambda axes: nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)  # noqa: E731
+        x = nn.Conv(cfg.out_chans, (1, 1), use_bias=False, dtype=dt, param_dtype=pdt, name='0',
+                    kernel_init=init((None, None, 'sam_embed', 'sam_channels')))(x)
+        x = layer_norm(cfg.layer_norm_eps, 'sam_channels', dtype=dt, param_dtype=pdt, name='1')(x)
+        x = nn.Conv(cfg.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt, param_dtype=pdt,
+                    name='2', kernel_init=init((None, None, 'sam_channels', 'sam_embed')))(x)
+        return layer_norm(cfg.layer_norm_eps, 'sam_embed', dtype=dt, param_dtype=pdt, name='3')(x)

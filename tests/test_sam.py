@@ -1,0 +1,226 @@
+"""SAM-Med2D image encoder, prompt encoder and mask decoder vs HF `SamModel` (PyTorch); the adapter vs NumPy;
+sam-med2d_b.pth key names as the facts list them."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+
+from medplib_jax.convert.common import ConversionError
+from medplib_jax.convert.sam import (decoder_to_ours, decoder_to_source, image_encoder_to_ours,
+                                     image_encoder_to_source, split_components)
+from medplib_jax.models.sam_decoder import SamDecoderConfig, SamMaskDecoder, SamPromptEncoder
+from medplib_jax.models.sam_encoder import Adapter, SamImageEncoder, SamImageEncoderConfig
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.fixture(scope='module')
+def hf_sam():
+    """Tiny SAM: 8x8 embedding grid, windows of 3 (so windowed blocks pad 8 -> 9), global blocks 1 and 3.
+    HF initialises SAM near zero (initializer_range 1e-10): every weight is redrawn so nothing hides."""
+    torch.manual_seed(int.from_bytes(np.random.bytes(4), 'little') % (1 << 30))
+    vc = SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=4, num_attention_heads=4,
+                         image_size=64, patch_size=8, mlp_dim=64, window_size=3, global_attn_indexes=[1, 3],
+                         num_pos_feats=8)
+    pc = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4)
+    mc = SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, mlp_dim=32,
+                              iou_head_hidden_dim=16)
+    config = SamConfig(vision_config=vc, prompt_encoder_config=pc, mask_decoder_config=mc)
+    model = SamModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if 'norm' in name and name.endswith('weight') else 0.0, 0.3)
+    sd = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    return model, config, sd
+
+
+def test_image_encoder_without_adapters_matches_hf(hf_sam, np_rng):
+    model, config, sd = hf_sam
+    cfg = SamImageEncoderConfig.from_hf(config.vision_config)
+    parts = split_components(sd, hf=True)
+    params = image_encoder_to_ours(parts['image_encoder'], cfg, hf=True)
+    x = np_rng.normal(size=(2, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.vision_encoder(torch.tensor(x)).last_hidden_state.numpy()  # (B, C, H, W) after the neck
+    ours = SamImageEncoder(cfg).apply({'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert ours.shape == (2, 8, 8, 16)
+    assert _rel(np.asarray(ours).transpose(0, 3, 1, 2), ref) <= 1e-5
+    back = image_encoder_to_source(params, hf=True)
+    assert set(back) == set(parts['image_encoder'])
+    for k in back:
+        np.testing.assert_array_equal(back[k], parts['image_encoder'][k])
+
+
+def _hf_decode(model, emb, sparse, multimask):
+    with torch.no_grad():
+        pe = model.get_image_wide_positional_embeddings().repeat(emb.shape[0], 1, 1, 1)
+        dense = model.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            emb.shape[0], -1, emb.shape[2], emb.shape[3])
+        out = model.mask_decoder(image_embeddings=torch.tensor(emb), image_positional_embeddings=pe,
+                                 sparse_prompt_embeddings=torch.tensor(sparse)[:, None],
+                                 dense_prompt_embeddings=dense, multimask_output=multimask)
+    return out[0][:, 0].numpy(), out[1][:, 0].numpy()
+
+
+@pytest.mark.parametrize('multimask', [False, True])
+def test_prompt_encoder_and_mask_decoder_match_hf(hf_sam, np_rng, multimask):
+    model, config, sd = hf_sam
+    cfg = SamDecoderConfig.from_hf(config)
+    parts = split_components(sd, hf=True)
+    pp, dp = decoder_to_ours(parts['prompt_encoder'], parts['mask_decoder'], cfg, hf=True)
+    prompt, decoder = SamPromptEncoder(cfg), SamMaskDecoder(cfg)
+    emb = np_rng.normal(size=(2, 16, 8, 8)).astype(np.float32)
+    pe = prompt.apply({'params': pp}, method=SamPromptEncoder.get_dense_pe)
+
+    # (a) a box prompt, through the whole HF model
+    boxes = np.sort(np_rng.uniform(0, 63, size=(2, 1, 2, 2)), axis=2).reshape(2, 1, 4).astype(np.float32)
+    with torch.no_grad():
+        out = model(image_embeddings=torch.tensor(emb), input_boxes=torch.tensor(boxes), multimask_output=multimask)
+    sparse, dense = prompt.apply({'params': pp}, boxes=jnp.asarray(boxes))
+    masks, iou = decoder.apply({'params': dp}, jnp.asarray(emb.transpose(0, 2, 3, 1)), pe, sparse, dense,
+                               multimask_output=multimask)
+    n_masks = 3 if multimask else 1
+    assert masks.shape == (2, n_masks, 32, 32) and iou.shape == (2, n_masks)
+    assert _rel(masks, out.pred_masks[:, 0].numpy()) <= 1e-5
+    assert _rel(iou, out.iou_scores[:, 0].numpy()) <= 1e-5
+
+    # (b) an externally given sparse embedding (MedPLIB's <SEG> prompt), dense = no_mask_embed
+    text = np_rng.normal(size=(2, 1, 16)).astype(np.float32)
+    sparse, dense = prompt.apply({'params': pp}, text_embeds=jnp.asarray(text))
+    np.testing.assert_array_equal(np.asarray(sparse), text)
+    masks, iou = decoder.apply({'params': dp}, jnp.asarray(emb.transpose(0, 2, 3, 1)), pe, sparse, dense,
+                               multimask_output=multimask)
+    ref_masks, ref_iou = _hf_decode(model, emb, text, multimask)
+    assert _rel(masks, ref_masks) <= 1e-5 and _rel(iou, ref_iou) <= 1e-5
+
+    bp, bd = decoder_to_source(pp, dp, hf=True)
+    for ours, theirs in ((bp, parts['prompt_encoder']), (bd, parts['mask_decoder'])):
+        assert set(ours) == set(theirs)
+        for k in ours:
+            np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+def test_adapter_matches_numpy_reference(np_rng):
+    """Facts 5.1: gate = sigmoid(W2 relu(W1 mean_hw(x))); s = relu(convT_k4s2p1(relu(conv_k3s2p1(x * gate))));
+    out = LayerNorm(x + s), the skip adding the *ungated* input."""
+    cfg = SamImageEncoderConfig(hidden_size=8, num_heads=2, adapter_ratio=0.25)
+    x = np_rng.normal(size=(2, 6, 6, 8)).astype(np.float32)
+    adapter = Adapter(cfg)
+    params = jax.tree.map(lambda p: jnp.asarray(np_rng.normal(size=p.shape) * 0.5, jnp.float32),
+                          jax.tree.map(lambda p: p.value if hasattr(p, 'value') else p,
+                                       adapter.init(jax.random.key(0), jnp.asarray(x))['params'],
+                                       is_leaf=lambda p: hasattr(p, 'value')))
+    ours = np.asarray(adapter.apply({'params': params}, jnp.asarray(x)))
+    p = jax.tree.map(np.asarray, params)
+    relu = lambda v: np.maximum(v, 0)  # noqa: E731
+    gate = 1 / (1 + np.exp(-(relu(x.mean((1, 2)) @ p['channel_0']['kernel']) @ p['channel_2']['kernel'])))
+    gated = x * gate[:, None, None]
+    with torch.no_grad():  # torch convs as the independent reference for the two spatial layers
+        conv = torch.nn.Conv2d(8, 8, 3, 2, 1, bias=False)
+        conv.weight.copy_(torch.tensor(p['spatial_0']['kernel'].transpose(3, 2, 0, 1)))
+        convt = torch.nn.ConvTranspose2d(8, 8, 4, 2, 1, bias=False)
+        convt.weight.copy_(torch.tensor(p['spatial_2']['kernel'].transpose(3, 2, 0, 1)))
+        s = relu(convt(torch.tensor(relu(conv(torch.tensor(gated.transpose(0, 3, 1, 2))).numpy()))).numpy())
+    y = x + s.transpose(0, 2, 3, 1)
+    mu, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+    expected = (y - mu) / np.sqrt(var + 1e-5) * p['norm']['scale'] + p['norm']['bias']
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def _med2d_keys(depth, dim, mlp, out, grid, window, global_idx, emb=16, dec_mlp=32):
+    """sam-med2d_b.pth key names and shapes as facts 10.2 lists them (here at reduced sizes)."""
+    hd = dim // 4
+    keys = {'image_encoder.patch_embed.proj.weight': (dim, 3, 16, 16), 'image_encoder.patch_embed.proj.bias': (dim,),
+            'image_encoder.pos_embed': (1, grid, grid, dim), 'image_encoder.neck.0.weight': (out, dim, 1, 1),
+            'image_encoder.neck.1.weight': (out,), 'image_encoder.neck.1.bias': (out,),
+            'image_encoder.neck.2.weight': (out, out, 3, 3), 'image_encoder.neck.3.weight': (out,),
+            'image_encoder.neck.3.bias': (out,)}
+    for i in range(depth):
+        b = f'image_encoder.blocks.{i}.'
+        size = grid if i in global_idx else window
+        keys.update({b + 'norm1.weight': (dim,), b + 'norm1.bias': (dim,), b + 'norm2.weight': (dim,),
+                     b + 'norm2.bias': (dim,), b + 'attn.qkv.weight': (3 * dim, dim), b + 'attn.qkv.bias': (3 * dim,),
+                     b + 'attn.proj.weight': (dim, dim), b + 'attn.proj.bias': (dim,),
+                     b + 'attn.rel_pos_h': (2 * size - 1, hd), b + 'attn.rel_pos_w': (2 * size - 1, hd),
+                     b + 'mlp.lin1.weight': (mlp, dim), b + 'mlp.lin1.bias': (mlp,), b + 'mlp.lin2.weight': (dim, mlp),
+                     b + 'mlp.lin2.bias': (dim,), b + 'Adapter.norm.weight': (dim,), b + 'Adapter.norm.bias': (dim,),
+                     b + 'Adapter.channel.0.weight': (dim // 4, dim), b + 'Adapter.channel.2.weight': (dim, dim // 4),
+                     b + 'Adapter.spatial.0.weight': (dim, dim, 3, 3), b + 'Adapter.spatial.2.weight': (dim, dim, 4, 4)})
+    pe = 'prompt_encoder.'
+    keys.update({pe + 'pe_layer.positional_encoding_gaussian_matrix': (2, emb // 2), pe + 'no_mask_embed.weight': (1, emb),
+                 pe + 'not_a_point_embed.weight': (1, emb), **{f'{pe}point_embeddings.{i}.weight': (1, emb) for i in range(4)},
+                 pe + 'mask_downscaling.0.weight': (1, 1, 2, 2), pe + 'mask_downscaling.0.bias': (1,),
+                 pe + 'mask_downscaling.1.weight': (1,), pe + 'mask_downscaling.1.bias': (1,),
+                 pe + 'mask_downscaling.3.weight': (4, 1, 2, 2), pe + 'mask_downscaling.3.bias': (4,),
+                 pe + 'mask_downscaling.4.weight': (4,), pe + 'mask_downscaling.4.bias': (4,),
+                 pe + 'mask_downscaling.6.weight': (emb, 4, 1, 1), pe + 'mask_downscaling.6.bias': (emb,)})
+    md = 'mask_decoder.'
+    keys.update({md + 'iou_token.weight': (1, emb), md + 'mask_tokens.weight': (4, emb),
+                 md + 'output_upscaling.0.weight': (emb, emb // 4, 2, 2), md + 'output_upscaling.0.bias': (emb // 4,),
+                 md + 'output_upscaling.1.weight': (emb // 4,), md + 'output_upscaling.1.bias': (emb // 4,),
+                 md + 'output_upscaling.3.weight': (emb // 4, emb // 8, 2, 2), md + 'output_upscaling.3.bias': (emb // 8,),
+                 md + 'transformer.norm_final_attn.weight': (emb,), md + 'transformer.norm_final_attn.bias': (emb,)})
+    attn = lambda pre, inner: {f'{pre}.{p}.{w}': ((inner if p != 'out_proj' else emb, emb if p != 'out_proj' else inner)  # noqa: E731
+                                                 if w == 'weight' else (inner if p != 'out_proj' else emb,))
+                               for p in ('q_proj', 'k_proj', 'v_proj', 'out_proj') for w in ('weight', 'bias')}
+    for i in range(2):
+        lt = f'{md}transformer.layers.{i}.'
+        keys.update(attn(lt + 'self_attn', emb))
+        keys.update(attn(lt + 'cross_attn_token_to_image', emb // 2))
+        keys.update(attn(lt + 'cross_attn_image_to_token', emb // 2))
+        keys.update({lt + f'norm{j}.{w}': (emb,) for j in range(1, 5) for w in ('weight', 'bias')})
+        keys.update({lt + 'mlp.lin1.weight': (dec_mlp, emb), lt + 'mlp.lin1.bias': (dec_mlp,),
+                     lt + 'mlp.lin2.weight': (emb, dec_mlp), lt + 'mlp.lin2.bias': (emb,)})
+    keys.update(attn(md + 'transformer.final_attn_token_to_image', emb // 2))
+    for head, n_out in [(f'output_hypernetworks_mlps.{m}', emb // 8) for m in range(4)] + [('iou_prediction_head', 4)]:
+        for j, (o, i_) in enumerate(((emb, emb), (emb, emb), (n_out, emb))):
+            keys.update({f'{md}{head}.layers.{j}.weight': (o, i_), f'{md}{head}.layers.{j}.bias': (o,)})
+    return keys
+
+
+def test_sam_med2d_checkpoint_keys_convert_and_run(np_rng):
+    """A synthetic sam-med2d_b.pth with the facts' key names (reduced sizes: width 64, depth 3, embed 16)."""
+    enc_cfg = SamImageEncoderConfig(hidden_size=64, depth=3, num_heads=4, mlp_dim=128, out_chans=16, window_size=14,
+                                    global_attn_indexes=(2,))
+    dec_cfg = SamDecoderConfig(embed_dim=16, num_heads=4, mlp_dim=32, iou_head_hidden_dim=16, mask_in_chans=4)
+    shapes = _med2d_keys(3, 64, 128, 16, 16, 14, (2,))
+    sd = {k: (np_rng.normal(size=s) * 0.2).astype(np.float32) for k, s in shapes.items()}
+    parts = split_components(sd)
+    enc = image_encoder_to_ours(parts['image_encoder'], enc_cfg, source='sam-med2d_b.pth')
+    pp, dp = decoder_to_ours(parts['prompt_encoder'], parts['mask_decoder'], dec_cfg, source='sam-med2d_b.pth')
+    pixels = jnp.asarray(np_rng.normal(size=(2, 256, 256, 3)), jnp.float32)
+    image_emb = SamImageEncoder(enc_cfg).apply({'params': enc}, pixels)
+    assert image_emb.shape == (2, 16, 16, 16)
+    sparse, dense = SamPromptEncoder(dec_cfg).apply({'params': pp}, text_embeds=jnp.ones((2, 1, 16)))
+    pe = SamPromptEncoder(dec_cfg).apply({'params': pp}, method=SamPromptEncoder.get_dense_pe)
+    masks, iou = SamMaskDecoder(dec_cfg).apply({'params': dp}, image_emb, pe, sparse, dense)
+    assert masks.shape == (2, 1, 64, 64) and iou.shape == (2, 1) and bool(jnp.isfinite(masks).all())
+    # round trips back to the checkpoint's keys, exactly
+    back = image_encoder_to_source(enc)
+    bp, bd = decoder_to_source(pp, dp)
+    for got, want in ((back, parts['image_encoder']), (bp, parts['prompt_encoder']), (bd, parts['mask_decoder'])):
+        assert set(got) == set(want)
+        for k in got:
+            np.testing.assert_array_equal(got[k], want[k])
+    bad = dict(parts['image_encoder'])
+    bad['blocks.1.Adapter.spatial.2.weights'] = bad.pop('blocks.1.Adapter.spatial.2.weight')
+    with pytest.raises(ConversionError, match=r"sam-med2d_b.pth: .*blocks_1/Adapter/spatial_2/kernel.*"
+                                              r"blocks\.1\.Adapter\.spatial\.2\.weights"):
+        image_encoder_to_ours(bad, enc_cfg, source='sam-med2d_b.pth')
+
+
+def test_real_vit_b_shapes():
+    """SAM-Med2D ViT-B: rel_pos [27, 64] in windowed blocks and [31, 64] in global ones; (B, 16, 16, 256) out."""
+    cfg = SamImageEncoderConfig()
+    pixels = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+    variables = jax.eval_shape(SamImageEncoder(cfg).init, jax.random.key(0), pixels)
+    p = variables['params']
+    assert p['blocks_0']['attn']['rel_pos_h'].value.shape == (27, 64)
+    assert p['blocks_2']['attn']['rel_pos_w'].value.shape == (31, 64)
+    assert p['blocks_5']['Adapter']['spatial_2']['kernel'].value.shape == (4, 4, 768, 768)
+    assert jax.eval_shape(SamImageEncoder(cfg).apply, variables, pixels).shape == (1, 16, 16, 256)
