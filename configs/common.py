@@ -21,10 +21,19 @@ LLM_SIZES = {
 
 # CLIP ViT vision tower sizes. `clip_l336` is openai/clip-vit-large-patch14-336 (facts section 2).
 VISION_SIZES = {
-    'tiny': dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3,
+    # tiny keeps the 336/14 geometry: the region encoder works on the reference's 24x24 patch grid.
+    'tiny': dict(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3,
                  num_heads=4, layer_norm_eps=1e-5),
     'clip_l336': dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24,
                       num_heads=16, layer_norm_eps=1e-5),
+}
+
+# SAM-Med2D sizes. `med2d_b` is sam-med2d_b.pth: ViT-B at 256 with adapters (facts section 5).
+SAM_SIZES = {
+    'tiny': (dict(hidden_size=32, depth=2, num_heads=2, mlp_dim=64, out_chans=16, window_size=14,
+                  global_attn_indexes=(1,)),
+             dict(embed_dim=16, num_heads=2, mlp_dim=32, iou_head_hidden_dim=16, mask_in_chans=4)),
+    'med2d_b': ({}, {}),
 }
 
 # Logical axis -> mesh axis. One table for parameters and activations (MaxText's `logical_axis_rules`).
@@ -106,8 +115,15 @@ def lora_config(rank: int = 0, alpha: float = 16.0, dropout: float = 0.05, targe
     return mlc.ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets)))
 
 
+def medplib_config(base_vocab: int) -> mlc.ConfigDict:
+    """MedPLIB's own fields. `<SEG>` is the first added token, so its id is the base vocab size (32000 for LLaMA)."""
+    return mlc.ConfigDict(dict(seg_token_id=base_vocab, max_seg=1, max_regions=1, max_region_points=512,
+                               postprocess='reference', mask_threshold=0.1))
+
+
 def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32', param_dtype: str = 'float32',
-                 scan_layers: bool = False, remat_policy: str = 'none', moe: str = 'none') -> mlc.ConfigDict:
+                 scan_layers: bool = False, remat_policy: str = 'none', moe: str = 'none',
+                 sam: str = 'tiny') -> mlc.ConfigDict:
     cfg = mlc.ConfigDict()
     cfg.llm = llm_config(llm)
     cfg.vision = vision_config(vision)
@@ -118,6 +134,10 @@ def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32'
     cfg.remat_policy = remat_policy  # see medplib_jax.models.llama.REMAT_POLICIES
     cfg.moe = moe_config(moe)
     cfg.lora = lora_config()
+    cfg.sam_encoder = mlc.ConfigDict(dict(SAM_SIZES[sam][0]))
+    cfg.sam_decoder = mlc.ConfigDict(dict(SAM_SIZES[sam][1]))
+    # The reference adds 267 tokens after the base vocab (facts 1.1): base = vocab - 267.
+    cfg.medplib = medplib_config(cfg.llm.vocab_size - 267)
     return cfg
 
 
@@ -129,12 +149,12 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDic
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
     """Base config. arg keys: model (tiny|7b), dtype, scan, remat, moe (none|dense|first_half|second_half|sparse)."""
     a = parse_arg(arg, model='tiny', dtype='float32', scan=False, remat='none', moe='none')
-    sizes = {'tiny': ('tiny', 'tiny'), '7b': ('llama7b', 'clip_l336')}
+    sizes = {'tiny': ('tiny', 'tiny', 'tiny'), '7b': ('llama7b', 'clip_l336', 'med2d_b')}
     if a.model not in sizes:
         raise ValueError(f'config arg model={a.model!r}: known: {sorted(sizes)}')
-    llm, vision = sizes[a.model]
+    llm, vision, sam = sizes[a.model]
     cfg = mlc.ConfigDict()
-    cfg.model = model_config(llm, vision, dtype=a.dtype, scan_layers=a.scan, remat_policy=a.remat, moe=a.moe)
+    cfg.model = model_config(llm, vision, dtype=a.dtype, scan_layers=a.scan, remat_policy=a.remat, moe=a.moe, sam=sam)
     if a.moe != 'none':  # stage-IV adapters: per-expert LoRA on the FFN, LoRA on q and v
         cfg.model.lora = lora_config(8, 16.0, 0.05, ('gate_proj', 'up_proj', 'down_proj', 'q_proj', 'v_proj'))
     cfg.mesh = mesh_config()

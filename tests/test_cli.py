@@ -1,5 +1,6 @@
 """The `medplib-jax` entry point, run as a user would (a subprocess)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ def test_demo_runs_on_one_device():
     res = _run('demo', '--config.smoke.seq_len=8')
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in res.stdout
-    assert 'logits (4, 24, 512)' in res.stdout  # 16 image tokens + 8 text tokens, tiny vocab
+    assert re.search(r'576 image tokens \+ region \+ text -> logits \(4, 592, 512\)', res.stdout)
+    assert 'mask at the original 300x484' in res.stdout
     assert 'greedy decode (KV cache)' in res.stdout
 
 

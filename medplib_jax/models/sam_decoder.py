@@ -258,9 +258,8 @@ class _MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.depth):
             last = i == self.depth - 1
-            x = dense(self.out if last else self.hidden, ('sam_embed' if i == 0 else 'sam_mlp',
-                                                          'sam_channels' if last else 'sam_mlp'),
-                      use_bias=True, name=f'layers_{i}', **_kw(self.cfg))(x)
+            axes = ('sam_embed' if i == 0 else None, 'sam_channels' if last else 'sam_mlp')
+            x = dense(self.out if last else self.hidden, axes, use_bias=True, name=f'layers_{i}', **_kw(self.cfg))(x)
             if not last:
                 x = nn.relu(x)
         return x
