@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import constrain, dense, dot_product_attention, dtype_of, layer_norm
+from medplib_jax.models.layers import constrain, dense, dot_product_attention, dtype_of, known_fields, layer_norm
 
 SELECT_FEATURES = ('patch', 'cls_patch')
 
@@ -52,11 +52,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'CLIPVisionConfig':
-        known = {f.name for f in dataclasses.fields(cls)}
-        vision = dict(model_cfg['vision'])
-        unknown = set(vision) - known
-        if unknown:
-            raise ValueError(f'config.model.vision: unknown keys {sorted(unknown)}')
+        vision = known_fields(cls, model_cfg['vision'], 'vision')
         return cls(**vision, dtype=model_cfg.get('dtype', 'float32'),
                    param_dtype=model_cfg.get('param_dtype', 'float32'))
 

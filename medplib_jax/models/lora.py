@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medplib_jax.models.layers import known_fields
+
 # torch.nn.Linear / kaiming_uniform(a=sqrt(5)) init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
@@ -43,10 +45,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> 'LoRAConfig':
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f'config.model.lora: unknown keys {sorted(unknown)}')
+        d = known_fields(cls, d or {}, 'lora')
         if 'targets' in d:
             d['targets'] = tuple(d['targets'])
         return cls(**d)

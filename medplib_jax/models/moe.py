@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medplib_jax.models.layers import constrain
+from medplib_jax.models.layers import constrain, known_fields
 from medplib_jax.models.lora import LoRAConfig, projection, torch_linear_init
 
 MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
@@ -57,10 +57,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> 'MoEConfig':
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f'config.model.moe: unknown keys {sorted(unknown)}')
+        d = known_fields(cls, d or {}, 'moe')
         return cls(**d)
 
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import ConvTranspose2d, dense, dot_product_attention, dtype_of, layer_norm
+from medplib_jax.models.layers import ConvTranspose2d, dense, dot_product_attention, dtype_of, known_fields, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +47,7 @@ class SamDecoderConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> 'SamDecoderConfig':
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f'config.model.sam_decoder: unknown keys {sorted(unknown)}')
+        d = known_fields(cls, d, 'sam_decoder')
         return cls(**{**d, **overrides})
 
     @classmethod

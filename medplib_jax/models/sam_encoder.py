@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import ConvTranspose2d, dense, dtype_of, layer_norm
+from medplib_jax.models.layers import ConvTranspose2d, dense, dtype_of, known_fields, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +50,7 @@ class SamImageEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> 'SamImageEncoderConfig':
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f'config.model.sam_encoder: unknown keys {sorted(unknown)}')
+        d = known_fields(cls, d, 'sam_encoder')
         if 'global_attn_indexes' in d:
             d['global_attn_indexes'] = tuple(d['global_attn_indexes'])
         return cls(**{**d, **overrides})
