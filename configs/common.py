@@ -9,9 +9,9 @@ from __future__ import annotations
 import ml_collections as mlc
 
 # LLaMA decoder sizes. `llama7b` is LLaVA-v1.5-7B (LLaMA-2-7B architecture) with the MedPLIB vocab of 32267
-# (32000 + the 267 added tokens, facts section 1.1).
+# (32000 + the 267 added tokens, facts section 1.1); tiny = the offline tiny tokenizer's 309 + 267.
 LLM_SIZES = {
-    'tiny': dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    'tiny': dict(vocab_size=576, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=1024),
     'llama7b': dict(vocab_size=32267, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,

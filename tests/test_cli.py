@@ -19,7 +19,7 @@ def test_demo_runs_on_one_device():
     res = _run('demo', '--config.smoke.seq_len=8')
     assert res.returncode == 0, res.stderr[-3000:]
     assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in res.stdout
-    assert re.search(r'576 image tokens \+ region \+ text -> logits \(4, 592, 512\)', res.stdout)
+    assert re.search(r'576 image tokens \+ region \+ text -> logits \(4, 592, 576\)', res.stdout)
     assert 'mask at the original 300x484' in res.stdout
     assert 'greedy decode (KV cache)' in res.stdout
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMAGE_TOKEN_INDEX = -200
-REGION_TOKEN_INDEX = -300
+from medplib_jax.constants import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
 
 
 def merge_embeddings(token_embeds: jax.Array, input_ids: jax.Array, image_tokens: jax.Array | None,

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE_INDEX = -100
+from medplib_jax.constants import IGNORE_INDEX
 
 
 def next_token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
