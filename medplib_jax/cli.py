@@ -19,16 +19,24 @@ _PENDING = {
     'chat': 'interactive inference (VQA, region prompts, grounding) is not implemented yet',
     'convert': 'checkpoint conversion to Orbax is not implemented yet; the HF key tables are in '
                'medplib_jax.convert (llama, clip)',
-    'make-demo-data': 'the synthetic MeCoVQA-style data generator is not implemented yet',
 }
-COMMANDS = ('demo', *_PENDING)
+COMMANDS = ('demo', 'make-demo-data', *_PENDING)
+flags.DEFINE_integer('num_images', 60, 'make-demo-data: number of synthetic images (each gives 6 records)')
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
+    command = argv[1] if len(argv) > 1 else None
+    n_args = {'make-demo-data': 1}.get(command, 0)
+    if command not in COMMANDS or len(argv) != 2 + n_args:
         got = ' '.join(argv[1:]) or 'nothing'
-        raise app.UsageError(f'expected one command of {", ".join(COMMANDS)}; got {got}')
-    command = argv[1]
+        raise app.UsageError(f'expected one command of {", ".join(COMMANDS)} (make-demo-data takes an output '
+                             f'folder); got {got}')
+    if command == 'make-demo-data':
+        from medplib_jax.data.synthetic import make_demo_data
+        counts = make_demo_data(argv[2], num_images=flags.FLAGS.num_images, seed=flags.FLAGS.config.seed)
+        for name, n in counts.items():
+            print(f'{os.path.join(argv[2], name)}: {n} records')
+        return 0
     if command in _PENDING:
         print(f'medplib-jax {command}: {_PENDING[command]}.', file=sys.stderr)
         return 2

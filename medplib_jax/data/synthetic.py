@@ -1,0 +1,127 @@
+"""Synthetic MeCoVQA-like data: real PNG images and masks and JSON files in the reference's formats (facts 8).
+
+Each image is a "modality" (CT-, MR-, X-ray- or dermoscopy-like intensity statistics and texture) holding one to
+three labelled shapes (organs / lesions). From it come a complex-VQA record (MeCoVQA-C), region-VQA records
+(MeCoVQA-R: a mask file, and this project's `box:` / `point:` extension), a grounding record (MeCoVQA-G:
+`<SEG><mask>PATH</mask>`) and a closed question whose answer follows from the image (OmniMedVQA-style). File names
+follow SA-Med2D: `images/<modality>_<sub>--<dataset>--<case>--<slice>.png`, masks
+`masks/<image stem>--<class id>_<instance>.png` with 0/255 values. Seeded and deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# modality -> (file-name prefix, background, tissue, object classes)
+MODALITIES = {
+    'ct': ('ct_00', 20, 90, ('liver', 'kidney', 'spleen', 'tumor')),
+    'mr': ('mr_00', 35, 140, ('brain', 'ventricle', 'lesion')),
+    'x_ray': ('x_ray', 60, 170, ('lung', 'heart', 'nodule')),
+    'dermoscopy': ('dermoscopy_00', 200, 150, ('lesion', 'nevus')),
+}
+SIZES = ((192, 192), (160, 256), (256, 176))  # square and non-square, small enough for CPU
+CLASS_IDS = {name: i + 1 for i, name in enumerate(sorted({c for m in MODALITIES.values() for c in m[3]}))}
+FILES = {'complex': 'MeCoVQA_Complex_VQA_{split}.json', 'region': 'MeCoVQA_Region_VQA_{split}.json',
+         'grounding': 'MeCoVQA_Grounding_{split}.json', 'closed': 'OmniMedVQA_closed_{split}.json'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive)
+    ellipse: bool
+    bright: bool
+
+
+def _draw_image(modality: str, size: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, list[Shape],
+                                                                                          list[np.ndarray]]:
+    h, w = size
+    prefix, background, tissue, classes = MODALITIES[modality]
+    img = np.full((h, w), float(background))
+    yy, xx = np.mgrid[:h, :w]
+    body = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2 <= 1
+    img[body] = tissue
+    shapes, masks = [], []
+    names = rng.choice(classes, size=int(rng.integers(1, min(3, len(classes)) + 1)), replace=False)
+    for name in names:
+        bw, bh = int(rng.integers(w // 8, w // 3)), int(rng.integers(h // 8, h // 3))
+        x0, y0 = int(rng.integers(w // 6, w - w // 6 - bw)), int(rng.integers(h // 6, h - h // 6 - bh))
+        shape = Shape(str(name), (x0, y0, x0 + bw, y0 + bh), bool(rng.integers(2)), bool(rng.integers(2)))
+        canvas = Image.new('L', (w, h), 0)
+        draw = ImageDraw.Draw(canvas)
+        (draw.ellipse if shape.ellipse else draw.rectangle)(shape.box, fill=255)
+        mask = np.asarray(canvas)
+        img[mask > 0] = tissue + (70 if shape.bright else -50)
+        shapes.append(shape)
+        masks.append(mask)
+    smooth = 2 if modality == 'mr' else 1
+    noise = rng.normal(0, 12 if modality == 'ct' else 6, size=(h // smooth + 1, w // smooth + 1))
+    img = img + np.kron(noise, np.ones((smooth, smooth)))[:h, :w]
+    if modality == 'x_ray':
+        img = img + np.linspace(-20, 20, h)[:, None]
+    gray = np.clip(img, 0, 255).astype(np.uint8)
+    if modality == 'dermoscopy':  # skin-coloured RGB, brownish lesions
+        rgb = np.stack([gray, (gray * 0.8).astype(np.uint8), (gray * 0.65).astype(np.uint8)], -1)
+    else:
+        rgb = np.repeat(gray[..., None], 3, -1)
+    return rgb, shapes, masks
+
+
+def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction: float = 0.2) -> dict[str, Any]:
+    """Writes images, masks and the JSON files under `out`; returns {file name: record count}."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(out, 'images'), exist_ok=True)
+    os.makedirs(os.path.join(out, 'masks'), exist_ok=True)
+    records: dict[str, dict[str, list]] = {kind: {'train': [], 'test': []} for kind in FILES}
+    modalities = list(MODALITIES)
+    for i in range(num_images):
+        modality = modalities[i % len(modalities)]
+        prefix = MODALITIES[modality][0]
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        rgb, shapes, masks = _draw_image(modality, size, rng)
+        stem = f'{prefix}--Synth{modality.title().replace("_", "")}--case_{i:05d}--' + \
+               ('2d_none' if modality in ('x_ray', 'dermoscopy') else f'z_{int(rng.integers(300)):04d}')
+        image = f'images/{stem}.png'
+        Image.fromarray(rgb).save(os.path.join(out, image))
+        mask_paths = []
+        for k, (shape, mask) in enumerate(zip(shapes, masks)):
+            path = f'masks/{stem}--{CLASS_IDS[shape.name]:04d}_{k:03d}.png'
+            Image.fromarray(mask).save(os.path.join(out, path))
+            mask_paths.append(path)
+        split = 'test' if rng.uniform() < test_fraction else 'train'
+        names = [s.name for s in shapes]
+        modality_text = modality.replace('_', '-')
+        conv = lambda q, a: [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]  # noqa: E731
+        records['complex'][split].append({
+            'id': f'c{i}', 'image': image, 'answer_type': 'open', 'conversations': conv(
+                '<image>\nWhat can you interpret from this image?',
+                f'This is a {modality_text} image showing the {" and the ".join(names)}.')})
+        s, mp = shapes[0], mask_paths[0]
+        x0, y0, x1, y1 = s.box
+        for j, ref in enumerate((mp, f'box:{x0},{y0},{x1},{y1}', f'point:{(x0 + x1) // 2},{(y0 + y1) // 2}')):
+            records['region'][split].append({
+                'id': f'r{i}_{j}', 'image': image, 'answer_type': 'open', 'conversations': conv(
+                    f'<image>\nCan you describe what is seen at the area <region>{ref}</region>?',
+                    f'The area shows the {s.name}, which appears {"brighter" if s.bright else "darker"} than the '
+                    f'surrounding tissue.')})
+        records['grounding'][split].append({
+            'id': f'g{i}', 'image': image, 'conversations': conv(
+                f'<image>\nCould you segment out the {s.name} in this image?', f'<SEG><mask>{mp}</mask>')})
+        asked = str(rng.choice(MODALITIES[modality][3]))
+        records['closed'][split].append({
+            'id': f'o{i}', 'image': image, 'answer_type': 'closed', 'modality_type': modality_text,
+            'conversations': conv(f'<image>\nIs there a {asked} in this image? Options: yes, no',
+                                  'yes' if asked in names else 'no')})
+    counts = {}
+    for kind, splits in records.items():
+        for split, recs in splits.items():
+            name = FILES[kind].format(split=split)
+            with open(os.path.join(out, name), 'w') as f:
+                json.dump(recs, f, indent=1)
+            counts[name] = len(recs)
+    return counts
