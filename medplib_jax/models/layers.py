@@ -59,11 +59,13 @@ class RMSNorm(nn.Module):
         return weight.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                          bias: jax.Array | None = None) -> jax.Array:
     """Softmax attention with grouped KV heads.
 
     q: (B, T, H, D); k, v: (B, S, K, D) with H a multiple of K; mask: bool, broadcastable to (B, T, S),
-    True = may attend. Scores and softmax in fp32; output in q's dtype, (B, T, H, D).
+    True = may attend; bias: additive fp32 scores (B, H, T, S) (SAM's relative positions). Scores and softmax in
+    fp32; output in q's dtype, (B, T, H, D).
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
@@ -71,6 +73,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         raise ValueError(f'{h} query heads are not a multiple of {kv} key/value heads')
     qg = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    if bias is not None:
+        scores = scores + bias.reshape(b, kv, h // kv, t, -1).astype(jnp.float32)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, t, mask.shape[-1]))[:, None, None]
         # A finite minimum (not -inf) keeps fully-masked rows (padding queries) NaN-free, as HF does.

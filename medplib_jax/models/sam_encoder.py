@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import ConvTranspose2d, dense, dtype_of, known_fields, layer_norm
+from medplib_jax.models.layers import (ConvTranspose2d, dense, dot_product_attention, dtype_of, known_fields,
+                                       layer_norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,16 +98,8 @@ class SamVitAttention(nn.Module):
         bias_h = jnp.einsum('zijnc,iac->znija', rq, rel_h.astype(jnp.float32))
         bias_w = jnp.einsum('zijnc,jkc->znijk', rq, rel_w.astype(jnp.float32))
         bias = (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, cfg.num_heads, h * w, h * w)
-        out = _biased_attention(q, k, v, bias).reshape(b, h, w, c)
+        out = dot_product_attention(q, k, v, bias=bias).reshape(b, h, w, c)
         return dense(c, ('sam_heads', 'sam_embed'), use_bias=True, dtype=dt, param_dtype=pdt, name='proj')(out)
-
-
-def _biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(d) + bias) v in fp32; q, k, v (B, T, heads, d); bias (B, heads, T, T)."""
-    d = q.shape[-1]
-    scores = jnp.einsum('bqnd,bknd->bnqk', q, k, preferred_element_type=jnp.float32) * (d ** -0.5) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum('bnqk,bknd->bqnd', probs, v)
 
 
 class Adapter(nn.Module):
