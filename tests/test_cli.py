@@ -46,7 +46,7 @@ def test_demo_runs_sharded_on_eight_devices():
      'medplib-jax demo: config.smoke.batch_size=16 is not a multiple of config.model.moe.group_size=3'),
     (('demo', '--config.model.moe.top_k=3'), 'medplib-jax demo: moe.top_k=3: only top-1 and top-2 gating exist'),
     (('train',), 'medplib-jax train: training (the stage-parametrised train step) is not implemented yet.'),
-    (('fly',), 'expected one command of demo, train'),
+    (('fly',), 'expected one command of demo, make-demo-data, train'),
 ])
 def test_errors_are_one_clear_line(args, message):
     res = _run(*args, devices=8)
