@@ -33,6 +33,7 @@ class SamImageEncoderConfig:
     adapter: bool = True
     adapter_ratio: float = 0.25
     adapter_norm_eps: float = 1e-5  # the adapter's nn.LayerNorm keeps torch's default eps
+    neck_norm_eps: float = 1e-6  # SAM's LayerNorm2d (and HF's neck) always use 1e-6
     dtype: str = 'float32'
     param_dtype: str = 'float32'
 
@@ -60,8 +61,13 @@ class SamImageEncoderConfig:
     def from_hf(cls, hf: Any, **overrides: Any) -> 'SamImageEncoderConfig':
         """From a transformers `SamVisionConfig` (original SAM: no adapters)."""
         d = hf if isinstance(hf, Mapping) else hf.to_dict()
+        unsupported = {k: d.get(k) for k, want in (('hidden_act', 'gelu'), ('qkv_bias', True), ('use_abs_pos', True),
+                                                    ('use_rel_pos', True), ('num_channels', 3)) if d.get(k, want) != want}
+        if unsupported:
+            raise ValueError(f'SamVisionConfig: unsupported settings {unsupported}')
+        mlp_dim = d.get('mlp_dim') or int(d['hidden_size'] * d['mlp_ratio'])
         return cls(image_size=d['image_size'], patch_size=d['patch_size'], hidden_size=d['hidden_size'],
-                   depth=d['num_hidden_layers'], num_heads=d['num_attention_heads'], mlp_dim=d['mlp_dim'],
+                   depth=d['num_hidden_layers'], num_heads=d['num_attention_heads'], mlp_dim=mlp_dim,
                    out_chans=d['output_channels'], window_size=d['window_size'],
                    global_attn_indexes=tuple(d['global_attn_indexes']), layer_norm_eps=d['layer_norm_eps'],
                    adapter=False, **overrides)
@@ -218,7 +224,7 @@ class _Neck(nn.Module):
         init = lambda axes: nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes)  # noqa: E731
         x = nn.Conv(cfg.out_chans, (1, 1), use_bias=False, dtype=dt, param_dtype=pdt, name='0',
                     kernel_init=init((None, None, 'sam_embed', 'sam_channels')))(x)
-        x = layer_norm(cfg.layer_norm_eps, 'sam_channels', dtype=dt, param_dtype=pdt, name='1')(x)
+        x = layer_norm(cfg.neck_norm_eps, 'sam_channels', dtype=dt, param_dtype=pdt, name='1')(x)
         x = nn.Conv(cfg.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt, param_dtype=pdt,
                     name='2', kernel_init=init((None, None, 'sam_channels', 'sam_embed')))(x)
-        return layer_norm(cfg.layer_norm_eps, 'sam_embed', dtype=dt, param_dtype=pdt, name='3')(x)
+        return layer_norm(cfg.neck_norm_eps, 'sam_embed', dtype=dt, param_dtype=pdt, name='3')(x)
