@@ -141,14 +141,61 @@ def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32'
     return cfg
 
 
+def dataset(path: str, weight: float = 1.0, image_folder: str = '') -> mlc.ConfigDict:
+    """One entry of `config.data.datasets`: a records file (JSON list, JSON lines or `.array_record`; relative
+    to `config.data.root`), its mixing weight, and its image folder ('' = `config.data.image_folder`, else the
+    records file's folder)."""
+    return mlc.ConfigDict(dict(path=path, weight=float(weight), image_folder=image_folder))
+
+
+# The synthetic MeCoVQA-like training files (`medplib-jax make-demo-data`), as the demo mixes them.
+DEMO_DATASETS = {'complex': ('MeCoVQA_Complex_VQA_train.json', 1.0),
+                 'region': ('MeCoVQA_Region_VQA_train.json', 1.0),
+                 'grounding': ('MeCoVQA_Grounding_train.json', 1.0)}
+
+
+def data_config(model: str = 'tiny', preset: str = 'demo') -> mlc.ConfigDict:
+    """The grain input pipeline (medplib_jax/data/pipeline.py). Fields:
+    datasets: name -> dataset(...), mixed by weight in training (one pass in order for evaluation).
+    root: folder that relative dataset paths and image folders are relative to. image_folder: default image folder
+      (the reference's --image_folder, e.g. SA-Med2D's SAMed2Dv1).
+    tokenizer: 'tiny' (offline test tokenizer) or a local LLaMA tokenizer directory (MedPLIB tokens added/checked).
+    batch_size: global. length_buckets: sequences (image tokens included: the reference's text max_length + 575)
+      are padded to the smallest bucket that fits the batch; the last is the maximum, longer records are skipped.
+    shuffle / num_epochs (0 = forever) / worker_count (grain processes) / worker_buffer_size / read_threads /
+      prefetch (batches buffered per process).
+    strict: a bad record is an error instead of a counted skip. max_skip_fraction: stop the run when more records
+      than this are bad (checked from skip_check_after records on).
+    mask_canvas: ground-truth masks stay at the original resolution, top-left in a canvas of this side (larger
+      images are scaled down to fit). largest_component: the reference's region step (facts 3.2).
+    check_duplicate_ids: one start-up pass per file. image_cache: a folder built by `build-image-cache` ('' = none).
+    """
+    tiny = model == 'tiny'
+    cfg = mlc.ConfigDict(dict(
+        datasets=mlc.ConfigDict(), root='', image_folder='', tokenizer='tiny' if tiny else '',
+        batch_size=4 if tiny else 128,
+        # tiny: the offline tokenizer spells most words in bytes, so conversations are long for their text.
+        length_buckets=(640, 768, 1024) if tiny else (1024, 1536, 2048, 2623),
+        shuffle=True, num_epochs=0, worker_count=0, worker_buffer_size=2, read_threads=1, prefetch=2,
+        strict=False, max_skip_fraction=0.1, skip_check_after=200, mask_canvas=256 if tiny else 1024,
+        largest_component=True, check_duplicate_ids=True, image_cache=''))
+    if preset == 'demo':
+        cfg.root = 'outputs/demo_data'
+        cfg.datasets = mlc.ConfigDict({name: dataset(path, weight) for name, (path, weight) in DEMO_DATASETS.items()})
+    elif preset != 'none':
+        raise ValueError(f'config arg data={preset!r}: known: demo, none')
+    return cfg
+
+
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
     """Mesh axis sizes; exactly one may be -1 (= all remaining devices)."""
     return mlc.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-    """Base config. arg keys: model (tiny|7b), dtype, scan, remat, moe (none|dense|first_half|second_half|sparse)."""
-    a = parse_arg(arg, model='tiny', dtype='float32', scan=False, remat='none', moe='none')
+    """Base config. arg keys: model (tiny|7b), dtype, scan, remat, moe (none|dense|first_half|second_half|sparse),
+    data (demo: the synthetic MeCoVQA-like files under config.data.root | none: set config.data.datasets)."""
+    a = parse_arg(arg, model='tiny', dtype='float32', scan=False, remat='none', moe='none', data='demo')
     sizes = {'tiny': ('tiny', 'tiny', 'tiny'), '7b': ('llama7b', 'clip_l336', 'med2d_b')}
     if a.model not in sizes:
         raise ValueError(f'config arg model={a.model!r}: known: {sorted(sizes)}')
@@ -160,5 +207,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.mesh = mesh_config()
     cfg.logical_axis_rules = LOGICAL_AXIS_RULES
     cfg.seed = 0
-    cfg.smoke = mlc.ConfigDict(dict(batch_size=4, seq_len=32))  # batch: a multiple of moe.group_size
+    cfg.data = data_config(a.model, a.data)
+    # The main job: writes `synthetic_images` synthetic images (x6 records) to config.data.root first (0 = use
+    # config.data as it is), trains nothing yet, and draws the batch it ran to `picture` ('' = no picture).
+    cfg.demo = mlc.ConfigDict(dict(synthetic_images=24, picture='outputs/demo/batch.png', decode_tokens=8))
     return cfg

@@ -20,35 +20,62 @@ _PENDING = {
     'convert': 'checkpoint conversion to Orbax is not implemented yet; the HF key tables are in '
                'medplib_jax.convert (llama, clip)',
 }
-COMMANDS = ('demo', 'make-demo-data', *_PENDING)
+# command -> its positional arguments
+ARGS = {'demo': (), 'make-demo-data': ('OUT',), 'check-data': (), 'build-image-cache': (),
+        'to-array-record': ('SRC', 'DST')}
+COMMANDS = (*ARGS, *_PENDING)
 flags.DEFINE_integer('num_images', 60, 'make-demo-data: number of synthetic images (each gives 6 records)')
+flags.DEFINE_string('picture', '', 'check-data: draw the first batch to this PNG')
 
 
 def _main(argv: list[str]) -> int:
     command = argv[1] if len(argv) > 1 else None
-    n_args = {'make-demo-data': 1}.get(command, 0)
-    if command not in COMMANDS or len(argv) != 2 + n_args:
+    args = argv[2:]
+    if command not in COMMANDS or len(args) != len(ARGS.get(command, ())):
         got = ' '.join(argv[1:]) or 'nothing'
-        raise app.UsageError(f'expected one command of {", ".join(COMMANDS)} (make-demo-data takes an output '
-                             f'folder); got {got}')
-    if command == 'make-demo-data':
-        from medplib_jax.data.synthetic import make_demo_data
-        counts = make_demo_data(argv[2], num_images=flags.FLAGS.num_images, seed=flags.FLAGS.config.seed)
-        for name, n in counts.items():
-            print(f'{os.path.join(argv[2], name)}: {n} records')
-        return 0
+        usage = ', '.join(' '.join((c, *a)) for c, a in ARGS.items())
+        raise app.UsageError(f'expected one command of {", ".join(COMMANDS)} ({usage}); got {got}')
     if command in _PENDING:
         print(f'medplib-jax {command}: {_PENDING[command]}.', file=sys.stderr)
         return 2
-    from medplib_jax.demo import run_demo
+    from medplib_jax.data.pipeline import TooManySkipsError
+    config = flags.FLAGS.config
     try:
-        run_demo(flags.FLAGS.config)
-    except ValueError as e:  # configuration problems: one line (MEDPLIB_DEBUG=1 for the traceback)
-        if os.environ.get('MEDPLIB_DEBUG'):
+        _run(command, args, config)
+    except (ValueError, FileNotFoundError, TooManySkipsError) as e:  # bad config or data: one line
+        if os.environ.get('MEDPLIB_DEBUG'):  # MEDPLIB_DEBUG=1 for the traceback
             raise
-        print(f'medplib-jax {command}: {e}', file=sys.stderr)
+        print(f'medplib-jax {command}: {str(e).splitlines()[0]}', file=sys.stderr)
         return 2
     return 0
+
+
+def _run(command: str, args: list[str], config) -> None:
+    if command == 'make-demo-data':
+        from medplib_jax.data.synthetic import make_demo_data
+        counts = make_demo_data(args[0], num_images=flags.FLAGS.num_images, seed=config.seed)
+        for name, n in counts.items():
+            print(f'{os.path.join(args[0], name)}: {n} records')
+    elif command == 'check-data':
+        from medplib_jax.data.check import check_data
+        check_data(config, picture=flags.FLAGS.picture)
+    elif command == 'build-image-cache':
+        from medplib_jax.data.image_cache import ImageCache
+        from medplib_jax.data.pipeline import DataConfig, image_paths
+        cfg = DataConfig.from_config(config.data)
+        if not cfg.image_cache:
+            raise ValueError('build-image-cache: set --config.data.image_cache=FOLDER (where to write it)')
+        paths = image_paths(cfg)
+        failed = ImageCache.build(cfg.image_cache, paths)
+        print(f'{cfg.image_cache}: {len(paths) - len(failed)} images cached, {len(failed)} unreadable')
+        for path, error in list(failed.items())[:10]:
+            print(f'  not cached: {error}')
+    elif command == 'to-array-record':
+        from medplib_jax.data.pipeline import write_array_record
+        print(f'{args[1]}: {write_array_record(*args)} records')
+    else:
+        from medplib_jax.demo import run_demo
+        run_demo(config)
 
 
 def _define_config_flag(argv: list[str]) -> None:

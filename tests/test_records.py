@@ -79,11 +79,42 @@ def test_files_strict_and_counted_skips(folder):
         read_records(str(path), str(folder))
     good, skipped = read_records(str(path), str(folder), strict=False)
     assert [r.id for r in good] == ['c1', 'r1', 'g1', 'b1']
-    assert sum(skipped.values()) == len(BAD) + 1 and skipped['id'] == 1
+    assert skipped == {'record': 9, 'image': 1, 'mask': 1, 'region': 1, 'duplicate_id': 1}
     # JSON lines too
     jsonl = folder / 'set.jsonl'
     jsonl.write_text('\n'.join(json.dumps(r) for r in GOOD))
     assert len(read_records(str(jsonl), str(folder))[0]) == 4
+    # in JSON lines, a line that does not decode is one bad record (reason 'json'), named with its line
+    lines = [json.dumps(r).encode() for r in GOOD]
+    jsonl.write_bytes(b'\n'.join(lines[:2] + [b'{"id": "caf\xe9"}', b'', b'{"id": ', *lines[2:]]))
+    good, skipped = read_records(str(jsonl), str(folder), strict=False)
+    assert [r.id for r in good] == ['c1', 'r1', 'g1', 'b1'] and skipped == {'json': 2}
+    with pytest.raises(RecordError, match=r'set\.jsonl\[2\] \(line 3\): not UTF-8') as err:
+        read_records(str(jsonl), str(folder))
+    assert err.value.reason == 'json'
+
+
+def test_region_prompt_forms_and_optional_fields(folder):
+    raw = {'id': 'p', 'image': IMG, 'modality_type': 'CT', 'conversations': _conv(
+        '<image>\n<region>point:3,4</region> and <region>point:3,4,7.5</region>?', 'x')}
+    rec = parse_record(raw, source='s.json', index=0, image_folder=str(folder))
+    assert [r.prompt.value for r in rec.regions] == [(3, 4), (3, 4, 7.5)] and rec.modality_type == 'CT'
+    assert rec.regions[1].prompt.to_mask(8, 8).sum() == 8 * 8  # half-size 7.5 -> 8: covers the 8x8 image
+    for spec, message in (('point:3,4,-1', 'negative half-size'), ('point:1', 'needs 2 or 3 numbers'),
+                          ('box:5,1,2,6', 'zero or negative area')):
+        bad = dict(raw, conversations=_conv(f'<image><region>{spec}</region>', 'x'))
+        with pytest.raises(RecordError, match=message) as err:
+            parse_record(bad, source='s.json', index=0, image_folder=str(folder))
+        assert err.value.reason == 'region'
+    with pytest.raises(RecordError, match='field modality_type: int'):
+        parse_record(dict(raw, modality_type=1), source='s.json', index=0, image_folder=str(folder))
+
+
+def test_image_names_without_suffix_resolve_to_png(folder):
+    from medplib_jax.data.images import find_image
+    stem = str(folder / IMG)[:-len('.png')]
+    assert find_image(stem) == str(folder / IMG)
+    assert find_image(str(folder / 'images/none')) == str(folder / 'images/none')
 
 
 def test_unreadable_files_are_one_line_errors(folder):

@@ -21,6 +21,12 @@ def _rel(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
+# The IoU head's output is two numbers per test (relative to their max, no averaging) at the end of the two-way
+# transformer and a 3-layer MLP with N(0, 0.3) weights: our fp32 error against the float64 reference reached
+# 2.4e-5 in 1 of 120 random draws (median 1.7e-6), so its bound is 1e-4; the masks stay within 1e-5.
+IOU_RTOL = 1e-4
+
+
 @pytest.fixture(scope='module')
 def hf_sam():
     """Tiny SAM: 8x8 embedding grid, windows of 3 (so windowed blocks pad 8 -> 9), global blocks 1 and 3.
@@ -94,7 +100,7 @@ def test_prompt_encoder_and_mask_decoder_match_hf(hf_sam, np_rng, multimask):
     n_masks = 3 if multimask else 1
     assert masks.shape == (2, n_masks, 32, 32) and iou.shape == (2, n_masks)
     assert _rel(masks, out.pred_masks[:, 0].numpy()) <= 1e-5
-    assert _rel(iou, out.iou_scores[:, 0].numpy()) <= 1e-5
+    assert _rel(iou, out.iou_scores[:, 0].numpy()) <= IOU_RTOL
 
     # (b) an externally given sparse embedding (MedPLIB's <SEG> prompt), dense = no_mask_embed
     text = np_rng.normal(size=(2, 1, 16)).astype(np.float32)
@@ -103,7 +109,7 @@ def test_prompt_encoder_and_mask_decoder_match_hf(hf_sam, np_rng, multimask):
     masks, iou = decoder.apply({'params': dp}, jnp.asarray(emb.transpose(0, 2, 3, 1)), pe, sparse, dense,
                                multimask_output=multimask)
     ref_masks, ref_iou = _hf_decode(model, emb, text, multimask)
-    assert _rel(masks, ref_masks) <= 1e-5 and _rel(iou, ref_iou) <= 1e-5
+    assert _rel(masks, ref_masks) <= 1e-5 and _rel(iou, ref_iou) <= IOU_RTOL
 
     bp, bd = decoder_to_source(pp, dp, hf=True)
     for ours, theirs in ((bp, parts['prompt_encoder']), (bd, parts['mask_decoder'])):  # exact, float32 as stored

@@ -29,6 +29,10 @@ class ConversationError(ValueError):
     """A conversation that cannot become a training example (too long, no image, bad turn order)."""
 
 
+class SequenceTooLongError(ConversationError):
+    """More tokens (image placeholders included) than the longest sequence the pipeline batches."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Tokenized:
     input_ids: np.ndarray  # (T,) int32, with IMAGE / REGION placeholders
@@ -84,7 +88,7 @@ def tokenize_conversation(tokenizer: Any, ids: TokenIds, turns: Sequence[tuple[s
             out_ids.append(REGION_TOKEN_INDEX)
             out_labels.append(IGNORE_INDEX)
     if len(out_ids) > max_length:
-        raise ConversationError(f'{source}: {len(out_ids)} tokens (with {num_image_tokens} image tokens) exceed '
+        raise SequenceTooLongError(f'{source}: {len(out_ids)} tokens (with {num_image_tokens} image tokens) exceed '
                                 f'max_length={max_length}')
     input_ids = np.asarray(out_ids, np.int32)
     return Tokenized(input_ids=input_ids, labels=np.asarray(out_labels, np.int32),

@@ -25,6 +25,14 @@ class ImageError(ValueError):
     """An image or mask file that cannot be read or has the wrong shape."""
 
 
+def find_image(path: str) -> str:
+    """`path`, or `path + '.png'` when only that exists: some released MeCoVQA records name SA-Med2D images
+    without the suffix."""
+    if not os.path.isfile(path) and not os.path.splitext(path)[1] and os.path.isfile(path + '.png'):
+        return path + '.png'
+    return path
+
+
 def load_image(path: str, *, nifti_axis: int = 2, nifti_slice: int | None = None) -> np.ndarray:
     """Any supported file -> (H, W, 3) uint8 RGB."""
     if not os.path.isfile(path):
@@ -118,25 +126,48 @@ def resize_longest_side(image: np.ndarray, target: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
 
 
-def clip_preprocess(image: np.ndarray) -> np.ndarray:
-    """RGB uint8 -> (336, 336, 3) float32: resize longest side, centred pad with the CLIP-mean colour, then
-    CLIPImageProcessor's rescale and normalise (its shortest-edge resize and centre crop are no-ops here)."""
-    resized = resize_longest_side(image, CLIP_SIZE)
-    h, w = resized.shape[:2]
-    canvas = np.empty((CLIP_SIZE, CLIP_SIZE, 3), np.uint8)
-    canvas[:] = CLIP_PAD
-    top, left = (CLIP_SIZE - h) // 2, (CLIP_SIZE - w) // 2
-    canvas[top:top + h, left:left + w] = resized
+def _centred(image: np.ndarray, size: int, fill: tuple[int, ...] | int) -> np.ndarray:
+    h, w = image.shape[:2]
+    canvas = np.empty((size, size) + image.shape[2:], image.dtype)
+    canvas[:] = fill
+    top, left = (size - h) // 2, (size - w) // 2
+    canvas[top:top + h, left:left + w] = image
+    return canvas
+
+
+def clip_canvas(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> (336, 336, 3) uint8: resize longest side, centred pad with the CLIP-mean colour."""
+    return _centred(resize_longest_side(image, CLIP_SIZE), CLIP_SIZE, CLIP_PAD)
+
+
+def clip_normalize(canvas: np.ndarray) -> np.ndarray:
+    """CLIPImageProcessor's rescale and normalise (its shortest-edge resize and centre crop are no-ops at 336)."""
     return ((canvas.astype(np.float32) / 255.0 - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)).astype(np.float32)
+
+
+def clip_preprocess(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> (336, 336, 3) float32, the reference's 'pad' branch (facts 1.5)."""
+    return clip_normalize(clip_canvas(image))
+
+
+def sam_canvas(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """RGB uint8 -> ((256, 256, 3) uint8 resized to longest side 256 and centred on zeros, (h', w'))."""
+    resized = resize_longest_side(image, SAM_SIZE)
+    return _centred(resized, SAM_SIZE, 0), resized.shape[:2]
+
+
+def sam_normalize(canvas: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Normalise on the 0-255 scale inside the centred (h', w') image; the padding is 0 *after* normalisation."""
+    h, w = size
+    top, left = (SAM_SIZE - h) // 2, (SAM_SIZE - w) // 2
+    out = np.zeros((SAM_SIZE, SAM_SIZE, 3), np.float32)
+    inner = canvas[top:top + h, left:left + w].astype(np.float32)
+    out[top:top + h, left:left + w] = (inner - np.float32(SAM_MEAN)) / np.float32(SAM_STD)
+    return out
 
 
 def sam_preprocess(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """RGB uint8 -> ((256, 256, 3) float32, (h', w')): resize longest side to 256, normalise on the 0-255 scale,
     centred zero pad (after normalisation; the original SAM pads bottom / right)."""
-    resized = resize_longest_side(image, SAM_SIZE)
-    h, w = resized.shape[:2]
-    norm = (resized.astype(np.float32) - np.float32(SAM_MEAN)) / np.float32(SAM_STD)
-    out = np.zeros((SAM_SIZE, SAM_SIZE, 3), np.float32)
-    top, left = (SAM_SIZE - h) // 2, (SAM_SIZE - w) // 2
-    out[top:top + h, left:left + w] = norm
-    return out, (h, w)
+    canvas, size = sam_canvas(image)
+    return sam_normalize(canvas, size), size

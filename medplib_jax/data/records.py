@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from medplib_jax.data.regions import RegionPrompt
 
@@ -24,8 +24,22 @@ KNOWN_MODALITIES = frozenset({'ct', 'mr', 'x', 'pet', 'ultrasound', 'dermoscopy'
                               'histopathology', 'microscopy', 'oct'})
 
 
+# Why a record cannot be used, for skip counts (fixed order: the pipeline reports counts as an array by code).
+REASONS = ('json', 'record', 'duplicate_id', 'image', 'mask', 'region', 'too_long', 'too_many_seg',
+           'too_many_regions', 'error')
+
+
 class RecordError(ValueError):
-    """A record that cannot be used; the message names file, record and field."""
+    """A record that cannot be used; the message names file, record and field, `reason` is one of REASONS."""
+
+    def __init__(self, message: str, reason: str = 'record'):
+        if reason not in REASONS:
+            raise ValueError(f'RecordError reason {reason!r} is not one of {REASONS}')
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # survives pickling between grain worker processes
+        return type(self), (str(self), self.reason)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +59,8 @@ class Record:
     regions: tuple[Region, ...]  # in order of appearance
     masks: tuple[str, ...]  # grounding masks (resolved paths), one per <SEG>, in order
     answer_type: str | None
-    modality: str | None
+    modality: str | None  # SA-Med2D file-name prefix (per-modality segmentation metrics)
+    modality_type: str | None = None  # OmniMedVQA's field (per-modality closed-set accuracy)
 
     @property
     def kind(self) -> str:
@@ -53,7 +68,7 @@ class Record:
 
     @property
     def where(self) -> str:
-        return f'{self.source}[{self.index}]' + (f' (id {self.id})' if self.id is not None else '')
+        return where_of(self.source, self.index, self.id)
 
 
 def modality_of(image: str) -> str | None:
@@ -75,24 +90,36 @@ def resolve_image(image: str, image_folder: str) -> str:
 
 def _parse_region(spec: str, where: str) -> Region:
     spec = spec.strip()
-    for kind, n in (('box', 4), ('point', 2)):
+    for kind, counts in (('box', (4,)), ('point', (2, 3))):
         if spec.startswith(f'{kind}:'):
             try:
                 values = tuple(float(v) for v in spec[len(kind) + 1:].split(','))
             except ValueError:
-                raise RecordError(f'{where}: field conversations: bad {kind} region {spec!r}') from None
-            if len(values) != n:
-                raise RecordError(f'{where}: field conversations: {kind} region needs {n} numbers, got {spec!r}')
+                raise RecordError(f'{where}: field conversations: bad {kind} region {spec!r}', 'region') from None
+            if len(values) not in counts:
+                raise RecordError(f'{where}: field conversations: {kind} region needs '
+                                  f'{" or ".join(map(str, counts))} numbers, got {spec!r}', 'region')
+            if kind == 'point' and len(values) == 3 and values[2] < 0:
+                raise RecordError(f'{where}: field conversations: point region {spec!r} has a negative half-size',
+                                  'region')
+            if kind == 'box' and not (values[0] <= values[2] and values[1] <= values[3]):
+                raise RecordError(f'{where}: field conversations: box region {spec!r} needs x0 <= x1 and y0 <= y1 '
+                                  f'(zero or negative area)', 'region')
             return Region(prompt=RegionPrompt(kind, values))
     if not spec:
-        raise RecordError(f'{where}: field conversations: empty <region></region> reference')
+        raise RecordError(f'{where}: field conversations: empty <region></region> reference', 'region')
     return Region(path=spec)
+
+
+def where_of(source: str, index: int, rid: Any = None) -> str:
+    """How errors name a record: `file[index] (id X)`."""
+    return f'{source}[{index}]' + (f' (id {rid})' if rid is not None else '')
 
 
 def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_files: bool = True) -> Record:
     """One JSON object -> Record, or RecordError."""
     rid = raw.get('id') if isinstance(raw, dict) else None
-    where = f'{source}[{index}]' + (f' (id {rid})' if rid is not None else '')
+    where = where_of(source, index, rid)
     if not isinstance(raw, dict):
         raise RecordError(f'{where}: record is a {type(raw).__name__}, expected an object')
     image = raw.get('image')
@@ -138,54 +165,97 @@ def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_
         for field, p in [('image', path)] + [('conversations (<mask>)', m) for m in masks] + \
                 [('conversations (<region>)', resolve_image(r.path, image_folder)) for r in regions if r.path]:
             if not os.path.isfile(p):
-                raise RecordError(f'{where}: field {field}: file not found: {p}')
-    answer_type = raw.get('answer_type')
-    if answer_type is not None and not isinstance(answer_type, str):
-        raise RecordError(f'{where}: field answer_type: {type(answer_type).__name__}, expected a string')
+                reason = 'image' if field == 'image' else 'mask' if 'mask' in field else 'region'
+                raise RecordError(f'{where}: field {field}: file not found: {p}', reason)
+    optional = {}
+    for field in ('answer_type', 'modality_type'):
+        value = raw.get(field)
+        if value is not None and not isinstance(value, str):
+            raise RecordError(f'{where}: field {field}: {type(value).__name__}, expected a string')
+        optional[field] = value
     regions = tuple(Region(path=resolve_image(r.path, image_folder)) if r.path else r for r in regions)
     return Record(source=source, index=index, id=None if rid is None else str(rid), image=path,
                   turns=tuple(zip(turns[0::2], turns[1::2])), regions=regions, masks=tuple(masks),
-                  answer_type=answer_type, modality=modality)
+                  modality=modality, **optional)
+
+
+def split_records(path: str) -> tuple[list[bytes], list[int] | None]:
+    """A JSON list or JSON-lines file -> one UTF-8 JSON payload per record, decoded later by `decode_record`, so
+    that one bad line of a JSON-lines file is one bad record. Also returns the 1-based line of each JSON-lines
+    record (None for a JSON list). A JSON list that does not decode is an error for the whole file."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as e:
+        raise RecordError(f'{path}: cannot read records file ({e.strerror})') from None
+    if data.lstrip()[:1] == b'[':
+        try:
+            raws = json.loads(data.decode('utf-8'))
+        except UnicodeDecodeError as e:
+            raise RecordError(f'{path}: not UTF-8 ({e.reason} at byte {e.start})', 'json') from None
+        except json.JSONDecodeError as e:
+            raise RecordError(f'{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}', 'json') from None
+        return [json.dumps(r, ensure_ascii=False).encode('utf-8') for r in raws], None
+    lines = [(n, line) for n, line in enumerate(data.split(b'\n'), 1) if line.strip()]
+    return [line for _, line in lines], [n for n, _ in lines]
+
+
+def decode_record(payload: bytes, where: str) -> Any:
+    """One UTF-8 JSON payload -> the decoded object, or RecordError (reason 'json')."""
+    try:
+        return json.loads(payload.decode('utf-8'))
+    except UnicodeDecodeError as e:
+        raise RecordError(f'{where}: not UTF-8 ({e.reason} at byte {e.start})', 'json') from None
+    except json.JSONDecodeError as e:
+        raise RecordError(f'{where}: invalid JSON at column {e.colno}: {e.msg}', 'json') from None
+
+
+def record_where(source: str, index: int, lines: Sequence[int] | None) -> str:
+    """`file[index]`, with the line for JSON-lines files."""
+    return f'{source}[{index}]' + (f' (line {lines[index]})' if lines is not None else '')
+
+
+def duplicate_ids(payloads: Sequence[bytes]) -> dict[int, int]:
+    """{index: index of the first record with the same id} for every later record repeating an id. Records
+    without an id, or that do not decode, are not compared."""
+    first: dict[str, int] = {}
+    duplicates = {}
+    for i, payload in enumerate(payloads):
+        try:
+            raw = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        rid = raw.get('id') if isinstance(raw, dict) else None
+        if rid is None:
+            continue
+        if str(rid) in first:
+            duplicates[i] = first[str(rid)]
+        else:
+            first[str(rid)] = i
+    return duplicates
+
+
+def duplicate_error(where: str, rid: Any, first: int) -> RecordError:
+    return RecordError(f'{where}: field id: duplicate id {rid!r} (first at record {first})', 'duplicate_id')
 
 
 def read_records(path: str, image_folder: str, *, strict: bool = True, check_files: bool = True
                  ) -> tuple[list[Record], dict[str, int]]:
     """A JSON list or JSON-lines file -> (records, skipped-by-reason counts). `strict` raises on the first bad
-    record; otherwise bad records are skipped and counted. Duplicate ids are an error / skip too."""
-    try:
-        with open(path, 'rb') as f:
-            text = f.read().decode('utf-8')
-    except UnicodeDecodeError as e:
-        raise RecordError(f'{path}: not UTF-8 ({e.reason} at byte {e.start})') from None
-    raws = _load_json(text, path)
-    records, skipped, seen = [], {}, set()
-    for i, raw in enumerate(raws):
+    record; otherwise bad records (a JSON-lines line that does not decode, a duplicate id, ...) are skipped and
+    counted by `RecordError.reason`."""
+    payloads, lines = split_records(path)
+    duplicates = duplicate_ids(payloads)
+    records, skipped = [], {}
+    for i, payload in enumerate(payloads):
         try:
-            rec = parse_record(raw, source=path, index=i, image_folder=image_folder, check_files=check_files)
-            if rec.id is not None:
-                if rec.id in seen:
-                    raise RecordError(f'{rec.where}: field id: duplicate id {rec.id!r}')
-                seen.add(rec.id)
-            records.append(rec)
+            raw = decode_record(payload, record_where(path, i, lines))
+            if i in duplicates:
+                raise duplicate_error(where_of(path, i, raw.get('id')), raw.get('id'), duplicates[i])
+            records.append(parse_record(raw, source=path, index=i, image_folder=image_folder,
+                                        check_files=check_files))
         except RecordError as e:
             if strict:
                 raise
-            reason = str(e).split(': field ')[-1].split(':')[0] if ': field ' in str(e) else 'record'
-            skipped[reason] = skipped.get(reason, 0) + 1
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
     return records, skipped
-
-
-def _load_json(text: str, path: str) -> Sequence[Any]:
-    stripped = text.lstrip()
-    try:
-        if stripped.startswith('['):
-            data = json.loads(text)
-            return data
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise RecordError(f'{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}') from None
-
-
-def iter_records(paths: Sequence[str], image_folder: str, **kwargs: Any) -> Iterator[Record]:
-    for p in paths:
-        yield from read_records(p, image_folder, **kwargs)[0]

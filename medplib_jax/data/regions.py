@@ -27,8 +27,9 @@ class RegionError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RegionPrompt:
-    """One region in original-image pixels. kind: 'point' (x, y), 'box' (x0, y0, x1, y1, inclusive pixel
-    corners) or 'mask' (an (H, W) array, non-zero = inside)."""
+    """One region in original-image pixels. kind: 'point' (x, y) or (x, y, half) with `half` the half-size of
+    the square drawn around it (default 20: the demo's 41x41), 'box' (x0, y0, x1, y1, inclusive pixel corners)
+    or 'mask' (an (H, W) array, non-zero = inside)."""
     kind: str
     value: tuple[float, ...] | np.ndarray
 
@@ -45,8 +46,11 @@ class RegionPrompt:
         raise RegionError(f'region kind {self.kind!r}: expected point, box or mask')
 
 
-def point_to_mask(x: float, y: float, *, height: int, width: int, half: int = POINT_HALF_SIZE) -> np.ndarray:
+def point_to_mask(x: float, y: float, half: float = POINT_HALF_SIZE, *, height: int, width: int) -> np.ndarray:
     """A (2*half+1)-pixel square of ones centred on the point, clipped to the image."""
+    if half < 0:
+        raise RegionError(f'region point ({x}, {y}): negative half-size {half}')
+    half = int(round(half))
     if not (0 <= x < width and 0 <= y < height):
         raise RegionError(f'region point ({x}, {y}) is outside the {width}x{height} image')
     cx, cy = int(round(x)), int(round(y))

@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import constrain, dense, dot_product_attention, dtype_of, known_fields, layer_norm
+from medplib_jax.config_fields import known_fields
+from medplib_jax.models.layers import constrain, dense, dot_product_attention, dtype_of, layer_norm
 
 SELECT_FEATURES = ('patch', 'cls_patch')
 
@@ -52,7 +53,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'CLIPVisionConfig':
-        vision = known_fields(cls, model_cfg['vision'], 'vision')
+        vision = known_fields(cls, model_cfg['vision'], 'config.model.vision')
         return cls(**vision, dtype=model_cfg.get('dtype', 'float32'),
                    param_dtype=model_cfg.get('param_dtype', 'float32'))
 

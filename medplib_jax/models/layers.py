@@ -1,24 +1,13 @@
 """Building blocks shared by the towers: dtype lookup, logically-partitioned Dense, RMSNorm, attention core."""
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
-
-def known_fields(cls: type, values: Mapping[str, Any], section: str, exclude: Sequence[str] = ()) -> dict:
-    """`values` as a dict, after checking every key is a field of the config dataclass `cls` (minus `exclude`):
-    a misspelt config key is an error naming the section, not a silently ignored setting."""
-    known = {f.name for f in dataclasses.fields(cls)} - set(exclude)
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f'config.model.{section}: unknown keys {sorted(unknown)}')
-    return dict(values)
 
 
 def dtype_of(name: str) -> jnp.dtype:

@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import RMSNorm, constrain, dense, dot_product_attention, dtype_of, known_fields
+from medplib_jax.config_fields import known_fields
+from medplib_jax.models.layers import RMSNorm, constrain, dense, dot_product_attention, dtype_of
 from medplib_jax.models.lora import LoRAConfig, LoRADense, projection
 from medplib_jax.models.moe import MoEConfig, MoEFFN
 
@@ -72,7 +73,7 @@ class LlamaConfig:
     @classmethod
     def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'LlamaConfig':
         """From `config.model` (its `llm` block plus the shared dtype / layout fields)."""
-        llm = known_fields(cls, model_cfg['llm'], 'llm')
+        llm = known_fields(cls, model_cfg['llm'], 'config.model.llm')
         shared = {k: model_cfg[k] for k in ('dtype', 'param_dtype', 'scan_layers', 'remat_policy') if k in model_cfg}
         return cls(**llm, **shared, lora=LoRAConfig.from_dict(model_cfg.get('lora')),
                    moe=MoEConfig.from_dict(model_cfg.get('moe')))

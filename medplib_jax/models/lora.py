@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import known_fields
+from medplib_jax.config_fields import known_fields
+
 
 # torch.nn.Linear / kaiming_uniform(a=sqrt(5)) init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
@@ -45,7 +46,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> 'LoRAConfig':
-        d = known_fields(cls, d or {}, 'lora')
+        d = known_fields(cls, d or {}, 'config.model.lora')
         if 'targets' in d:
             d['targets'] = tuple(d['targets'])
         return cls(**d)

@@ -18,8 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medplib_jax.config_fields import known_fields
 from medplib_jax.models.clip import CLIPVisionConfig, CLIPVisionTower, MultimodalProjector
-from medplib_jax.models.layers import constrain, dense, dtype_of, known_fields
+from medplib_jax.models.layers import constrain, dense, dtype_of
 from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from medplib_jax.models.multimodal import embeddable_ids, merge_embeddings, seg_positions
 from medplib_jax.models.region import RegionEncoder
@@ -50,7 +51,8 @@ class MedPLIBConfig:
 
     @classmethod
     def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'MedPLIBConfig':
-        mp = known_fields(cls, model_cfg['medplib'], 'medplib', exclude=('llm', 'vision', 'sam_encoder', 'sam_decoder'))
+        mp = known_fields(cls, model_cfg['medplib'], 'config.model.medplib',
+                          exclude=('llm', 'vision', 'sam_encoder', 'sam_decoder'))
         dtypes = {k: model_cfg[k] for k in ('dtype', 'param_dtype') if k in model_cfg}
         return cls(llm=LlamaConfig.from_model_config(model_cfg), vision=CLIPVisionConfig.from_model_config(model_cfg),
                    sam_encoder=SamImageEncoderConfig.from_dict(model_cfg['sam_encoder'], **dtypes),

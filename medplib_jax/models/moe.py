@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medplib_jax.models.layers import constrain, known_fields
+from medplib_jax.config_fields import known_fields
+from medplib_jax.models.layers import constrain
 from medplib_jax.models.lora import LoRAConfig, projection, torch_linear_init
 
 MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
@@ -57,7 +58,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> 'MoEConfig':
-        d = known_fields(cls, d or {}, 'moe')
+        d = known_fields(cls, d or {}, 'config.model.moe')
         return cls(**d)
 
 

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import ConvTranspose2d, dense, dot_product_attention, dtype_of, known_fields, layer_norm
+from medplib_jax.config_fields import known_fields
+from medplib_jax.models.layers import ConvTranspose2d, dense, dot_product_attention, dtype_of, layer_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class SamDecoderConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> 'SamDecoderConfig':
-        d = known_fields(cls, d, 'sam_decoder')
+        d = known_fields(cls, d, 'config.model.sam_decoder')
         return cls(**{**d, **overrides})
 
     @classmethod

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.models.layers import (ConvTranspose2d, dense, dot_product_attention, dtype_of, known_fields,
+from medplib_jax.config_fields import known_fields
+from medplib_jax.models.layers import (ConvTranspose2d, dense, dot_product_attention, dtype_of,
                                        layer_norm)
 
 
@@ -52,7 +53,7 @@ class SamImageEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> 'SamImageEncoderConfig':
-        d = known_fields(cls, d, 'sam_encoder')
+        d = known_fields(cls, d, 'config.model.sam_encoder')
         if 'global_attn_indexes' in d:
             d['global_attn_indexes'] = tuple(d['global_attn_indexes'])
         return cls(**{**d, **overrides})
