@@ -156,7 +156,10 @@ DEMO_DATASETS = {'complex': ('MeCoVQA_Complex_VQA_train.json', 1.0),
 
 def data_config(model: str = 'tiny', preset: str = 'demo') -> mlc.ConfigDict:
     """The grain input pipeline (medplib_jax/data/pipeline.py). Fields:
-    datasets: name -> dataset(...), mixed by weight in training (one pass in order for evaluation).
+    datasets: name -> dataset(...), mixed by weight in training (one pass in order for evaluation). Each dataset
+      is reshuffled on each of its own epochs. One epoch of the mix (what num_epochs counts) is min(len_i / share_i)
+      records: the dataset with the least data for its weight is read once, the others in part; each later epoch
+      continues every dataset where it stopped.
     root: folder that relative dataset paths and image folders are relative to. image_folder: default image folder
       (the reference's --image_folder, e.g. SA-Med2D's SAMed2Dv1).
     tokenizer: 'tiny' (offline test tokenizer) or a local LLaMA tokenizer directory (MedPLIB tokens added/checked).

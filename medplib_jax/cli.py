@@ -42,7 +42,7 @@ def _main(argv: list[str]) -> int:
     config = flags.FLAGS.config
     try:
         _run(command, args, config)
-    except (ValueError, FileNotFoundError, TooManySkipsError) as e:  # bad config or data: one line
+    except (ValueError, FileNotFoundError, FileExistsError, TooManySkipsError) as e:  # bad config or data: one line
         if os.environ.get('MEDPLIB_DEBUG'):  # MEDPLIB_DEBUG=1 for the traceback
             raise
         print(f'medplib-jax {command}: {str(e).splitlines()[0]}', file=sys.stderr)

@@ -46,9 +46,12 @@ def _dice(pred: np.ndarray, target: np.ndarray) -> float:
 def _first_batch(config: mlc.ConfigDict, data_cfg: DataConfig, shapes: ModelShapes, log: Callable[[str], None]
                  ) -> dict[str, np.ndarray]:
     if config.demo.synthetic_images:
-        counts = make_demo_data(data_cfg.root or '.', num_images=config.demo.synthetic_images, seed=config.seed)
+        if not data_cfg.root:
+            raise ValueError('config.demo.synthetic_images needs config.data.root (where to write the synthetic set);'
+                             ' or set config.demo.synthetic_images=0 to run on config.data as it is')
+        counts = make_demo_data(data_cfg.root, num_images=config.demo.synthetic_images, seed=config.seed)
         log(f'synthetic MeCoVQA-like data: {sum(counts.values())} records over {config.demo.synthetic_images} '
-            f'images in {data_cfg.root or "."}')
+            f'images in {data_cfg.root}')
     start = time.perf_counter()
     it = iter(build_dataset(data_cfg, shapes, seed=config.seed))
     try:

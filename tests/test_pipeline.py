@@ -1,6 +1,7 @@
 """The grain pipeline: round trip of the synthetic set, a bad-input corpus (strict errors; counted skips that keep
 every good record exactly once), determinism and Orbax resume with 0 and 2 workers, per-process shards, mixing,
 length buckets, the ArrayRecord source and the tensorstore image cache."""
+import dataclasses
 import json
 import os
 import re
@@ -178,7 +179,8 @@ def _corpus(folder):
         ('missing image', {'id': 'b2', 'image': 'images/ct_00--Corpus--nope--z_0001.png',
                            'conversations': _conv(q, 'x')}, 'image', r'field image: .*image file not found'),
         ('missing mask', {'id': 'b3', 'image': IMG, 'conversations': _conv(
-            '<image>\nSegment it.', '<SEG><mask>masks/gone.png</mask>')}, 'mask', r'field <mask>: .*mask file not found'),
+            '<image>\nSegment it.', '<SEG><mask>masks/gone.png</mask>')}, 'mask',
+         r'field <mask>: .*mask file not found'),
         ('mask of wrong size', {'id': 'b4', 'image': IMG, 'conversations': _conv(
             '<image>\nSegment it.', '<SEG><mask>masks/small.png</mask>')}, 'mask',
          r'field <mask>: .*small\.png: mask is 64x20, the image is 64x48'),
@@ -190,8 +192,8 @@ def _corpus(folder):
             '<image>\n<region>point:5,60</region>?', 'x')}, 'region', r'point \(5.0, 60.0\) is outside'),
         ('negative radius', {'id': 'b8', 'image': IMG, 'conversations': _conv(
             '<image>\n<region>point:5,6,-3</region>?', 'x')}, 'region', 'negative half-size'),
-        ('zero-area box', {'id': 'b9', 'image': IMG, 'conversations': _conv(
-            '<image>\n<region>box:30,10,20,20</region>?', 'x')}, 'region', r'zero or negative area'),
+        ('inverted box', {'id': 'b9', 'image': IMG, 'conversations': _conv(
+            '<image>\n<region>box:30,10,20,20</region>?', 'x')}, 'region', r'needs x0 <= x1 and y0 <= y1'),
         ('empty free-form mask', {'id': 'b10', 'image': IMG, 'conversations': _conv(
             '<image>\n<region>masks/empty.png</region>?', 'x')}, 'region', 'the free-form region is empty'),
         ('missing <image>', {'id': 'b11', 'image': IMG, 'conversations': _conv('What is shown?', 'x')}, 'record',
@@ -226,7 +228,6 @@ def corpus(tmp_path_factory):
 def test_corpus_has_every_required_kind(corpus):
     _, _, bad = corpus
     kinds = {k for k, *_ in bad}
-    assert tuple(k for k, *_ in bad) == BAD_KINDS
     required = {'truncated png', 'missing image', 'missing mask', 'mask of wrong size', 'box outside image',
                 'negative radius', 'point off image', 'empty free-form mask', 'missing <image>',
                 'over-long conversation', 'unknown field type', 'non-UTF-8 JSON', 'duplicate id'}
@@ -234,19 +235,20 @@ def test_corpus_has_every_required_kind(corpus):
 
 
 BAD_KINDS = ('truncated png', 'missing image', 'missing mask', 'mask of wrong size', 'empty grounding mask',
-             'box outside image', 'point off image', 'negative radius', 'zero-area box', 'empty free-form mask',
+             'box outside image', 'point off image', 'negative radius', 'inverted box', 'empty free-form mask',
              'missing <image>', 'over-long conversation', 'unknown field type', 'non-UTF-8 JSON', 'duplicate id',
              'two regions, max 1', '<SEG> without a mask')
 
 
-@pytest.mark.parametrize('kind', range(len(BAD_KINDS)), ids=BAD_KINDS)
-def test_each_bad_kind_is_a_clear_error_when_strict(corpus, kind):
+@pytest.mark.parametrize('kind,workers', [(k, 0) for k in range(len(BAD_KINDS))] + [(0, 2)],
+                         ids=[*BAD_KINDS, 'truncated png, 2 workers'])
+def test_each_bad_kind_is_a_clear_error_when_strict(corpus, kind, workers):
     folder, good, bad = corpus
     name, record, reason, message = bad[kind]
     assert name == BAD_KINDS[kind]
     path = folder / f'strict_{kind}.jsonl'
     _write_jsonl(path, good[:1] + [record])
-    cfg = _cfg({'s': str(path)}, strict=True, batch_size=2)
+    cfg = _cfg({'s': str(path)}, strict=True, batch_size=2, worker_count=workers)
     with pytest.raises(RecordError) as err:
         _all(cfg)
     assert err.value.reason == reason
@@ -286,19 +288,61 @@ def test_too_many_bad_records_stop_the_run_with_one_clear_error(corpus):
     _write_jsonl(folder / 'mostly_bad.jsonl', good[:1] + [b[1] for b in bad[:8]])
     cfg = _cfg({'s': str(folder / 'mostly_bad.jsonl')}, max_skip_fraction=0.5, skip_check_after=4)
     with pytest.raises(TooManySkipsError, match=r'data: \d+ of \d+ records skipped, more than config\.data\.'
-                                           r'max_skip_fraction=0\.5 \(most: .*first: skipped'):
+                                                r'max_skip_fraction=0\.5 \(most: \w+, \d+\); first: .*mostly_bad'):
         _all(cfg)
 
 
 def test_whole_file_problems_fail_at_start(tmp_path):
-    (tmp_path / 'latin1.json').write_bytes('[{"image": "caf\xe9"}]'.encode('latin-1'))
-    with pytest.raises(RecordError, match=r'latin1\.json: not UTF-8'):
-        _all(_cfg({'s': str(tmp_path / 'latin1.json')}))
+    (tmp_path / 'broken.json').write_text('[{"image": "a.png"}, {"image": ')
+    with pytest.raises(RecordError, match=r'broken\.json: invalid JSON at line 1 column 32'):
+        _all(_cfg({'s': str(tmp_path / 'broken.json')}))
     with pytest.raises(RecordError, match=r'nothere\.json: records file not found'):
         _all(_cfg({'s': str(tmp_path / 'nothere.json')}))
     (tmp_path / 'empty.jsonl').write_text('\n')
     with pytest.raises(ValueError, match=r'config\.data\.datasets\.s: .*empty\.jsonl holds no records'):
         _all(_cfg({'s': str(tmp_path / 'empty.jsonl')}))
+
+
+def test_bytes_that_are_not_utf8_inside_a_json_list_are_one_bad_record(corpus):
+    """The released MeCoVQA files are JSON lists: one record with a bad byte (or an escaped lone surrogate) must
+    not take the whole file down."""
+    folder, good, _ = corpus
+    body = b',\n'.join([json.dumps(good[0]).encode(), b'{"id": "bad", "image": "caf\xe9.png"}',
+                        json.dumps(good[1]).encode(), b'{"id": "lone", "image": "' + IMG.encode() +
+                        b'", "conversations": [{"from": "human", "value": "<image>\\ud800"}, '
+                        b'{"from": "gpt", "value": "x"}]}', json.dumps(good[3]).encode()])
+    (folder / 'list.json').write_bytes(b'[' + body + b']')
+    batches, it = _all(_cfg({'s': str(folder / 'list.json')}))
+    assert sorted(r for _, r in _rows(batches)) == [0, 2, 4]
+    assert it.skipped['json'] == 1 and sum(it.skipped.values()) == 2
+    assert it.first_messages['json'].startswith(f'{folder}/list.json[1]: not UTF-8')
+
+
+def test_resume_keeps_skip_totals_over_the_bad_corpus(corpus):
+    """Saving mid-stream and restoring continues the skip totals and gives the uninterrupted batches, and the
+    skip limit still reports the first message after a restore that lost it."""
+    folder, good, bad = corpus
+    _write_jsonl(folder / 'resume.jsonl', [x for pair in zip(good * 3, [b[1] for b in bad]) for x in pair])
+    cfg = _cfg({'s': str(folder / 'resume.jsonl')}, batch_size=4)
+    reference = iter(build_dataset(cfg, SHAPES, seed=7))
+    expected = [next(reference) for _ in range(8)]
+    it = iter(build_dataset(cfg, SHAPES, seed=7))
+    [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))  # what Orbax writes
+    restored = iter(build_dataset(cfg, SHAPES, seed=7))
+    restored.set_state(state)
+    rest = [next(restored) for _ in range(5)]
+    for x, y in zip(rest, expected[3:]):
+        _assert_same(x, y)
+    assert restored.skipped == reference.skipped and restored.records_seen == reference.records_seen == 32
+    assert sum(reference.skipped.values()) > 0
+    strict_limit = iter(build_dataset(dataclasses.replace(cfg, max_skip_fraction=0.1, skip_check_after=1),
+                                      SHAPES, seed=7))
+    strict_limit.set_state(state)  # totals already over the limit; this process saw no message yet
+    with pytest.raises(TooManySkipsError, match=r'first: '):
+        next(strict_limit)
+    for x in (it, reference, restored, strict_limit):
+        x.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,22 +390,23 @@ def test_resume_through_orbax_gives_the_uninterrupted_batches(synth, tmp_path, w
 
 
 @pytest.mark.parametrize('train', [False, True])
-def test_two_processes_shards_are_disjoint_and_cover(synth, train):
+def test_two_processes_shards_are_disjoint_and_cover(synth, tmp_path, train):
+    """An odd number of records: the shorter shard ends in a padding row, both run the same number of steps."""
     _, files, _ = synth
-    cfg = _cfg({k: files[k] for k in ('complex', 'grounding')}, batch_size=4, num_epochs=1)
+    odd = tmp_path / 'odd.jsonl'
+    _write_jsonl(odd, json.load(open(files['complex']))[:5] + json.load(open(files['region']))[:4])
+    cfg = _cfg({'odd': DatasetSpec(str(odd), image_folder=os.path.dirname(files['complex']))}, batch_size=4,
+               num_epochs=1)
     shards = []
     for index in range(2):
-        opts = grain.sharding.ShardOptions(shard_index=index, shard_count=2)
-        batches = _drain(cfg, opts, train)
+        batches = _drain(cfg, grain.sharding.ShardOptions(shard_index=index, shard_count=2), train)
         assert all(b['input_ids'].shape[0] == 2 for b in batches)  # the global batch of 4 split over 2 processes
         shards.append(batches)
-    assert len(shards[0]) == len(shards[1])  # every process runs the same number of steps
+    assert len(shards[0]) == len(shards[1]) == 3  # ceil(ceil(9 / 2) / 2): every process runs the same steps
     a, b = set(_rows(shards[0])), set(_rows(shards[1]))
-    n = [len(json.load(open(files[k]))) for k in ('complex', 'grounding')]
-    if train:  # one epoch of the mix: min(len_i / share_i) records, shuffled, disjoint
-        assert not a & b and len(a) + len(b) == min(n) * 2
-    else:
-        assert not a & b and a | b == {(d, i) for d in range(2) for i in range(n[d])}
+    assert not a & b and a | b == {(0, i) for i in range(9)}  # one epoch, shuffled or not
+    padding = sum(int((batch['dataset_index'] == -1).sum()) for batches in shards for batch in batches)
+    assert padding == 2 * 3 * 2 - 9
 
 
 def _drain(cfg, shard, train):
@@ -404,7 +449,7 @@ def test_array_record_source_gives_the_json_batches(synth, tmp_path):
         _assert_same(x, y)
 
 
-def test_image_cache_gives_the_uncached_batches(synth, corpus, tmp_path):
+def test_image_cache_gives_the_uncached_batches(synth, corpus, tmp_path, monkeypatch):
     root, files, _ = synth
     folder, good, bad = corpus
     cfg = _cfg({'g': files['grounding'], 'r': files['region']})
@@ -412,15 +457,35 @@ def test_image_cache_gives_the_uncached_batches(synth, corpus, tmp_path):
     failed = ImageCache.build(cache_dir, image_paths(cfg), progress=False)
     images = {r['image'] for k in ('grounding', 'region') for r in json.load(open(files[k]))}
     assert failed == {} and len(ImageCache(cache_dir)) == len(images) > 1
-    cached = _take(_cfg({'g': files['grounding'], 'r': files['region']}, image_cache=cache_dir), 4)
-    for x, y in zip(cached, _take(cfg, 4)):
+    uncached = _take(cfg, 4)
+    import medplib_jax.data.pipeline as pipeline
+
+    def no_decoding(path, **kw):
+        raise AssertionError(f'decoded {path} although it is cached')
+    with monkeypatch.context() as m:  # every image comes from the cache: nothing is decoded
+        m.setattr(pipeline, 'load_image', no_decoding)
+        cached = _take(dataclasses.replace(cfg, image_cache=cache_dir), 4)
+    for x, y in zip(cached, uncached):
         _assert_same(x, y)
+    # an image replaced after caching is read from its file again, not served stale
+    first = json.load(open(files['grounding']))[0]['image']
+    original = (root / first).read_bytes()
+    changed = np.asarray(Image.open(root / first)).copy()
+    changed[:10] = 255
+    Image.fromarray(changed).save(root / 'changed.png')
+    os.replace(root / 'changed.png', root / first)
+    try:
+        g_only = _cfg({'g': files['grounding']}, shuffle=False)
+        fresh = _take(dataclasses.replace(g_only, image_cache=cache_dir), 1, train=True)[0]
+        np.testing.assert_array_equal(fresh['clip_pixels'][0], clip_preprocess(changed))
+    finally:
+        (root / first).write_bytes(original)  # the module's other tests read it
     # unreadable images are left out of the cache and still skipped as 'image'
     _write_jsonl(folder / 'cache_set.jsonl', good[:2] + [bad[0][1]])
     cfg_bad = _cfg({'s': str(folder / 'cache_set.jsonl')})
     failed = ImageCache.build(str(tmp_path / 'cache2'), image_paths(cfg_bad), progress=False)
     assert len(failed) == 1 and 'cannot decode image' in next(iter(failed.values()))
-    batches, it = _all(_cfg({'s': str(folder / 'cache_set.jsonl')}, image_cache=str(tmp_path / 'cache2')))
+    batches, it = _all(dataclasses.replace(cfg_bad, image_cache=str(tmp_path / 'cache2')))
     assert len(_rows(batches)) == 2 and it.skipped['image'] == 1
     index = tmp_path / 'cache2' / 'index.json'
     meta = json.loads(index.read_text())
@@ -430,6 +495,36 @@ def test_image_cache_gives_the_uncached_batches(synth, corpus, tmp_path):
         ImageCache(str(tmp_path / 'cache2'))
     with pytest.raises(FileNotFoundError, match='not an image cache'):
         ImageCache(str(tmp_path / 'nothing'))
+
+
+def test_masks_of_images_larger_than_the_canvas_are_scaled_to_fit(tmp_path):
+    (tmp_path / 'images').mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / 'images/big.png')
+    mask = np.zeros((300, 200), np.uint8)
+    mask[50:250, 20:90] = 255
+    Image.fromarray(mask).save(tmp_path / 'm.png')
+    rec = {'image': 'images/big.png', 'conversations': _conv('<image>\nSegment it.', '<SEG><mask>m.png</mask>')}
+    (tmp_path / 's.json').write_text(json.dumps([rec]))
+    (batch,), _ = _all(_cfg({'s': str(tmp_path / 's.json')}, batch_size=1, mask_canvas=120, strict=True))
+    assert tuple(batch['image_size'][0]) == (300, 200) and tuple(batch['mask_size'][0]) == (120, 80)
+    rows, cols = (np.arange(120) * 300 / 120).astype(int), (np.arange(80) * 200 / 80).astype(int)
+    np.testing.assert_array_equal(batch['seg_masks'][0, 0, :120, :80], (mask[rows][:, cols] > 0))
+    assert batch['seg_masks'][0, 0, 120:].sum() == 0 and batch['seg_masks'][0, 0, :, 80:].sum() == 0
+
+
+def test_multi_turn_conversation_supervises_every_answer(synth, tmp_path):
+    root, files, _ = synth
+    rec = json.load(open(files['grounding']))[0]
+    rec['conversations'] = [rec['conversations'][0], {'from': 'gpt', 'value': 'It is there.'},
+                            {'from': 'human', 'value': 'Now segment it.'}, rec['conversations'][1]]
+    (tmp_path / 'multi.json').write_text(json.dumps([rec]))
+    cfg = _cfg({'m': DatasetSpec(str(tmp_path / 'multi.json'), image_folder=str(root))}, batch_size=1, strict=True)
+    (batch,), _ = _all(cfg)
+    tok, _ = build_tokenizer(cfg, SHAPES)
+    labels = batch['labels'][0]
+    assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) == 'It is there.</s><SEG></s>'
+    assert batch['seg_valid'][0, 0] and batch['seg_masks'][0, 0].any()
 
 
 def test_config_errors_name_the_key(synth):

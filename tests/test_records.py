@@ -101,7 +101,7 @@ def test_region_prompt_forms_and_optional_fields(folder):
     assert [r.prompt.value for r in rec.regions] == [(3, 4), (3, 4, 7.5)] and rec.modality_type == 'CT'
     assert rec.regions[1].prompt.to_mask(8, 8).sum() == 8 * 8  # half-size 7.5 -> 8: covers the 8x8 image
     for spec, message in (('point:3,4,-1', 'negative half-size'), ('point:1', 'needs 2 or 3 numbers'),
-                          ('box:5,1,2,6', 'zero or negative area')):
+                          ('box:5,1,2,6', 'needs x0 <= x1 and y0 <= y1')):
         bad = dict(raw, conversations=_conv(f'<image><region>{spec}</region>', 'x'))
         with pytest.raises(RecordError, match=message) as err:
             parse_record(bad, source='s.json', index=0, image_folder=str(folder))
@@ -119,8 +119,9 @@ def test_image_names_without_suffix_resolve_to_png(folder):
 
 def test_unreadable_files_are_one_line_errors(folder):
     (folder / 'latin1.json').write_bytes('[{"image": "caf\xe9"}]'.encode('latin-1'))
-    with pytest.raises(RecordError, match=r'latin1\.json: not UTF-8'):
+    with pytest.raises(RecordError, match=r'latin1\.json\[0\]: not UTF-8'):  # one bad record, not the file
         read_records(str(folder / 'latin1.json'), str(folder))
+    assert read_records(str(folder / 'latin1.json'), str(folder), strict=False) == ([], {'json': 1})
     (folder / 'broken.json').write_text('[{"image": ')
     with pytest.raises(RecordError, match=r'broken\.json: invalid JSON at line 1'):
         read_records(str(folder / 'broken.json'), str(folder))

@@ -12,8 +12,15 @@ ground-truth masks per row with validity masks. A bad record never stops a run u
 invalid row (`example_valid` False) whose `skip_reason` names why, so every good record is yielded exactly once,
 batch composition does not depend on which records fail, and a global sum of the skip codes over the batch counts
 skips over all hosts. The main process logs each skip and keeps running totals in the iterator state (they survive
-a restore), and stops the run with one clear error when more than `max_skip_fraction` of the records are bad (a
-wrong image folder should not train for a day on empty batches).
+a restore), and stops the run with one clear error when more than `max_skip_fraction` of the records it has seen
+are bad (a wrong image folder should not train for a day on empty batches; each process checks its own share,
+which shuffling makes representative).
+
+Deliberate differences from the reference's dataset: a region that vanishes on the 24x24 grid is a skip (the
+reference keeps the sample with every label ignored, which trains nothing), `<SEG>` tokens must match `<mask>`
+references one for one (the reference pairs them by order across the batch), and over-long records are skipped
+instead of truncated. With several processes each picks its length bucket from its own rows;
+`medplib_jax.train.inputs.global_batch` pads them to the longest before forming global arrays.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from medplib_jax.data.conversation import (ConversationError, SequenceTooLongErr
 from medplib_jax.data.images import (CLIP_SIZE, SAM_SIZE, ImageError, clip_canvas, clip_normalize, find_image,
                                      load_image, load_mask, sam_canvas, sam_normalize)
 from medplib_jax.data.records import (REASONS, Record, RecordError, decode_record, duplicate_error, duplicate_ids,
-                                      parse_record, record_where, split_records, where_of)
+                                      load_record, split_records, where_of)
 from medplib_jax.data.regions import GRID, RegionError, RegionPrompt, regions_to_grids
 from medplib_jax.data.tokenizer import TokenIds, load_tokenizer, tiny_tokenizer
 
@@ -142,12 +149,6 @@ class Skipped:
 class _Padding:
     """Fills the rows after the end of a finite pass (and evens out shards): invalid, counted as nothing."""
 
-    def __eq__(self, other: Any) -> bool:
-        return isinstance(other, _Padding)
-
-    def __hash__(self) -> int:
-        return 0
-
 
 PADDING = _Padding()
 
@@ -173,13 +174,16 @@ class RecordSource:
             if not os.path.isfile(path):
                 raise RecordError(f'{path}: records file not found')
             self._records, self.lines = split_records(path)
-        self.duplicates = duplicate_ids([self._records[i] for i in range(len(self))]) if check_duplicate_ids else {}
+        self.duplicates = duplicate_ids(self._records[i] for i in range(len(self))) if check_duplicate_ids else {}
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> RawElement:
         return RawElement(self.dataset, index, self._records[index], self.duplicates.get(index))
+
+    def line(self, index: int) -> int | None:
+        return self.lines[index] if self.lines is not None else None
 
 
 def open_sources(cfg: DataConfig) -> list[RecordSource]:
@@ -198,7 +202,7 @@ def open_sources(cfg: DataConfig) -> list[RecordSource]:
         if cfg.strict and src.duplicates:
             i, first = next(iter(src.duplicates.items()))
             rid = decode_record(src[i].payload, path).get('id')
-            raise duplicate_error(where_of(path, i, rid), rid, first)
+            raise duplicate_error(where_of(path, i, rid, src.line(i)), rid, first)
         sources.append(src)
     return sources
 
@@ -210,8 +214,8 @@ def image_paths(cfg: DataConfig) -> list[str]:
     for src in open_sources(cfg):
         for i in range(len(src)):
             try:
-                raw = decode_record(src[i].payload, src.path)
-                rec = parse_record(raw, source=src.path, index=i, image_folder=src.image_folder, check_files=False)
+                rec = load_record(src[i].payload, source=src.path, index=i, image_folder=src.image_folder,
+                                  check_files=False)
             except RecordError:
                 continue
             paths[find_image(rec.image)] = None
@@ -239,6 +243,9 @@ class _SourceInfo:
     image_folder: str
     lines: list[int] | None
 
+    def line(self, index: int) -> int | None:
+        return self.lines[index] if self.lines is not None else None
+
 
 class Preprocessor:
     """`RawElement` + rng -> one example (dict of numpy arrays, variable sequence length) or `Skipped`.
@@ -263,21 +270,17 @@ class Preprocessor:
                 raise
             return Skipped(element.dataset, element.index, e.reason, str(e))
         except Exception as e:  # noqa: BLE001 - a bug on one record must not lose a long run; logged in full
+            where = where_of(src.path, element.index, line=src.line(element.index))
+            error = RecordError(f'{where}: unexpected {type(e).__name__}: {e}', 'error')
             if self.cfg.strict:
-                raise
-            where = record_where(src.path, element.index, src.lines)
-            return Skipped(element.dataset, element.index, 'error',
-                           f'{where}: unexpected {type(e).__name__}: {e}\n{traceback.format_exc()}')
+                raise error from e
+            return Skipped(element.dataset, element.index, 'error', f'{error}\n{traceback.format_exc()}')
 
     def example(self, element: RawElement, rng: np.random.Generator) -> dict:
         src, shapes = self.sources[element.dataset], self.shapes
-        raw = decode_record(element.payload, record_where(src.path, element.index, src.lines))
-        if element.duplicate_of is not None:
-            rid = raw.get('id') if isinstance(raw, dict) else None
-            raise duplicate_error(where_of(src.path, element.index, rid), rid, element.duplicate_of)
         # Files are checked when they are read below, with the right reason.
-        rec = parse_record(raw, source=src.path, index=element.index, image_folder=src.image_folder,
-                           check_files=False)
+        rec = load_record(element.payload, source=src.path, index=element.index, image_folder=src.image_folder,
+                          line=src.line(element.index), duplicate_of=element.duplicate_of, check_files=False)
         if len(rec.masks) > shapes.max_seg:
             raise RecordError(f'{rec.where}: field conversations: {len(rec.masks)} grounding masks, more than '
                               f'config.model.medplib.max_seg={shapes.max_seg}', 'too_many_seg')
@@ -287,13 +290,10 @@ class Preprocessor:
         clip, sam, sam_size, (h, w) = self._image(rec)
         masks = [self._mask(rec, path, (h, w)) for path in rec.masks]
         prompts = [self._region_prompt(rec, k, r, (h, w)) for k, r in enumerate(rec.regions)]
-        try:
-            grids, region_valid = regions_to_grids(prompts, h, w, shapes.max_regions,
-                                                   largest_component=self.cfg.largest_component, rng=rng)
-        except RegionError as e:
-            raise RecordError(f'{rec.where}: field <region>: {e}', 'region') from None
+        grids, region_valid = regions_to_grids(prompts, h, w, shapes.max_regions,
+                                               largest_component=self.cfg.largest_component, rng=rng)
         for k in range(len(prompts)):
-            if not region_valid[k]:  # the reference trains nothing on such a sample (labels all ignored)
+            if not region_valid[k]:  # the reference keeps it with every label ignored: nothing to learn from
                 raise RecordError(f'{rec.where}: field <region> {k}: the region vanishes on the 24x24 grid (thinner '
                                   f'than the 14-pixel step)', 'region')
         turns = [(with_image_prefix(rec.turns[0][0]), rec.turns[0][1]), *rec.turns[1:]]
@@ -341,11 +341,12 @@ class Preprocessor:
         return mask
 
     def _region_prompt(self, rec: Record, k: int, region: Any, size: tuple[int, int]) -> RegionPrompt:
-        if region.prompt is not None:
-            return region.prompt
+        """Region k as a mask prompt at the image size (points and boxes drawn, mask files loaded), errors named."""
         try:
+            if region.prompt is not None:
+                return RegionPrompt('mask', region.prompt.to_mask(*size))
             mask = load_mask(region.path, size)
-        except ImageError as e:
+        except (ImageError, RegionError) as e:
             raise RecordError(f'{rec.where}: field <region> {k}: {e}', 'region') from None
         if not mask.any():
             raise RecordError(f'{rec.where}: field <region> {k}: {region.path}: the free-form region is empty',
@@ -416,6 +417,20 @@ class Collator:
         return out
 
 
+SEQUENCE_KEYS = ('input_ids', 'labels', 'token_mask')  # the arrays whose second axis is the sequence
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Pads the sequence arrays of a batch (right; pad id 0, IGNORE_INDEX, False) to `length`: how processes that
+    chose different length buckets agree on one before forming global arrays (medplib_jax.train.inputs)."""
+    t = max((v.shape[1] for k, v in batch.items() if k in SEQUENCE_KEYS), default=length)
+    if length < t:
+        raise ValueError(f'pad_batch: length {length} is shorter than the batch ({t})')
+    fill = {'input_ids': 0, 'labels': IGNORE_INDEX, 'token_mask': False}
+    return {k: np.pad(v, ((0, 0), (0, length - t)), constant_values=fill[k]) if k in SEQUENCE_KEYS else v
+            for k, v in batch.items()}
+
+
 class EvenShard(grain.MapDataset):
     """Elements `index`, `index + count`, ... of the parent. Every shard has ceil(len / count) elements (the
     short ones end with one padding element), so all processes run the same number of batches."""
@@ -476,10 +491,15 @@ class DataIterator(grain.DatasetIterator):
         bad = sum(self.skipped.values())
         if self.records_seen >= self._check_after and bad > self._max_fraction * self.records_seen:
             top = max(self.skipped, key=self.skipped.get)
+            first = self.first_messages.get(top, 'before the last restore').splitlines()[0]
             raise TooManySkipsError(f'data: {bad} of {self.records_seen} records skipped, more than config.data.'
-                               f'max_skip_fraction={self._max_fraction} (most: {top}, {self.skipped[top]}); '
-                               f'first: {self.first_messages[top]}')
+                                    f'max_skip_fraction={self._max_fraction} (most: {top}, {self.skipped[top]}); '
+                                    f'first: {first}')
         return batch
+
+    def metrics(self) -> dict[str, int]:
+        """Running totals for the training log: `data/records_seen` and `data/skipped/<reason>` (this process)."""
+        return {'data/records_seen': self.records_seen, **{f'data/skipped/{r}': n for r, n in self.skipped.items()}}
 
     def get_state(self) -> dict[str, Any]:
         return {'parent': self._parent.get_state(), 'skipped': dict(self.skipped), 'records_seen': self.records_seen}

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Iterable
 
 from medplib_jax.data.regions import RegionPrompt
 
@@ -61,6 +61,7 @@ class Record:
     answer_type: str | None
     modality: str | None  # SA-Med2D file-name prefix (per-modality segmentation metrics)
     modality_type: str | None = None  # OmniMedVQA's field (per-modality closed-set accuracy)
+    line: int | None = None  # 1-based line in a JSON-lines file
 
     @property
     def kind(self) -> str:
@@ -68,7 +69,7 @@ class Record:
 
     @property
     def where(self) -> str:
-        return where_of(self.source, self.index, self.id)
+        return where_of(self.source, self.index, self.id, self.line)
 
 
 def modality_of(image: str) -> str | None:
@@ -104,22 +105,23 @@ def _parse_region(spec: str, where: str) -> Region:
                                   'region')
             if kind == 'box' and not (values[0] <= values[2] and values[1] <= values[3]):
                 raise RecordError(f'{where}: field conversations: box region {spec!r} needs x0 <= x1 and y0 <= y1 '
-                                  f'(zero or negative area)', 'region')
+                                  f'(inclusive pixel corners)', 'region')
             return Region(prompt=RegionPrompt(kind, values))
     if not spec:
         raise RecordError(f'{where}: field conversations: empty <region></region> reference', 'region')
     return Region(path=spec)
 
 
-def where_of(source: str, index: int, rid: Any = None) -> str:
-    """How errors name a record: `file[index] (id X)`."""
-    return f'{source}[{index}]' + (f' (id {rid})' if rid is not None else '')
+def where_of(source: str, index: int, rid: Any = None, line: int | None = None) -> str:
+    """How errors name a record: `file[index] (line N) (id X)`, the line for JSON-lines files."""
+    return f'{source}[{index}]' + (f' (line {line})' if line else '') + (f' (id {rid})' if rid is not None else '')
 
 
-def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_files: bool = True) -> Record:
+def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_files: bool = True,
+                 line: int | None = None) -> Record:
     """One JSON object -> Record, or RecordError."""
     rid = raw.get('id') if isinstance(raw, dict) else None
-    where = where_of(source, index, rid)
+    where = where_of(source, index, rid, line)
     if not isinstance(raw, dict):
         raise RecordError(f'{where}: record is a {type(raw).__name__}, expected an object')
     image = raw.get('image')
@@ -151,7 +153,7 @@ def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_
                 raise RecordError(f'{where}: field conversations[{k}]: a grounding answer needs exactly one '
                                   f'<mask>…</mask> and a <SEG>')
             masks += [resolve_image(m.strip(), image_folder) for m in found]
-            value = MASK_RE.sub('', value).strip()
+            value = MASK_RE.sub('', value)  # deleted as the reference does, surrounding text kept as it is
         turns.append(value)
     if len(turns) % 2:
         raise RecordError(f'{where}: field conversations: {len(turns)} turns, the last question has no answer')
@@ -176,28 +178,35 @@ def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_
     regions = tuple(Region(path=resolve_image(r.path, image_folder)) if r.path else r for r in regions)
     return Record(source=source, index=index, id=None if rid is None else str(rid), image=path,
                   turns=tuple(zip(turns[0::2], turns[1::2])), regions=regions, masks=tuple(masks),
-                  modality=modality, **optional)
+                  modality=modality, line=line, **optional)
 
 
 def split_records(path: str) -> tuple[list[bytes], list[int] | None]:
-    """A JSON list or JSON-lines file -> one UTF-8 JSON payload per record, decoded later by `decode_record`, so
-    that one bad line of a JSON-lines file is one bad record. Also returns the 1-based line of each JSON-lines
-    record (None for a JSON list). A JSON list that does not decode is an error for the whole file."""
+    """A JSON list or JSON-lines file -> one JSON payload per record, decoded later by `decode_record`, so one
+    bad record is one skip: a JSON-lines line that does not decode, or a record of a JSON list holding bytes that
+    are not UTF-8 (kept as they are, through surrogateescape). Also returns the 1-based line of each JSON-lines
+    record (None for a JSON list). A JSON list that is not valid JSON is an error for the whole file."""
     try:
         with open(path, 'rb') as f:
             data = f.read()
     except OSError as e:
         raise RecordError(f'{path}: cannot read records file ({e.strerror})') from None
+    data = data.removeprefix(b'\xef\xbb\xbf')  # a UTF-8 byte-order mark
     if data.lstrip()[:1] == b'[':
         try:
-            raws = json.loads(data.decode('utf-8'))
-        except UnicodeDecodeError as e:
-            raise RecordError(f'{path}: not UTF-8 ({e.reason} at byte {e.start})', 'json') from None
+            raws = json.loads(data.decode('utf-8', 'surrogateescape'))
         except json.JSONDecodeError as e:
             raise RecordError(f'{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}', 'json') from None
-        return [json.dumps(r, ensure_ascii=False).encode('utf-8') for r in raws], None
+        return [_payload(r) for r in raws], None
     lines = [(n, line) for n, line in enumerate(data.split(b'\n'), 1) if line.strip()]
     return [line for _, line in lines], [n for n, _ in lines]
+
+
+def _payload(raw: Any) -> bytes:
+    try:  # undecodable bytes of the file come back as they were, so decode_record reports them
+        return json.dumps(raw, ensure_ascii=False).encode('utf-8', 'surrogateescape')
+    except UnicodeEncodeError:  # an escaped lone surrogate (valid JSON, not text): keep it escaped
+        return json.dumps(raw).encode('ascii')
 
 
 def decode_record(payload: bytes, where: str) -> Any:
@@ -210,14 +219,9 @@ def decode_record(payload: bytes, where: str) -> Any:
         raise RecordError(f'{where}: invalid JSON at column {e.colno}: {e.msg}', 'json') from None
 
 
-def record_where(source: str, index: int, lines: Sequence[int] | None) -> str:
-    """`file[index]`, with the line for JSON-lines files."""
-    return f'{source}[{index}]' + (f' (line {lines[index]})' if lines is not None else '')
-
-
-def duplicate_ids(payloads: Sequence[bytes]) -> dict[int, int]:
-    """{index: index of the first record with the same id} for every later record repeating an id. Records
-    without an id, or that do not decode, are not compared."""
+def duplicate_ids(payloads: Iterable[bytes]) -> dict[int, int]:
+    """{index: index of the first record with the same id} for every later record repeating an id (within one
+    file). Records without an id, or that do not decode, are not compared."""
     first: dict[str, int] = {}
     duplicates = {}
     for i, payload in enumerate(payloads):
@@ -239,6 +243,17 @@ def duplicate_error(where: str, rid: Any, first: int) -> RecordError:
     return RecordError(f'{where}: field id: duplicate id {rid!r} (first at record {first})', 'duplicate_id')
 
 
+def load_record(payload: bytes, *, source: str, index: int, image_folder: str, line: int | None = None,
+                duplicate_of: int | None = None, check_files: bool = True) -> Record:
+    """One payload of `split_records` -> Record: decoded, checked against duplicate ids, parsed."""
+    raw = decode_record(payload, where_of(source, index, line=line))
+    if duplicate_of is not None:
+        rid = raw.get('id') if isinstance(raw, dict) else None
+        raise duplicate_error(where_of(source, index, rid, line), rid, duplicate_of)
+    return parse_record(raw, source=source, index=index, image_folder=image_folder, check_files=check_files,
+                        line=line)
+
+
 def read_records(path: str, image_folder: str, *, strict: bool = True, check_files: bool = True
                  ) -> tuple[list[Record], dict[str, int]]:
     """A JSON list or JSON-lines file -> (records, skipped-by-reason counts). `strict` raises on the first bad
@@ -249,11 +264,9 @@ def read_records(path: str, image_folder: str, *, strict: bool = True, check_fil
     records, skipped = [], {}
     for i, payload in enumerate(payloads):
         try:
-            raw = decode_record(payload, record_where(path, i, lines))
-            if i in duplicates:
-                raise duplicate_error(where_of(path, i, raw.get('id')), raw.get('id'), duplicates[i])
-            records.append(parse_record(raw, source=path, index=i, image_folder=image_folder,
-                                        check_files=check_files))
+            records.append(load_record(payload, source=path, index=i, image_folder=image_folder,
+                                       line=lines[i] if lines else None, duplicate_of=duplicates.get(i),
+                                       check_files=check_files))
         except RecordError as e:
             if strict:
                 raise

@@ -72,10 +72,20 @@ def _draw_image(modality: str, size: tuple[int, int], rng: np.random.Generator) 
     return rgb, shapes, masks
 
 
+MARKER = '.medplib_synthetic'  # marks a folder this generator wrote, so it may write there again
+
+
 def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction: float = 0.2) -> dict[str, Any]:
-    """Writes images, masks and the JSON files under `out`; returns {file name: record count}."""
+    """Writes images, masks and the JSON files under `out`; returns {file name: record count}. Refuses to write
+    into a folder holding any of its JSON names that it did not write (MeCoVQA's own files share two of them)."""
+    names = [FILES[kind].format(split=split) for kind in FILES for split in ('train', 'test')]
+    taken = [n for n in names if os.path.exists(os.path.join(out, n))]
+    if taken and not os.path.exists(os.path.join(out, MARKER)):
+        raise FileExistsError(f'{out}: holds {taken[0]}, not written by make-demo-data; refusing to overwrite it '
+                              f'(choose another folder)')
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out, 'images'), exist_ok=True)
+    open(os.path.join(out, MARKER), 'w').close()
     os.makedirs(os.path.join(out, 'masks'), exist_ok=True)
     records: dict[str, dict[str, list]] = {kind: {'train': [], 'test': []} for kind in FILES}
     modalities = list(MODALITIES)

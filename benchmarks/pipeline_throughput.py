@@ -1,0 +1,110 @@
+"""Input-pipeline throughput: records per second through the whole grain pipeline (parse, decode, CLIP and SAM
+preprocessing, masks, regions, tokenisation, batching) for several worker / thread / image-cache settings.
+
+The synthetic MeCoVQA-like set is written, then its images and masks are scaled up to `--image_size` (SA-Med2D
+slices are mostly 256 to 1024 pixels a side) so decoding and resizing cost what they cost on real data. Each
+setting iterates `--batches` batches of `--batch_size` once to warm up (worker start-up, cache open), then times
+the next `--batches` batches; the median of `--repeats` runs is reported. Results go to
+benchmarks/results/pipeline_throughput_<platform>.json with the machine description.
+
+    python benchmarks/pipeline_throughput.py [--image_size 1024] [--batch_size 8] [--batches 6] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+from absl import flags
+from PIL import Image
+
+from configs.common import get_config
+from medplib_jax.data.image_cache import ImageCache
+from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset, image_paths
+from medplib_jax.data.synthetic import make_demo_data
+
+
+def _scale_up(root: str, side: int) -> None:
+    """Scales every image (bilinear) and mask (nearest) so the longest side is `side`; the records' box and
+    point prompts are in original pixels, so only the mask-referenced records are used here."""
+    for sub, resample in (('images', Image.BILINEAR), ('masks', Image.NEAREST)):
+        for name in os.listdir(os.path.join(root, sub)):
+            path = os.path.join(root, sub, name)
+            with Image.open(path) as im:
+                s = side / max(im.size)
+                im.resize((round(im.width * s), round(im.height * s)), resample).save(path)
+
+
+def _records_per_second(cfg: DataConfig, shapes: ModelShapes, batches: int) -> float:
+    it = iter(build_dataset(cfg, shapes, seed=0))
+    try:
+        for _ in range(batches):  # warm-up: worker start-up, first reads
+            next(it)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        return batches * cfg.batch_size / (time.perf_counter() - start)
+    finally:
+        it.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--image_size', type=int, default=1024)
+    parser.add_argument('--batch_size', type=int, default=8)
+    parser.add_argument('--batches', type=int, default=6)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--num_images', type=int, default=48)
+    args = parser.parse_args()
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+
+    config = get_config()
+    shapes = ModelShapes.from_config(config.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        make_demo_data(root, num_images=args.num_images, seed=0, test_fraction=0.0)
+        _scale_up(root, args.image_size)
+        # grounding + free-form region records: both reference mask files, which were scaled with the images
+        region = os.path.join(root, 'region_masks.jsonl')
+        with open(os.path.join(root, 'MeCoVQA_Region_VQA_train.json')) as f, open(region, 'w') as out:
+            for rec in json.load(f):
+                if 'box:' not in rec['conversations'][0]['value'] and 'point:' not in rec['conversations'][0]['value']:
+                    out.write(json.dumps(rec) + '\n')
+        data = dict(config.data, root=root, batch_size=args.batch_size, mask_canvas=args.image_size,
+                    datasets={'grounding': {'path': 'MeCoVQA_Grounding_train.json', 'weight': 1.0,
+                                            'image_folder': ''},
+                              'region': {'path': region, 'weight': 1.0, 'image_folder': ''}})
+        base = DataConfig.from_config(data)
+        cache = os.path.join(root, 'cache')
+        ImageCache.build(cache, image_paths(base), progress=False)
+        settings = [('0 workers, 1 thread', dict(worker_count=0, read_threads=1)),
+                    ('0 workers, 2 threads', dict(worker_count=0, read_threads=2)),
+                    ('2 workers, 1 thread each', dict(worker_count=2, read_threads=1)),
+                    ('0 workers, 1 thread, image cache', dict(worker_count=0, read_threads=1, image_cache=cache)),
+                    ('2 workers, image cache', dict(worker_count=2, read_threads=1, image_cache=cache))]
+        for name, change in settings:
+            cfg = dataclasses.replace(base, **change)
+            runs = [_records_per_second(cfg, shapes, args.batches) for _ in range(args.repeats)]
+            rows.append(dict(setting=name, worker_count=cfg.worker_count, read_threads=cfg.read_threads,
+                             image_cache=bool(cfg.image_cache), records_per_s=statistics.median(runs), runs=runs))
+            print(f'{name:36s} {rows[-1]["records_per_s"]:7.1f} records/s  (runs {[round(r, 1) for r in runs]})')
+    result = dict(benchmark='pipeline_throughput',
+                  method=f'median of {args.repeats} runs; each times {args.batches} batches of {args.batch_size} '
+                         f'after {args.batches} warm-up batches; grounding + free-form region records of the '
+                         f'synthetic set, images and masks scaled to {args.image_size} px longest side',
+                  image_size=args.image_size, batch_size=args.batch_size, cpu_count=os.cpu_count(),
+                  machine=platform.machine(), processor=platform.processor() or platform.machine(), rows=rows)
+    os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
+    out = os.path.join(os.path.dirname(__file__), 'results', 'pipeline_throughput_cpu.json')
+    with open(out, 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    main()
