@@ -66,8 +66,9 @@ def test_data_commands(tmp_path):
     assert 'first image: ' in res.stdout and (tmp_path / 'first.png').exists()
     res = _run('check-data', f'--config.data.root={data}', '--config.data.datasets.complex.path=bad.jsonl',
                '--config.data.strict=True')
-    assert res.returncode == 2 and re.search(r'medplib-jax check-data: .*bad\.jsonl\[0\] \(id x\): field image: '
-                                             r'.*none\.png: image file not found', res.stderr), res.stderr[-2000:]
+    assert res.returncode == 2 and re.search(r'medplib-jax check-data: .*bad\.jsonl\[0\] \(line 1\) \(id x\): '
+                                             r'field image: .*none\.png: image file not found', res.stderr), \
+        res.stderr[-2000:]
     res = _run('to-array-record', str(data / 'MeCoVQA_Region_VQA_train.json'), str(tmp_path / 'r.array_record'))
     assert res.returncode == 0 and re.search(r'r\.array_record: \d+ records', res.stdout), res.stderr[-2000:]
     res = _run('build-image-cache', f'--config.data.root={data}', f'--config.data.image_cache={tmp_path}/cache')
