@@ -53,6 +53,14 @@ def _records_per_second(cfg: DataConfig, shapes: ModelShapes, batches: int) -> f
         it.close()
 
 
+def _cpu_model() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--image_size', type=int, default=1024)
@@ -98,7 +106,7 @@ def main() -> None:
                          f'after {args.batches} warm-up batches; grounding + free-form region records of the '
                          f'synthetic set, images and masks scaled to {args.image_size} px longest side',
                   image_size=args.image_size, batch_size=args.batch_size, cpu_count=os.cpu_count(),
-                  machine=platform.machine(), processor=platform.processor() or platform.machine(), rows=rows)
+                  machine=platform.machine(), processor=_cpu_model(), rows=rows)
     os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
     out = os.path.join(os.path.dirname(__file__), 'results', 'pipeline_throughput_cpu.json')
     with open(out, 'w') as f:
