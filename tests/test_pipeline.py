@@ -314,8 +314,9 @@ def test_bytes_that_are_not_utf8_inside_a_json_list_are_one_bad_record(corpus):
     (folder / 'list.json').write_bytes(b'[' + body + b']')
     batches, it = _all(_cfg({'s': str(folder / 'list.json')}))
     assert sorted(r for _, r in _rows(batches)) == [0, 2, 4]
-    assert it.skipped['json'] == 1 and sum(it.skipped.values()) == 2
+    assert it.skipped['json'] == 2 and sum(it.skipped.values()) == 2
     assert it.first_messages['json'].startswith(f'{folder}/list.json[1]: not UTF-8')
+    assert it.metrics()['data/skipped/json'] == 2 and it.metrics()['data/records_seen'] == 5
 
 
 def test_resume_keeps_skip_totals_over_the_bad_corpus(corpus):

@@ -110,6 +110,21 @@ def test_region_prompt_forms_and_optional_fields(folder):
         parse_record(dict(raw, modality_type=1), source='s.json', index=0, image_folder=str(folder))
 
 
+def test_closed_set_options(folder):
+    conv = _conv('<image>\nWhich organ? Options: liver, spleen', 'spleen')
+    omni = {'question_id': 'q7', 'image': IMG, 'conversations': conv, 'option_A': 'liver', 'option_B': 'spleen',
+            'modality_type': 'CT(Computed Tomography)'}
+    rec = parse_record(omni, source='omni.json', index=0, image_folder=str(folder))
+    assert rec.options == ('liver', 'spleen') and rec.id == 'q7' and rec.modality_type.startswith('CT')
+    assert parse_record({**GOOD[0], 'options': ['The liver.', 'Bone.']}, source='s.json', index=0,
+                        image_folder=str(folder)).options == ('The liver.', 'Bone.')
+    with pytest.raises(RecordError, match=r"omni\.json\[0\] \(id q7\): field options: the answer 'spleen' is not one "
+                                          r"of \['liver', 'kidney'\]"):
+        parse_record({**omni, 'option_B': 'kidney'}, source='omni.json', index=0, image_folder=str(folder))
+    with pytest.raises(RecordError, match='field options: expected a non-empty list of strings'):
+        parse_record({**GOOD[0], 'options': 'liver'}, source='s.json', index=0, image_folder=str(folder))
+
+
 def test_image_names_without_suffix_resolve_to_png(folder):
     from medplib_jax.data.images import find_image
     stem = str(folder / IMG)[:-len('.png')]

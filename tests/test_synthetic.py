@@ -38,6 +38,8 @@ def test_generated_set_parses_with_zero_errors_and_is_usable(tmp_path):
                                                    for q, a in rec.turns], num_image_tokens=8, max_length=2048)
             assert out.num_seg == len(rec.masks) and out.num_regions == len(rec.regions)
     assert kinds == {'vqa', 'region', 'grounding'}
+    closed = read_records(str(tmp_path / FILES['closed'].format(split='train')), str(tmp_path))[0]
+    assert closed and all(r.options == ('yes', 'no') and r.answer_type == 'closed' for r in closed)
     assert modalities == {'ct', 'mr', 'x', 'dermoscopy'}
     assert all(name.format(split='train') in counts for name in FILES.values())
 

@@ -42,7 +42,7 @@ from medplib_jax.data.conversation import (ConversationError, SequenceTooLongErr
 from medplib_jax.data.images import (CLIP_SIZE, SAM_SIZE, ImageError, clip_canvas, clip_normalize, find_image,
                                      load_image, load_mask, sam_canvas, sam_normalize)
 from medplib_jax.data.records import (REASONS, Record, RecordError, decode_record, duplicate_error, duplicate_ids,
-                                      load_record, split_records, where_of)
+                                      load_record, record_id, split_records, where_of)
 from medplib_jax.data.regions import GRID, RegionError, RegionPrompt, regions_to_grids
 from medplib_jax.data.tokenizer import TokenIds, load_tokenizer, tiny_tokenizer
 
@@ -201,7 +201,7 @@ def open_sources(cfg: DataConfig) -> list[RecordSource]:
             raise ValueError(f'config.data.datasets.{name}: {path} holds no records')
         if cfg.strict and src.duplicates:
             i, first = next(iter(src.duplicates.items()))
-            rid = decode_record(src[i].payload, path).get('id')
+            rid = record_id(decode_record(src[i].payload, path))
             raise duplicate_error(where_of(path, i, rid, src.line(i)), rid, first)
         sources.append(src)
     return sources

@@ -61,6 +61,7 @@ class Record:
     answer_type: str | None
     modality: str | None  # SA-Med2D file-name prefix (per-modality segmentation metrics)
     modality_type: str | None = None  # OmniMedVQA's field (per-modality closed-set accuracy)
+    options: tuple[str, ...] | None = None  # closed-set choices (`options`, or OmniMedVQA's option_A, option_B, ...)
     line: int | None = None  # 1-based line in a JSON-lines file
 
     @property
@@ -112,6 +113,26 @@ def _parse_region(spec: str, where: str) -> Region:
     return Region(path=spec)
 
 
+def record_id(raw: Any) -> Any:
+    """A record's id: `id`, or OmniMedVQA's `question_id`."""
+    return raw.get('id', raw.get('question_id')) if isinstance(raw, dict) else None
+
+
+def _options(raw: dict, answer: str, where: str) -> tuple[str, ...] | None:
+    """Closed-set choices, checked to be strings and to hold the answer (scored by exact text, facts 9.3)."""
+    options = raw.get('options')
+    if options is None:
+        letters = sorted(k for k in raw if re.fullmatch(r'option_[A-Z]', k))
+        options = [raw[k] for k in letters] or None
+    if options is None:
+        return None
+    if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+        raise RecordError(f'{where}: field options: expected a non-empty list of strings')
+    if answer.strip() not in [o.strip() for o in options]:
+        raise RecordError(f'{where}: field options: the answer {answer.strip()!r} is not one of {options}')
+    return tuple(options)
+
+
 def where_of(source: str, index: int, rid: Any = None, line: int | None = None) -> str:
     """How errors name a record: `file[index] (line N) (id X)`, the line for JSON-lines files."""
     return f'{source}[{index}]' + (f' (line {line})' if line else '') + (f' (id {rid})' if rid is not None else '')
@@ -120,7 +141,7 @@ def where_of(source: str, index: int, rid: Any = None, line: int | None = None) 
 def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_files: bool = True,
                  line: int | None = None) -> Record:
     """One JSON object -> Record, or RecordError."""
-    rid = raw.get('id') if isinstance(raw, dict) else None
+    rid = record_id(raw)
     where = where_of(source, index, rid, line)
     if not isinstance(raw, dict):
         raise RecordError(f'{where}: record is a {type(raw).__name__}, expected an object')
@@ -142,6 +163,11 @@ def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_
         if isinstance(value, (dict, list)) or value is None:
             raise RecordError(f'{where}: field conversations[{k}].value: {type(value).__name__} is not text')
         value = str(value)  # the reference casts numbers to str
+        try:
+            value.encode('utf-8')
+        except UnicodeEncodeError as e:  # an escaped lone surrogate: valid JSON, not text a tokenizer takes
+            raise RecordError(f'{where}: field conversations[{k}].value: not valid Unicode ({e.reason} at '
+                              f'character {e.start})', 'json') from None
         if role == 'human':
             if MASK_RE.search(value):
                 raise RecordError(f'{where}: field conversations[{k}]: <mask> in a human turn')
@@ -175,6 +201,7 @@ def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_
         if value is not None and not isinstance(value, str):
             raise RecordError(f'{where}: field {field}: {type(value).__name__}, expected a string')
         optional[field] = value
+    optional['options'] = _options(raw, turns[-1], where)
     regions = tuple(Region(path=resolve_image(r.path, image_folder)) if r.path else r for r in regions)
     return Record(source=source, index=index, id=None if rid is None else str(rid), image=path,
                   turns=tuple(zip(turns[0::2], turns[1::2])), regions=regions, masks=tuple(masks),
@@ -229,7 +256,7 @@ def duplicate_ids(payloads: Iterable[bytes]) -> dict[int, int]:
             raw = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
-        rid = raw.get('id') if isinstance(raw, dict) else None
+        rid = record_id(raw)
         if rid is None:
             continue
         if str(rid) in first:
@@ -248,7 +275,7 @@ def load_record(payload: bytes, *, source: str, index: int, image_folder: str, l
     """One payload of `split_records` -> Record: decoded, checked against duplicate ids, parsed."""
     raw = decode_record(payload, where_of(source, index, line=line))
     if duplicate_of is not None:
-        rid = raw.get('id') if isinstance(raw, dict) else None
+        rid = record_id(raw)
         raise duplicate_error(where_of(source, index, rid, line), rid, duplicate_of)
     return parse_record(raw, source=source, index=index, image_folder=image_folder, check_files=check_files,
                         line=line)

@@ -125,6 +125,7 @@ def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction:
         asked = str(rng.choice(MODALITIES[modality][3]))
         records['closed'][split].append({
             'id': f'o{i}', 'image': image, 'answer_type': 'closed', 'modality_type': modality_text,
+            'options': ['yes', 'no'],
             'conversations': conv(f'<image>\nIs there a {asked} in this image? Options: yes, no',
                                   'yes' if asked in names else 'no')})
     counts = {}
