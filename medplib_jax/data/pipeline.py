@@ -160,6 +160,17 @@ def _array_record_paths(path: str) -> list[str]:
     return paths
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+    """What the preprocessing needs of a source (not its records): path, image folder, JSON-lines line numbers."""
+    path: str
+    image_folder: str
+    lines: list[int] | None
+
+    def line(self, index: int) -> int | None:
+        return self.lines[index] if self.lines is not None else None
+
+
 class RecordSource:
     """One records file as a grain random-access source of `RawElement`s (payload = one record's JSON bytes).
     JSON files are split at start-up (a large set reads faster as ArrayRecord: `write_array_record`); duplicate
@@ -167,13 +178,14 @@ class RecordSource:
 
     def __init__(self, path: str, dataset: int, image_folder: str, *, check_duplicate_ids: bool = True):
         self.path, self.dataset, self.image_folder = path, dataset, image_folder
-        self.lines: list[int] | None = None
+        lines = None
         if path.endswith(ARRAY_RECORD_SUFFIX):
             self._records = grain.sources.ArrayRecordDataSource(_array_record_paths(path))
         else:
             if not os.path.isfile(path):
                 raise RecordError(f'{path}: records file not found')
-            self._records, self.lines = split_records(path)
+            self._records, lines = split_records(path)
+        self.info = SourceInfo(path, image_folder, lines)
         self.duplicates = duplicate_ids(self._records[i] for i in range(len(self))) if check_duplicate_ids else {}
 
     def __len__(self) -> int:
@@ -181,9 +193,6 @@ class RecordSource:
 
     def __getitem__(self, index: int) -> RawElement:
         return RawElement(self.dataset, index, self._records[index], self.duplicates.get(index))
-
-    def line(self, index: int) -> int | None:
-        return self.lines[index] if self.lines is not None else None
 
 
 def open_sources(cfg: DataConfig) -> list[RecordSource]:
@@ -202,7 +211,7 @@ def open_sources(cfg: DataConfig) -> list[RecordSource]:
         if cfg.strict and src.duplicates:
             i, first = next(iter(src.duplicates.items()))
             rid = record_id(decode_record(src[i].payload, path))
-            raise duplicate_error(where_of(path, i, rid, src.line(i)), rid, first)
+            raise duplicate_error(where_of(path, i, rid, src.info.line(i)), rid, first)
         sources.append(src)
     return sources
 
@@ -237,16 +246,6 @@ def write_array_record(src: str, dst: str) -> int:
     return len(payloads)
 
 
-@dataclasses.dataclass(frozen=True)
-class _SourceInfo:
-    path: str
-    image_folder: str
-    lines: list[int] | None
-
-    def line(self, index: int) -> int | None:
-        return self.lines[index] if self.lines is not None else None
-
-
 class Preprocessor:
     """`RawElement` + rng -> one example (dict of numpy arrays, variable sequence length) or `Skipped`.
 
@@ -254,7 +253,7 @@ class Preprocessor:
     returned as `Skipped(reason)`. Picklable: it runs in grain's worker processes.
     """
 
-    def __init__(self, sources: Sequence[_SourceInfo], tokenizer: Any, ids: TokenIds, cfg: DataConfig,
+    def __init__(self, sources: Sequence[SourceInfo], tokenizer: Any, ids: TokenIds, cfg: DataConfig,
                  shapes: ModelShapes, image_cache: Any = None):
         self.sources, self.tokenizer, self.ids, self.cfg, self.shapes = sources, tokenizer, ids, cfg, shapes
         self.image_cache = image_cache
@@ -544,7 +543,6 @@ def build_dataset(cfg: DataConfig, shapes: ModelShapes, *, seed: int, train: boo
     tokenizer, ids = build_tokenizer(cfg, shapes)
     names = list(cfg.datasets)
     sources = open_sources(cfg)
-    infos = [_SourceInfo(s.path, s.image_folder, s.lines) for s in sources]
     parts = [grain.MapDataset.source(s) for s in sources]
     if train:
         if cfg.shuffle:
@@ -557,7 +555,7 @@ def build_dataset(cfg: DataConfig, shapes: ModelShapes, *, seed: int, train: boo
     if cfg.image_cache:
         from medplib_jax.data.image_cache import ImageCache
         cache = ImageCache(cfg.image_cache)
-    ds = ds.random_map(Preprocessor(infos, tokenizer, ids, cfg, shapes, cache), seed=_seed(seed, len(names)))
+    ds = ds.random_map(Preprocessor([s.info for s in sources], tokenizer, ids, cfg, shapes, cache), seed=_seed(seed, len(names)))
     ds = EvenShard(ds, shard.shard_index, shard.shard_count)
     local = cfg.batch_size // shard.shard_count
     ds = ds.batch(local, drop_remainder=False, batch_fn=Collator(local, cfg, shapes))
