@@ -6,7 +6,16 @@ list of `key=value` (e.g. `model=tiny,scan=True`).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections as mlc
+
+from medplib_jax.data.pipeline import DataConfig
+from medplib_jax.data.synthetic import FILES as DEMO_FILES  # the synthetic set's files by kind
+from medplib_jax.models.lora import LoRAConfig
+from medplib_jax.models.medplib import MedPLIBConfig
+from medplib_jax.models.moe import MoEConfig
+from medplib_jax.train import config as train_config
 
 # LLaMA decoder sizes. `llama7b` is LLaVA-v1.5-7B (LLaMA-2-7B architecture) with the MedPLIB vocab of 32267
 # (32000 + the 267 added tokens, facts section 1.1); tiny = the offline tiny tokenizer's 309 + 267.
@@ -101,24 +110,34 @@ def vision_config(size: str) -> mlc.ConfigDict:
     return mlc.ConfigDict(dict(VISION_SIZES[size], select_layer=-2, select_feature='patch'))
 
 
+def _fields(cls: type, exclude: tuple[str, ...] = (), **overrides) -> mlc.ConfigDict:
+    """A config block from a config dataclass's own defaults (one home for each default), with overrides."""
+    values = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude
+              and f.default is not dataclasses.MISSING}
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise ValueError(f'{cls.__name__}: unknown fields {sorted(unknown)}')
+    return mlc.ConfigDict({**values, **overrides})
+
+
 def moe_config(mode: str = 'none') -> mlc.ConfigDict:
-    """Two-expert MoE FFN; defaults = the reference's stage-IV recipe (facts section 4). Sweep capacity_factor /
-    top_k here. `aux_loss_coef` 0.0 is the stage-IV recipe (the reference's CLI default is 0.01); the aux loss is
-    computed and logged either way."""
-    return mlc.ConfigDict(dict(mode=mode, num_experts=2, top_k=1, capacity_factor=1.5, eval_capacity_factor=2.0,
-                               min_capacity=0, group_size=4, route_padding=True, aux_loss_coef=0.0))
+    """Two-expert MoE FFN (models/moe.py MoEConfig: the reference's stage-IV recipe). Sweep capacity_factor / top_k
+    here; the aux loss is computed and logged whatever `aux_loss_coef` is."""
+    return _fields(MoEConfig, mode=mode)
 
 
-def lora_config(rank: int = 0, alpha: float = 16.0, dropout: float = 0.05, targets: tuple = ()) -> mlc.ConfigDict:
-    """peft-style LoRA on the named projections; rank 0 = none. Stage recipes (facts 4.6): II r16 on all seven,
-    III r8 on gate/up/down, IV r8 on gate/up/down (per expert) + q/v."""
-    return mlc.ConfigDict(dict(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets)))
+def lora_config(**overrides) -> mlc.ConfigDict:
+    """peft-style LoRA (models/lora.py LoRAConfig; rank 0 = none). Stage recipes (facts 4.6) live in the stage
+    configs: II r16 on all seven projections, III r8 on gate/up/down, IV r8 on gate/up/down (per expert) + q/v."""
+    if 'targets' in overrides:
+        overrides['targets'] = tuple(overrides['targets'])
+    return _fields(LoRAConfig, **overrides)
 
 
 def medplib_config(base_vocab: int) -> mlc.ConfigDict:
-    """MedPLIB's own fields. `<SEG>` is the first added token, so its id is the base vocab size (32000 for LLaMA)."""
-    return mlc.ConfigDict(dict(seg_token_id=base_vocab, max_seg=1, max_regions=1, max_region_points=512,
-                               postprocess='reference', mask_threshold=0.1))
+    """MedPLIB's own fields (MedPLIBConfig). `<SEG>` is the first added token, so its id is the base vocab size."""
+    return _fields(MedPLIBConfig, exclude=('llm', 'vision', 'sam_encoder', 'sam_decoder', 'projector_type'),
+                   seg_token_id=base_vocab)
 
 
 def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32', param_dtype: str = 'float32',
@@ -172,16 +191,14 @@ def data_config(model: str = 'tiny', preset: str = 'demo') -> mlc.ConfigDict:
     mask_canvas: ground-truth masks stay at the original resolution, top-left in a canvas of this side (larger
       images are scaled down to fit). largest_component: the reference's region step (facts 3.2).
     check_duplicate_ids: one start-up pass per file. image_cache: a folder built by `build-image-cache` ('' = none).
+    template: 'llava_v1' (stages II-IV) or 'plain' (stage I: image, caption, newline).
     """
     tiny = model == 'tiny'
-    cfg = mlc.ConfigDict(dict(
-        datasets=mlc.ConfigDict(), root='', image_folder='', tokenizer='tiny' if tiny else '',
-        batch_size=4 if tiny else 128,
-        # tiny: the offline tokenizer spells most words in bytes, so conversations are long for their text.
-        length_buckets=(640, 768, 1024) if tiny else (1024, 1536, 2048, 2623),
-        shuffle=True, num_epochs=0, worker_count=0, worker_buffer_size=2, read_threads=1, prefetch=2,
-        strict=False, max_skip_fraction=0.1, skip_check_after=200, mask_canvas=256 if tiny else 1024,
-        largest_component=True, check_duplicate_ids=True, image_cache=''))
+    cfg = _fields(DataConfig, exclude=('datasets',), tokenizer='tiny' if tiny else '', batch_size=4 if tiny else 128,
+                  # tiny: the offline tokenizer spells most words in bytes, so conversations are long for their text.
+                  length_buckets=(640, 768, 1024) if tiny else (1024, 1536, 2048, 2623),
+                  mask_canvas=256 if tiny else 1024)
+    cfg.datasets = mlc.ConfigDict()
     if preset == 'demo':
         cfg.root = 'outputs/demo_data'
         cfg.datasets = mlc.ConfigDict({name: dataset(path, weight) for name, (path, weight) in DEMO_DATASETS.items()})
@@ -205,13 +222,65 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     llm, vision, sam = sizes[a.model]
     cfg = mlc.ConfigDict()
     cfg.model = model_config(llm, vision, dtype=a.dtype, scan_layers=a.scan, remat_policy=a.remat, moe=a.moe, sam=sam)
-    if a.moe != 'none':  # stage-IV adapters: per-expert LoRA on the FFN, LoRA on q and v
-        cfg.model.lora = lora_config(8, 16.0, 0.05, ('gate_proj', 'up_proj', 'down_proj', 'q_proj', 'v_proj'))
     cfg.mesh = mesh_config()
     cfg.logical_axis_rules = LOGICAL_AXIS_RULES
     cfg.seed = 0
     cfg.data = data_config(a.model, a.data)
+    # The train step's recipe (medplib_jax/train/config.py); the stage configs set it.
+    cfg.train = mlc.ConfigDict(train_config.defaults())
+    # Evaluators run every config.train.eval_every steps: name -> dict(kind=..., settings); see eval/registry.py.
+    cfg.evals = mlc.ConfigDict()
     # The main job: writes `synthetic_images` synthetic images (x6 records) to config.data.root first (0 = use
     # config.data as it is), trains nothing yet, and draws the batch it ran to `picture` ('' = no picture).
     cfg.demo = mlc.ConfigDict(dict(synthetic_images=24, picture='outputs/demo/batch.png', decode_tokens=8))
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage configs (configs/stage1.py .. stage4.py) share this base: the 7B recipe of the reference's
+# scripts/train_stage{2,3,4}.sh (facts 6 and 7.2), or `model=tiny` on the synthetic data for a laptop.
+
+# Trainable-path patterns (regexes over '/'-joined parameter paths; `layers.*` covers layers_i and scanned `layers`).
+LORA = r'model/layers.*/lora_[AB]'
+TRAINABLE = {
+    'projector': r'model/mm_projector/.*',
+    'lm_head': r'lm_head/.*',
+    'embed_tokens': r'model/embed_tokens/.*',
+    'norms': r'model/layers.*/(input|post_attention)_layernorm/.*',
+    'mask_decoder': r'model/visual_model/mask_decoder/.*',
+    'text_hidden_fcs': r'model/text_hidden_fcs/.*',
+    'region_fea_adapter': r'model/region_fea_adapter/.*',
+    'router': r'model/layers.*/mlp/gate/wg/kernel',
+}
+STAGE_ARGS = dict(model='7b', init='prev', dtype='float32', scan=False, remat='none', data='')
+
+
+def stage_config(arg: str | None, *, stage: str, files: dict[str, str], demo_files: tuple[str, ...],
+                 **arg_defaults) -> tuple[mlc.ConfigDict, mlc.ConfigDict]:
+    """The common part of a stage config. arg keys: model (7b | tiny), init (prev: the previous stages' run dirs
+    beside this run's workdir, `{runs}/stageN` | random: tests), dtype, scan, remat, data (mecovqa: the reference's
+    file names under config.data.root | demo: the synthetic set; default mecovqa for 7b, demo for tiny).
+    files: dataset name -> the reference's records file; demo_files: the synthetic files (DEMO_FILES keys)."""
+    a = parse_arg(arg, **STAGE_ARGS, **arg_defaults)
+    if a.init not in ('prev', 'random'):
+        raise ValueError(f'config arg init={a.init!r}: known: prev (the previous stages beside the workdir), random')
+    data = a.data or ('demo' if a.model == 'tiny' else 'mecovqa')
+    if data not in ('mecovqa', 'demo'):
+        raise ValueError(f'config arg data={data!r}: known: mecovqa, demo')
+    cfg = get_config(f'model={a.model},dtype={a.dtype},scan={a.scan},remat={a.remat},data=none')
+    if data == 'demo':
+        cfg.data.root = 'outputs/demo_data'
+        cfg.data.datasets = mlc.ConfigDict({k: dataset(DEMO_FILES[k].format(split='train')) for k in demo_files})
+    else:
+        cfg.data.datasets = mlc.ConfigDict({k: dataset(v) for k, v in files.items()})
+    cfg.train.stage = stage
+    return cfg, a
+
+
+def held_out(files: dict[str, str] | tuple[str, ...], demo: bool, max_batches: int = 0) -> mlc.ConfigDict:
+    """A `held_out_loss` evaluator over records files (synthetic test splits when `demo`)."""
+    if demo:
+        files = {k: DEMO_FILES[k].format(split='test') for k in files}
+    return mlc.ConfigDict(dict(kind='held_out_loss', max_batches=max_batches,
+                               datasets=mlc.ConfigDict({k: dataset(v) for k, v in files.items()})))
+

@@ -5,27 +5,32 @@ import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import configs
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), 'common.py')
+_CONFIGS = os.path.dirname(configs.__file__)
+# The demo's default is its own multi-stage config; every other command starts from the base config.
+_DEFAULT_CONFIG = {'demo': os.path.join(_CONFIGS, 'demo.py')}
+_BASE_CONFIG = os.path.join(_CONFIGS, 'common.py')
 
 # Commands that later issues fill in; each names where it will come from.
 _PENDING = {
-    'train': 'training (the stage-parametrised train step) is not implemented yet',
     'eval': 'evaluation (OmniMedVQA, MeCoVQA-C/R/G metrics) is not implemented yet',
     'chat': 'interactive inference (VQA, region prompts, grounding) is not implemented yet',
     'convert': 'checkpoint conversion to Orbax is not implemented yet; the HF key tables are in '
                'medplib_jax.convert (llama, clip)',
 }
 # command -> its positional arguments
-ARGS = {'demo': (), 'make-demo-data': ('OUT',), 'check-data': (), 'build-image-cache': (),
-        'to-array-record': ('SRC', 'DST')}
+ARGS = {'demo': (), 'train': (), 'sweep': (), 'make-demo-data': ('OUT',), 'check-data': (),
+        'build-image-cache': (), 'to-array-record': ('SRC', 'DST')}
 COMMANDS = (*ARGS, *_PENDING)
 flags.DEFINE_integer('num_images', 60, 'make-demo-data: number of synthetic images (each gives 6 records)')
 flags.DEFINE_string('picture', '', 'check-data: draw the first batch to this PNG')
+flags.DEFINE_string('workdir', '', 'train / sweep / demo: the run directory (logs, TensorBoard, final params)')
+flags.DEFINE_bool('print_launch', False, 'sweep: print one launch line per point instead of running them')
+flags.DEFINE_list('points', [], 'sweep: run only these points (names from the config\'s sweep())')
 
 
 def _main(argv: list[str]) -> int:
@@ -38,11 +43,14 @@ def _main(argv: list[str]) -> int:
     if command in _PENDING:
         print(f'medplib-jax {command}: {_PENDING[command]}.', file=sys.stderr)
         return 2
+    if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
+        logging.set_verbosity(logging.WARNING)  # Orbax and grain narrate every save at INFO
     from medplib_jax.data.pipeline import TooManySkipsError
+    from medplib_jax.train.loop import TrainingError
     config = flags.FLAGS.config
     try:
         _run(command, args, config)
-    except (ValueError, FileNotFoundError, FileExistsError, TooManySkipsError) as e:  # bad config or data: one line
+    except (ValueError, FileNotFoundError, FileExistsError, TooManySkipsError, TrainingError) as e:  # bad config or data: one line
         if os.environ.get('MEDPLIB_DEBUG'):  # MEDPLIB_DEBUG=1 for the traceback
             raise
         print(f'medplib-jax {command}: {str(e).splitlines()[0]}', file=sys.stderr)
@@ -70,20 +78,35 @@ def _run(command: str, args: list[str], config) -> None:
         print(f'{cfg.image_cache}: {len(paths) - len(failed)} images cached, {len(failed)} unreadable')
         for path, error in list(failed.items())[:10]:
             print(f'  not cached: {error}')
+    elif command in ('train', 'sweep'):
+        workdir = flags.FLAGS.workdir
+        if not workdir:
+            raise ValueError(f'{command}: set --workdir=DIR (where logs, TensorBoard events and parameters go)')
+        if command == 'train':
+            from medplib_jax.train.loop import train
+            train(config, workdir)
+        else:
+            from medplib_jax.train.sweep import run_sweep
+            run_sweep(flags.FLAGS['config'].config_filename, config, workdir, points=flags.FLAGS.points,
+                      print_launch=flags.FLAGS.print_launch)
     elif command == 'to-array-record':
         from medplib_jax.data.pipeline import write_array_record
         print(f'{args[1]}: {write_array_record(*args)} records')
     else:
         from medplib_jax.demo import run_demo
-        run_demo(config)
+        if 'stages' not in config or 'demo' not in config:
+            raise ValueError('demo: --config must be a multi-stage demo config such as configs/demo.py')
+        run_demo(config, flags.FLAGS.workdir)
 
 
 def _define_config_flag(argv: list[str]) -> None:
     """Defines --config. ml_collections applies `--config.x=` overrides while defining the flag, so a field that
     does not exist fails here: report it in one line instead of a traceback."""
     try:
-        config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file[:arg]; fields overridable with '
-                                        '--config.field=value.', lock_config=True)
+        command = next((a for a in argv[1:] if not a.startswith('-')), '')
+        config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG.get(command, _BASE_CONFIG),
+                                        'Config file[:arg]; fields overridable with --config.field=value.',
+                                        lock_config=True)
     except (AttributeError, KeyError) as e:  # ml_collections' locked-config errors
         text = str(e).replace('\\', '')
         key = re.search(r"'(\w+)'", text)

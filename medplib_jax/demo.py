@@ -1,11 +1,15 @@
-"""The main job on the embedded default: synthetic MeCoVQA-like data through the grain pipeline into the tiny
-MedPLIB on CPU.
+"""The main job on the embedded default: the tiny MedPLIB trained through stages I to IV on synthetic MeCoVQA-like
+data on CPU, then shown on held-out records.
 
-Writes the synthetic set (complex VQA, region VQA with mask / box / point prompts, grounding with `<SEG>`), mixes
-the three training files through the pipeline, and runs one real batch through the whole model (CLIP tower,
-projector, region encoder, LLaMA with dense or MoE FFNs, `<SEG>` -> T-projector -> SAM-Med2D), its parameters
-sharded over the configured mesh: next-token loss, masks at each image's original size against the ground truth,
-KV-cache greedy decoding of a question, and a picture of the batch. Training arrives with the train-step issue.
+1. Writes the synthetic set (complex VQA, region VQA with mask / box / point prompts, grounding with `<SEG>`,
+   closed questions), train and test splits.
+2. Trains configs/demo.py: the four stage configs with `model=tiny`, shortened, each stage starting from the
+   previous one's hand-off (stage IV builds its two experts from stages III and II), with progress bars, metrics
+   in `workdir/stageN/metrics.jsonl` and TensorBoard events.
+3. Restores stage IV's final parameters and runs one held-out batch through the whole model: each answer as the
+   model predicts it token by token (teacher-forced), each `<SEG>` mask at its image's original size with its
+   Dice against the ground truth, and a picture of it all. Free-running generation and the paper's evaluators
+   arrive with the inference and evaluation issues.
 """
 from __future__ import annotations
 
@@ -19,23 +23,15 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from medplib_jax import sharding
+from medplib_jax import checkpoint, sharding
 from medplib_jax.constants import IGNORE_INDEX
-from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset, build_tokenizer, skip_counts
-from medplib_jax.data.regions import resized_size
+from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_tokenizer, make_iterator
 from medplib_jax.data.synthetic import make_demo_data
 from medplib_jax.data.visualize import render_batch
-from medplib_jax.infer.generate import greedy_generate
+from medplib_jax.models.masks import binarize, postprocess_masks
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
-from medplib_jax.models.moe import collect_moe_metrics
-from medplib_jax.models.sam import binarize, postprocess_masks
-from medplib_jax.train.losses import next_token_cross_entropy
-
-MODEL_INPUTS = ('input_ids', 'clip_pixels', 'sam_pixels', 'region_grids', 'token_mask')
-
-
-def _count(params: Any) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+from medplib_jax.train.loop import train
+from medplib_jax.train.step import MODEL_INPUTS
 
 
 def _dice(pred: np.ndarray, target: np.ndarray) -> float:
@@ -43,149 +39,76 @@ def _dice(pred: np.ndarray, target: np.ndarray) -> float:
     return 2 * inter / max(float(pred.sum() + (target > 0).sum()), 1.0)
 
 
-def _first_batch(config: mlc.ConfigDict, data_cfg: DataConfig, shapes: ModelShapes, log: Callable[[str], None]
-                 ) -> dict[str, np.ndarray]:
-    if config.demo.synthetic_images:
-        if not data_cfg.root:
-            raise ValueError('config.demo.synthetic_images needs config.data.root (where to write the synthetic set);'
-                             ' or set config.demo.synthetic_images=0 to run on config.data as it is')
-        counts = make_demo_data(data_cfg.root, num_images=config.demo.synthetic_images, seed=config.seed)
-        log(f'synthetic MeCoVQA-like data: {sum(counts.values())} records over {config.demo.synthetic_images} '
-            f'images in {data_cfg.root}')
+def run_demo(config: mlc.ConfigDict, workdir: str = '', log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the demo (config: configs/demo.py); returns a summary (also logged)."""
+    demo = config.demo
+    workdir = workdir or demo.workdir
+    if demo.synthetic_images:
+        counts = make_demo_data(demo.root, num_images=demo.synthetic_images, seed=config.stages.stage1.seed)
+        log(f'synthetic MeCoVQA-like data: {sum(counts.values())} records over {demo.synthetic_images} images in '
+            f'{demo.root}')
     start = time.perf_counter()
-    it = iter(build_dataset(data_cfg, shapes, seed=config.seed))
-    try:
-        batch = next(it)
-    finally:
-        it.close()
-    kinds = ['grounding' if s.any() else 'region' if r.any() else 'vqa' if v else 'skipped'
-             for s, r, v in zip(batch['seg_valid'], batch['region_valid'], batch['example_valid'])]
-    skipped = {k: v for k, v in skip_counts(batch['skip_reason']).items() if v}
-    log(f'pipeline: batch {tuple(batch["input_ids"].shape)} (length bucket {batch["input_ids"].shape[1]} of '
-        f'{data_cfg.length_buckets}) rows {kinds}, skipped {skipped or "none"}; '
-        f'{time.perf_counter() - start:.1f}s')
-    return batch
-
-
-def run_demo(config: mlc.ConfigDict, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs the demo; returns a summary dict (also logged line by line)."""
-    cfg = MedPLIBConfig.from_model_config(config.model)
-    llm_cfg = cfg.llm
-    data_cfg, shapes = DataConfig.from_config(config.data), ModelShapes.from_config(config.model)
-    mesh = sharding.make_mesh(config.mesh)
-    rules = config.logical_axis_rules
-    log(f'devices: {jax.device_count()} x {jax.devices()[0].platform}; mesh {dict(mesh.shape)}')
-    b = data_cfg.batch_size
-    batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
-    if b % batch_shards:
-        raise ValueError(f'config.data.batch_size={b} is not divisible by mesh data x fsdp = {batch_shards}')
-    if llm_cfg.moe_layers and b % llm_cfg.moe.group_size:
-        raise ValueError(f'config.data.batch_size={b} is not a multiple of config.model.moe.group_size='
-                         f'{llm_cfg.moe.group_size} (MoE routing groups are whole sequences)')
-    host = _first_batch(config, data_cfg, shapes, log)
-    batch = {k: jnp.asarray(host[k]) for k in MODEL_INPUTS}
-    labels = jnp.asarray(host['labels'])
-
-    model = MedPLIBForCausalLM(llm_cfg, mcfg=cfg)
-    start = time.perf_counter()
-    params, _ = sharding.init_sharded(
-        lambda: model.init(jax.random.key(config.seed), **batch, method=MedPLIBForCausalLM.forward), mesh, rules)
-    sharding.assert_params_sharded(params)
-    p = params['params']['model']
-    log(f'params: {_count(params):,} (clip {_count(p["vision_tower"]):,}, sam {_count(p["visual_model"]):,}, '
-        f'llm+heads {_count(params) - _count(p["vision_tower"]) - _count(p["visual_model"]):,}); '
-        f'init {time.perf_counter() - start:.1f}s')
-
-    @jax.jit
-    def forward(params, batch, labels):
-        out = model.apply(params, **batch, method=MedPLIBForCausalLM.forward)
-        loss, count = next_token_cross_entropy(out['logits'], labels)
-        return out, loss, count
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-        start = time.perf_counter()
-        out, loss, count = jax.block_until_ready(forward(params, batch, labels))
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        jax.block_until_ready(forward(params, batch, labels))
-        second = time.perf_counter() - start
-    summary = dict(logits_shape=tuple(out['logits'].shape), loss=float(loss), supervised_tokens=int(count),
-                   finite=bool(jnp.isfinite(out['logits']).all()), compile_and_run_s=first, run_s=second)
-    log(f'forward: {shapes.num_image_tokens} image tokens + regions + text -> logits {summary["logits_shape"]}, '
-        f'loss {summary["loss"]:.4f} over {summary["supervised_tokens"]} answer tokens '
-        f'(ln V = {np.log(llm_cfg.vocab_size):.4f}); first call {first:.2f}s, second {second:.3f}s')
-
-    predicted, dice = _masks(out, host, cfg)
-    summary.update(predicted_masks=[None if m is None else m.shape for m in predicted], dice=dice)
-    for i, m in enumerate(predicted):
-        if m is not None:
-            log(f'<SEG> -> SAM-Med2D mask logits {tuple(out["mask_logits"].shape[2:])} -> row {i} mask at its '
-                f'original {m.shape[0]}x{m.shape[1]}: {int(m.sum())} pixels above sigmoid {cfg.mask_threshold}, '
-                f'Dice {dice[i]:.3f} vs the ground truth (random weights)')
-
-    tokenizer, _ = build_tokenizer(data_cfg, shapes)
-    summary['generated'] = _decode(model, params, host, tokenizer, config.demo.decode_tokens, mesh, rules, log)
-    if config.demo.picture:
-        os.makedirs(os.path.dirname(config.demo.picture) or '.', exist_ok=True)
-        summary['picture'] = render_batch(host, tokenizer, config.demo.picture, predicted=predicted)
-        log(f'picture of the batch (inputs, regions, ground truth, predictions): {summary["picture"]}')
-    if llm_cfg.moe_layers:
-        summary['moe'] = m = _moe_report(model, params, batch, config.seed, mesh, rules)
-        log(f'MoE, training mode (capacity factor {llm_cfg.moe.capacity_factor}, top-{llm_cfg.moe.top_k}): '
-            f'aux loss {m["aux_loss"]:.4f} over {len(llm_cfg.moe_layers)} layers; tokens per expert '
-            f'by layer {m["expert_counts"]}; dropped {m["drop_fraction"]}')
-    if not summary['finite']:
-        raise FloatingPointError('demo: non-finite logits')
+    results = train(config, workdir, log)
+    log(f'trained {len(results)} stages in {time.perf_counter() - start:.0f}s:')
+    for name, r in results.items():
+        first = {k: r.first.get(k) for k in ('loss/ce', 'mask/dice')}
+        last = {k: r.last.get(k) for k in ('loss/ce', 'mask/dice')}
+        dice = (f', mask Dice loss {first["mask/dice"]:.3f} -> {last["mask/dice"]:.3f}'
+                if first['mask/dice'] is not None and last['mask/dice'] is not None else '')
+        log(f'  {name}: text CE {first["loss/ce"]:.3f} -> {last["loss/ce"]:.3f}{dice} ({r.steps} steps)')
+    summary: dict[str, Any] = {'stages': {n: {'first': r.first, 'last': r.last, 'steps': r.steps}
+                                          for n, r in results.items()}}
+    summary.update(_show(config.stages[list(config.stages)[-1]], results[list(results)[-1]].final_params, demo, log))
     return summary
 
 
-def _masks(out: dict, host: dict, cfg: MedPLIBConfig) -> tuple[list[np.ndarray | None], dict[int, float]]:
-    """Each grounding row's first mask, post-processed to the original image size (outside jit: sizes differ)."""
-    predicted, dice = [], {}
+def _show(stage: mlc.ConfigDict, params_dir: str, demo: mlc.ConfigDict, log: Callable[[str], None]) -> dict:
+    """The trained model on one held-out batch: teacher-forced answers, masks with Dice, a picture."""
+    model_cfg = stage.model.copy_and_resolve_references()
+    model_cfg.lora.rank = 0  # the hand-off has its adapters merged
+    cfg = MedPLIBConfig.from_model_config(model_cfg)
+    model = MedPLIBForCausalLM(cfg.llm, mcfg=cfg)
+    mesh = sharding.make_mesh(stage.mesh)
+    data = stage.copy_and_resolve_references()
+    for spec in data.data.datasets.values():
+        spec.path = spec.path.replace('_train.', '_test.')
+    it = make_iterator(data, train=True)  # the test split, mixed: one row of each kind
+    try:
+        host = next(it)
+    finally:
+        it.close()
+    params = checkpoint.restore_params(params_dir, lambda path, shape: jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    params = checkpoint.unflatten(params)
+    fwd = jax.jit(lambda p, b: model.apply({'params': p}, **b, method=MedPLIBForCausalLM.forward))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(stage.logical_axis_rules)):
+        out = jax.device_get(fwd(params, {k: jnp.asarray(host[k]) for k in MODEL_INPUTS}))
+    tokenizer, _ = build_tokenizer(DataConfig.from_config(data.data), ModelShapes.from_config(data.model))
+    said, masks, dice = [], [], {}
     for i in range(len(host['example_valid'])):
+        labels = host['labels'][i]
+        answer = np.nonzero(labels[1:] != IGNORE_INDEX)[0]  # positions predicting a supervised token
+        predicted = out['logits'][i, answer].argmax(-1)
+        said.append(tokenizer.decode(predicted.tolist()) if host['example_valid'][i] else None)
         if not host['seg_valid'][i, 0]:
-            predicted.append(None)
+            masks.append(None)
             continue
         h, w = (int(v) for v in host['image_size'][i])
-        logits = postprocess_masks(out['mask_logits'][i, 0], resized_size(h, w, 256), (h, w), cfg.postprocess)
-        mask = np.asarray(binarize(logits, cfg.mask_threshold))
+        sam_h, sam_w = (int(v) for v in host['sam_size'][i])
+        mask = np.asarray(binarize(postprocess_masks(jnp.asarray(out['mask_logits'][i, 0]), (sam_h, sam_w), (h, w),
+                                                     cfg.postprocess), cfg.mask_threshold))
         mh, mw = (int(v) for v in host['mask_size'][i])
         if (mh, mw) == (h, w):
             dice[i] = _dice(mask, host['seg_masks'][i, 0, :h, :w])
-        predicted.append(mask)
-    return predicted, dice
-
-
-def _decode(model: MedPLIBForCausalLM, params: Any, host: dict, tokenizer: Any, n: int, mesh, rules,
-            log: Callable[[str], None]) -> list[list[int]]:
-    """Greedy KV-cache decoding of every row's question as text, left-padded (the image needs the multimodal
-    prefill of the inference issue); row 0's answer is shown decoded."""
-    ids, labels = host['input_ids'], host['labels']
-    prompts = [row[(row >= 0) & (lab == IGNORE_INDEX) & mask]
-               for row, lab, mask in zip(ids, labels, host['token_mask'])]
-    width = max(len(p) for p in prompts)
-    prompt = np.zeros((len(prompts), width), np.int32)
-    prompt_mask = np.zeros((len(prompts), width), bool)
-    for i, p in enumerate(prompts):
-        prompt[i, width - len(p):], prompt_mask[i, width - len(p):] = p, True
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-        tokens, _ = greedy_generate(model, params['params'], jnp.asarray(prompt), jnp.asarray(prompt_mask), n)
-    tokens = np.asarray(tokens).tolist()
-    log(f'greedy decode (KV cache) of each row\'s question, {n} tokens; row 0: {tokens[0]} = '
-        f'{tokenizer.decode(tokens[0])!r} (random weights)')
-    return tokens
-
-
-def _moe_report(model: MedPLIBForCausalLM, params: Any, batch: dict, seed: int, mesh, rules) -> dict[str, Any]:
-    """One training-mode forward (where tokens can be dropped) to show router load and drops."""
-    @jax.jit
-    def fwd(params, batch):
-        _, state = model.apply(params, **batch, train=True, compute_masks=False, mutable=['intermediates'],
-                               rngs={'moe': jax.random.key(seed), 'dropout': jax.random.key(seed + 1)},
-                               method=MedPLIBForCausalLM.forward)
-        return collect_moe_metrics(state['intermediates'])
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
-        m = jax.device_get(fwd(params, batch))
-    return dict(aux_loss=float(m['aux_loss']), expert_counts=m['expert_counts'].tolist(),
-                drop_fraction=[round(float(v), 3) for v in m['drop_fraction']])
+        masks.append(mask)
+    for i, text in enumerate(said):
+        if text is not None:
+            truth = tokenizer.decode(host['labels'][i][host['labels'][i] != IGNORE_INDEX].tolist())
+            extra = f'; <SEG> mask Dice {dice[i]:.3f}' if i in dice else ''
+            log(f'held-out row {i}: answer {truth!r}, model (teacher-forced) {text!r}{extra}')
+    summary: dict[str, Any] = {'dice': dice, 'answers': said}
+    if demo.picture:
+        os.makedirs(os.path.dirname(demo.picture) or '.', exist_ok=True)
+        summary['picture'] = render_batch(host, tokenizer, demo.picture, predicted=masks, predicted_text=said)
+        log(f'picture of the held-out batch (inputs, regions, ground truth, predictions): {summary["picture"]}')
+    return summary

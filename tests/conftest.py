@@ -6,6 +6,14 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import tempfile  # noqa: E402
+
+# JAX's persistent compilation cache for the whole test session, shared with the subprocesses the CLI tests start
+# (they inherit the environment): each distinct program compiles once per CI run.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='medplib-jax-jit-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

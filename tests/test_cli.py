@@ -1,9 +1,11 @@
 """The `medplib-jax` entry point, run as a user would (a subprocess)."""
+import json
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,38 +18,87 @@ def _run(*args, devices=1):
                           env=env, cwd=ROOT, timeout=600)
 
 
-def _demo(tmp_path, *args, config='configs/common.py', devices=1):
-    return _run('demo', f'--config={config}', f'--config.data.root={tmp_path}/data',
-                f'--config.demo.picture={tmp_path}/batch.png', '--config.demo.synthetic_images=8', *args,
-                devices=devices)
+DEMO_STEPS = '3:4:4:3'  # the same in both tests below: the second finds every program in the compilation cache
 
 
-def test_demo_runs_on_one_device(tmp_path):
-    res = _demo(tmp_path)
+def test_demo_trains_every_stage_and_shows_the_trained_model(tmp_path):
+    res = _run('demo', f'--config=configs/demo.py:root={tmp_path}/data,steps={DEMO_STEPS}', f'--workdir={tmp_path}/runs',
+               f'--config.demo.picture={tmp_path}/pred.png', '--config.demo.synthetic_images=8')
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in res.stdout
-    assert 'synthetic MeCoVQA-like data: 48 records over 8 images' in res.stdout
-    assert re.search(r"pipeline: batch \(4, (640|768|1024)\) .* rows \['\w+', '\w+', '\w+', '\w+'\], skipped none",
-                     res.stdout)
-    assert re.search(r'576 image tokens \+ regions \+ text -> logits \(4, (640|768|1024), 576\)', res.stdout)
-    assert re.search(r'row \d mask at its original \d+x\d+: \d+ pixels above sigmoid 0.1, Dice', res.stdout)
-    assert 'greedy decode (KV cache)' in res.stdout
-    with Image.open(tmp_path / 'batch.png') as im:
-        assert im.width > 600 and im.height > 4 * 200
+    out = res.stdout
+    assert 'synthetic MeCoVQA-like data: 48 records over 8 images' in out
+    for stage, steps in zip(('I', 'II', 'III', 'IV'), DEMO_STEPS.split(':')):
+        assert re.search(rf'stage {stage} done: loss [\d.]+ -> [\d.]+ over {steps} steps; hand-off', out), stage
+    assert re.search(r'stage3: text CE [\d.]+ -> [\d.]+, mask Dice loss [\d.]+ -> [\d.]+ \(4 steps\)', out)
+    assert 'init: 6 arrays (98,304 parameters) from init.experts' in out  # stage IV's experts from III and II
+    assert re.search(r"held-out row \d: answer '.+', model \(teacher-forced\) '.*'; <SEG> mask Dice [\d.]+", out)
+    assert 'train step compiled for length' in out and 'memory per device: arguments' in out
+    with Image.open(tmp_path / 'pred.png') as im:
+        assert im.width > 600 and im.height > 3 * 200
+    assert 'Traceback' not in res.stderr
 
 
-def test_demo_with_moe_reports_router_load(tmp_path):
-    res = _demo(tmp_path, config='configs/common.py:moe=dense')
+def _events(path):
+    """Scalar summaries in a TensorBoard event file, read with the TFRecord framing and tensorboardX's protos."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    tags = {}
+    with open(path, 'rb') as f:
+        data = f.read()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack('<Q', data[offset:offset + 8])
+        event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+        offset += 12 + length + 4
+        for value in event.summary.value:
+            tags.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return tags
+
+
+def test_train_demo_config_writes_tensorboard_events_and_metrics_jsonl(tmp_path):
+    res = _run('make-demo-data', str(tmp_path / 'data'), '--num_images=8')
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = _run('train', f'--config=configs/demo.py:root={tmp_path}/data,steps={DEMO_STEPS}', f'--workdir={tmp_path}/runs')
     assert res.returncode == 0, res.stderr[-3000:]
-    assert 'MoE, training mode (capacity factor 1.5, top-1): aux loss' in res.stdout
-    assert 'tokens per expert by layer' in res.stdout
+    for k, steps in enumerate(map(int, DEMO_STEPS.split(':')), start=1):
+        stage = tmp_path / 'runs' / f'stage{k}'
+        lines = [json.loads(line) for line in (stage / 'metrics.jsonl').read_text().splitlines()]
+        train = [m for m in lines if 'loss' in m]
+        assert train[-1]['step'] == steps and all(np.isfinite(m['loss']) for m in train)
+        assert {'loss/ce', 'grad_norm', 'lr', 'accuracy', 'tokens/supervised', 'perf/tokens_per_s',
+                'data/records_seen'} <= set(train[-1])
+        assert any('eval/held_out/loss' in m for m in lines) or k == 1
+        events = _events(next((stage / 'tensorboard').glob('events.out.tfevents.*')))
+        assert [s for s, _ in events['loss']] == [m['step'] for m in train]
+        assert np.allclose([v for _, v in events['loss']], [m['loss'] for m in train], rtol=1e-6)
+        assert (stage / 'final_params' / '_CHECKPOINT_METADATA').exists()
+        meta = json.loads((stage / 'final_params.json').read_text())
+        assert meta['stage'] == ['I', 'II', 'III', 'IV'][k - 1] and 'jax' in meta['versions']
+    lines = [json.loads(line) for line in (tmp_path / 'runs' / 'stage4' / 'metrics.jsonl').read_text().splitlines()]
+    last = [m for m in lines if 'loss' in m][-1]
+    assert {'moe/drop_fraction/layer_0', 'moe/load/layer_1/expert_0', 'mask/dice'} <= set(last)
 
 
-def test_demo_runs_sharded_on_eight_devices(tmp_path):
-    res = _demo(tmp_path, '--config.mesh.fsdp=2', '--config.mesh.tensor=2', devices=8)
+def test_sweep_runs_two_points_and_writes_the_table(tmp_path):
+    res = _run('make-demo-data', str(tmp_path / 'data'), '--num_images=8')
+    assert res.returncode == 0, res.stderr[-2000:]
+    args = ('--config=configs/stage4.py:model=tiny,init=random', f'--workdir={tmp_path}/sweep',
+            f'--config.data.root={tmp_path}/data', '--config.train.max_steps=2', '--config.model.moe.group_size=1',
+            '--config.evals.held_out.max_batches=1')
+    res = _run('sweep', *args, '--print_launch')
+    assert res.returncode == 0, res.stderr[-2000:]
+    launch = res.stdout.strip().splitlines()
+    assert len(launch) == 4 and all(line.startswith('medplib-jax train --config=configs/stage4.py') for line in launch)
+    assert '--config.model.moe.capacity_factor=1.5' in launch[1] and '--config.model.moe.top_k=2' in launch[3]
+    assert '--config.train.max_steps=2' in launch[0]
+    res = _run('sweep', *args, '--points=cf1_top1,cf2_top2')
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in res.stdout
-    assert 'Involuntary full rematerialization' not in res.stderr
+    table = (tmp_path / 'sweep' / 'sweep.md').read_text().splitlines()
+    assert table[0].startswith('| point | capacity_factor | top_k | steps | loss |') and len(table) == 4
+    assert table[2].startswith('| cf1_top1 | 1.0 | 1 | 2 |') and table[3].startswith('| cf2_top2 | 2.0 | 2 | 2 |')
+    rows = json.loads((tmp_path / 'sweep' / 'sweep.json').read_text())
+    assert all({'dropped', 'load expert_0', 'load expert_1', 'held_out/loss'} <= set(r) for r in rows)
+    assert rows[0]['dropped'] > 0 and rows[1]['dropped'] == 0  # top-1 at capacity factor 1 drops tokens
 
 
 def test_data_commands(tmp_path):
@@ -79,14 +130,13 @@ def test_data_commands(tmp_path):
 
 
 @pytest.mark.parametrize('args,message', [
-    (('demo', '--config.mesh.fsdpp=2'), "--config.mesh.fsdpp: no such config field 'fsdpp'"),
-    (('demo', '--config.data.batch_size=3'), 'config.data.batch_size=3 is not divisible by mesh data x fsdp = 8'),
-    (('demo', '--config=configs/common.py:moe=dense', '--config.data.batch_size=16', '--config.model.moe.group_size=3'),
-     'medplib-jax demo: config.data.batch_size=16 is not a multiple of config.model.moe.group_size=3'),
-    (('demo', '--config.model.moe.top_k=3'), 'medplib-jax demo: moe.top_k=3: only top-1 and top-2 gating exist'),
+    (('check-data', '--config.mesh.fsdpp=2'), "--config.mesh.fsdpp: no such config field 'fsdpp'"),
+    (('demo', '--config=configs/common.py'), 'demo: --config must be a multi-stage demo config'),
     (('check-data', '--config.data.length_buckets=(900,800)'), 'medplib-jax check-data: config.data.length_buckets'),
-    (('train',), 'medplib-jax train: training (the stage-parametrised train step) is not implemented yet.'),
-    (('fly',), 'expected one command of demo, make-demo-data, check-data'),
+    (('train', '--config=configs/stage2.py:model=tiny'), 'medplib-jax train: train: set --workdir=DIR'),
+    (('train', '--config=configs/stage2.py:model=tiny,init=maybe'), 'config arg init'),
+    (('eval',), 'medplib-jax eval: evaluation (OmniMedVQA, MeCoVQA-C/R/G metrics) is not implemented yet.'),
+    (('fly',), 'expected one command of demo, train, sweep, make-demo-data, check-data'),
 ])
 def test_errors_are_one_clear_line(args, message):
     res = _run(*args, devices=8)

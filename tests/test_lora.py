@@ -1,4 +1,4 @@
-"""LoRA adapters: peft's forward (x W + alpha/r * x A B), init, dropout, frozen base, merge."""
+"""LoRA adapters: peft's forward (x W + alpha/r * x A B), init, dropout, merge."""
 import dataclasses
 
 import flax.linen as nn
@@ -77,9 +77,10 @@ def test_llama_lora_targets_and_stage_handoff(np_rng):
     merged_logits, _ = plain.apply({'params': merge(params, lora)}, ids)
     np.testing.assert_allclose(np.asarray(merged_logits), np.asarray(with_lora), rtol=1e-5, atol=1e-5)
 
+    # The layer does not freeze its base: the stage's trainable patterns do (tests/test_train_step.py).
     grads = jax.grad(lambda p: model.apply({'params': p}, ids)[0].sum())(params)
     g = grads['model']['layers_0']['mlp']['up_proj']
-    assert np.all(np.asarray(g['kernel']) == 0) and np.abs(np.asarray(g['lora_A'])).max() > 0
+    assert np.abs(np.asarray(g['kernel'])).max() > 0 and np.abs(np.asarray(g['lora_A'])).max() > 0
 
 
 def test_config_errors():

@@ -11,7 +11,7 @@ from configs.common import get_config
 from medplib_jax.data.regions import RegionPrompt, regions_to_grids, resized_size
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.models.multimodal import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
-from medplib_jax.models.sam import binarize, postprocess_masks
+from medplib_jax.models.masks import binarize, postprocess_masks
 
 
 @pytest.fixture(scope='module')

@@ -239,7 +239,7 @@ def test_dropped_token_passes_through_the_decoder_layer_unchanged(np_rng):
     assert float(inter['mlp']['moe_drop_fraction'][0]) == pytest.approx(dropped.mean())
 
 
-def test_gradients_reach_router_and_lora_not_base_weights(np_rng):
+def test_gradients_reach_router_and_lora(np_rng):
     moe = MoEConfig(mode='dense', capacity_factor=1.5, group_size=2)
     lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.05, targets=('gate_proj', 'up_proj', 'down_proj'))
     layer = MoEFFN(moe, 12, lora)
@@ -257,7 +257,8 @@ def test_gradients_reach_router_and_lora_not_base_weights(np_rng):
     assert np.abs(np.asarray(grads['gate']['wg']['kernel'])).max() > 0
     for name in ('gate_proj', 'up_proj', 'down_proj'):
         assert np.abs(np.asarray(grads['experts'][name]['lora_B'])).max() > 0
-        assert np.all(np.asarray(grads['experts'][name]['kernel']) == 0), name  # frozen base
+        # the base is not frozen by the layer (the stage's trainable patterns freeze it)
+        assert np.abs(np.asarray(grads['experts'][name]['kernel'])).max() > 0, name
     assert np.abs(np.asarray(grads['experts']['down_proj']['lora_A'])).max() > 0
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medplib_jax.data.regions import resized_size
-from medplib_jax.models.sam import binarize, postprocess_masks
+from medplib_jax.models.masks import binarize, postprocess_masks
 
 
 def _torch_resize(x, size):

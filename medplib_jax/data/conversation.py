@@ -23,6 +23,9 @@ from medplib_jax.data.tokenizer import TokenIds
 SYSTEM_LLAVA_V1 = ('A chat between a curious human and an artificial intelligence assistant. The assistant gives '
                    "helpful, detailed, and polite answers to the human's questions.")
 IMAGE_PREFIX = '<im_start><image><im_end>\n'
+# llava_v1: MedPLIB's stages II-IV. plain: LLaVA-1.5's projector pre-training (stage I, `preprocess_plain` in
+# LLaVA's train.py): the image then the caption and '\n', the question dropped, one turn.
+TEMPLATES = ('llava_v1', 'plain')
 
 
 class ConversationError(ValueError):
@@ -41,8 +44,17 @@ class Tokenized:
     num_seg: int
 
 
-def build_prompt(turns: Sequence[tuple[str, str]], system: str = SYSTEM_LLAVA_V1) -> tuple[str, list[tuple[int, int]]]:
-    """(question, answer) pairs -> prompt text and the character span of each answer (answer + `</s>`)."""
+def build_prompt(turns: Sequence[tuple[str, str]], system: str = SYSTEM_LLAVA_V1, template: str = 'llava_v1'
+                 ) -> tuple[str, list[tuple[int, int]]]:
+    """(question, answer) pairs -> prompt text and the character span of each answer (answer + `</s>`, or
+    caption + newline for `plain`)."""
+    if template == 'plain':
+        if len(turns) != 1:
+            raise ConversationError(f'the plain template takes one (image, caption) turn, got {len(turns)}')
+        text = '<im_start><image><im_end>'
+        return text + turns[0][1] + '\n', [(len(text), len(text) + len(turns[0][1]) + 1)]
+    if template != 'llava_v1':
+        raise ValueError(f'conversation template {template!r}; known: {TEMPLATES}')
     text = system + ' '
     spans = []
     for question, answer in turns:
@@ -59,9 +71,10 @@ def with_image_prefix(question: str) -> str:
 
 
 def tokenize_conversation(tokenizer: Any, ids: TokenIds, turns: Sequence[tuple[str, str]], *,
-                          num_image_tokens: int, max_length: int, source: str = 'conversation') -> Tokenized:
-    """Tokenises the template over `turns` (the first question must already carry IMAGE_PREFIX)."""
-    text, spans = build_prompt(turns)
+                          num_image_tokens: int, max_length: int, source: str = 'conversation',
+                          template: str = 'llava_v1') -> Tokenized:
+    """Tokenises the template over `turns` (for llava_v1 the first question must already carry IMAGE_PREFIX)."""
+    text, spans = build_prompt(turns, template=template)
     parts = text.split('<image>')
     if len(parts) != 2:
         raise ConversationError(f'{source}: expected exactly one <image>, found {len(parts) - 1}')

@@ -37,8 +37,8 @@ from absl import logging
 
 from medplib_jax.config_fields import known_fields
 from medplib_jax.constants import IGNORE_INDEX
-from medplib_jax.data.conversation import (ConversationError, SequenceTooLongError, tokenize_conversation,
-                                           with_image_prefix)
+from medplib_jax.data.conversation import (TEMPLATES, ConversationError, SequenceTooLongError,
+                                           tokenize_conversation, with_image_prefix)
 from medplib_jax.data.images import (CLIP_SIZE, SAM_SIZE, ImageError, clip_canvas, clip_normalize, find_image,
                                      load_image, load_mask, sam_canvas, sam_normalize)
 from medplib_jax.data.records import (REASONS, Record, RecordError, decode_record, duplicate_error, duplicate_ids,
@@ -86,8 +86,11 @@ class DataConfig:
     largest_component: bool = True
     check_duplicate_ids: bool = True
     image_cache: str = ''
+    template: str = 'llava_v1'
 
     def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f'config.data.template={self.template!r}; known: {TEMPLATES}')
         buckets = tuple(self.length_buckets)
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
             raise ValueError(f'config.data.length_buckets={buckets}: need increasing positive lengths')
@@ -298,7 +301,8 @@ class Preprocessor:
         turns = [(with_image_prefix(rec.turns[0][0]), rec.turns[0][1]), *rec.turns[1:]]
         try:
             tok = tokenize_conversation(self.tokenizer, self.ids, turns, num_image_tokens=shapes.num_image_tokens,
-                                        max_length=self.cfg.max_length, source=f'{rec.where}: field conversations')
+                                        max_length=self.cfg.max_length, source=f'{rec.where}: field conversations',
+                                        template=self.cfg.template)
         except SequenceTooLongError as e:
             raise RecordError(str(e), 'too_long') from None
         except ConversationError as e:
@@ -457,10 +461,13 @@ class EvenShard(grain.MapDataset):
 class SkipAccounting(grain.IterDataset):
     """Main-process stage: logs each skipped record, keeps totals by reason, enforces `max_skip_fraction`."""
 
-    def __init__(self, parent: grain.IterDataset, max_skip_fraction: float, check_after: int, num_records: int):
+    def __init__(self, parent: grain.IterDataset, max_skip_fraction: float, check_after: int, num_records: int,
+                 epoch_records: int | None = None):
         super().__init__(parent)
         self._max_fraction, self._check_after = max_skip_fraction, check_after
         self.num_records = num_records  # in one pass over the sources (progress bars)
+        # records in one epoch of the mix (what config.data.num_epochs and the train schedule count)
+        self.epoch_records = num_records if epoch_records is None else epoch_records
 
     def __iter__(self) -> 'DataIterator':
         return DataIterator(self._parent.__iter__(), self._max_fraction, self._check_after)
@@ -548,9 +555,11 @@ def build_dataset(cfg: DataConfig, shapes: ModelShapes, *, seed: int, train: boo
         if cfg.shuffle:
             parts = [p.shuffle(seed=_seed(seed, k)) for k, p in enumerate(parts)]
         ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [cfg.datasets[n].weight for n in names])
+        epoch = len(ds)
         ds = ds.repeat(cfg.num_epochs or None)
     else:
         ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+        epoch = len(ds)
     cache = None
     if cfg.image_cache:
         from medplib_jax.data.image_cache import ImageCache
@@ -563,7 +572,7 @@ def build_dataset(cfg: DataConfig, shapes: ModelShapes, *, seed: int, train: boo
     if cfg.worker_count:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
                                                          per_worker_buffer_size=cfg.worker_buffer_size))
-    return SkipAccounting(it, cfg.max_skip_fraction, cfg.skip_check_after, sum(len(s) for s in sources))
+    return SkipAccounting(it, cfg.max_skip_fraction, cfg.skip_check_after, sum(len(s) for s in sources), epoch)
 
 
 def make_iterator(config: Mapping[str, Any], *, train: bool = True,

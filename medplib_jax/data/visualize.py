@@ -49,9 +49,11 @@ def row_text(tokenizer: Any, input_ids: np.ndarray, labels: np.ndarray, token_ma
 
 
 def render_batch(batch: Mapping[str, np.ndarray], tokenizer: Any, path: str, *,
-                 predicted: Sequence[np.ndarray | None] | None = None, max_rows: int = 8) -> str:
+                 predicted: Sequence[np.ndarray | None] | None = None,
+                 predicted_text: Sequence[str | None] | None = None, max_rows: int = 8) -> str:
     """Draws up to `max_rows` non-padding rows of `batch` to a PNG at `path`; `predicted[i]` is an optional
-    (H, W) binary mask for row i at the original image size. Returns `path`."""
+    (H, W) binary mask for row i at the original image size, `predicted_text[i]` the model's answer. Returns
+    `path`."""
     font = ImageFont.load_default(size=13)
     rows = [i for i in range(len(batch['example_valid']))
             if batch['example_valid'][i] or batch['skip_reason'][i] > 0][:max_rows]
@@ -81,6 +83,9 @@ def render_batch(batch: Mapping[str, np.ndarray], tokenizer: Any, path: str, *,
         question, answer = row_text(tokenizer, *(np.asarray(batch[k][i]) for k in ('input_ids', 'labels',
                                                                                   'token_mask')))
         lines = [where, *textwrap.wrap(question, 70)[:8], '', *textwrap.wrap('-> ' + answer, 70)[:4]]
+        said = predicted_text[i] if predicted_text is not None else None
+        if said is not None:
+            lines += textwrap.wrap('model: ' + said, 70)[:4]
         draw.multiline_text((32 + 3 * PANEL, y), '\n'.join(lines), fill='black', font=font, spacing=3)
     sheet.save(path)
     return path

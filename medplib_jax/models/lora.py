@@ -1,8 +1,9 @@
 """LoRA adapters with peft's semantics (the reference uses peft 0.10): y = x W + (alpha / r) * dropout(x) A B.
 
 A is initialised like torch's kaiming_uniform(a=sqrt(5)) (U(+-1/sqrt(fan_in))), B with zeros, so a fresh adapter
-changes nothing. The base weight of a LoRA-wrapped projection is frozen (peft freezes `base_layer`): gradients
-stop at it. Parameters live beside the base kernel: `q_proj/kernel`, `q_proj/lora_A`, `q_proj/lora_B`; `merge`
+changes nothing. The layer does not freeze its base weight: what trains is the stage's trainable patterns
+(config.train.trainable), which leave the base kernels out as peft freezes `base_layer`. Parameters live beside
+the base kernel: `q_proj/kernel`, `q_proj/lora_A`, `q_proj/lora_B`; `merge`
 folds them into the kernel (W += alpha/r * A B) as the reference does at the end of each stage.
 """
 from __future__ import annotations
@@ -82,8 +83,7 @@ class LoRADense(nn.Module):
         b = self.param('lora_B', nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                               lead_axes + (None, self.axes[1])),
                        lead + (r, self.features), self.param_dtype)
-        # The base weight is frozen, as peft freezes `base_layer`.
-        base = jnp.einsum(f'{e}...i,{e}io->{e}...o', x, jax.lax.stop_gradient(kernel).astype(self.dtype))
+        base = jnp.einsum(f'{e}...i,{e}io->{e}...o', x, kernel.astype(self.dtype))
         xd = x
         if train and self.lora.dropout > 0:
             keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.lora.dropout, x.shape)

@@ -24,7 +24,7 @@ from medplib_jax.models.layers import constrain, dense, dtype_of
 from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from medplib_jax.models.multimodal import embeddable_ids, merge_embeddings, seg_positions
 from medplib_jax.models.region import RegionEncoder
-from medplib_jax.models.sam import POSTPROCESS_MODES
+from medplib_jax.models.masks import POSTPROCESS_MODES
 from medplib_jax.models.sam_decoder import SamDecoderConfig, SamMaskDecoder, SamPromptEncoder
 from medplib_jax.models.sam_encoder import SamImageEncoder, SamImageEncoderConfig
 

@@ -1,0 +1,25 @@
+"""Stage I: projector alignment (LLaVA-1.5's pre-training recipe; the reference leaves this stage to LLaVA's code).
+
+Only the mlp2x_gelu projector trains, on image-caption pairs with LLaVA's `plain` template (image, caption,
+newline), lr 1e-3, 1 epoch, global batch 128 (the stage-II script's projector path says bs128). The reference used
+LLaVA-Med's `llava_med_alignment_500k`; `model=tiny` uses the synthetic set's complex-VQA answers as captions.
+Start: converted weights (LLaMA/Vicuna + CLIP + SAM-Med2D) as an Orbax params directory, or random for tests.
+
+    medplib-jax train --config=configs/stage1.py --workdir=runs/stage1 --config.train.init.params=/ckpt/base
+"""
+from configs.common import TRAINABLE, stage_config
+
+
+def get_config(arg=None):
+    cfg, a = stage_config(arg, stage='I', files={'alignment': 'llava_med_alignment_500k.json'},
+                          demo_files=('complex',))
+    tiny = a.model == 'tiny'
+    cfg.data.template = 'plain'
+    cfg.train.trainable = (TRAINABLE['projector'],)
+    cfg.train.lr = 1e-3
+    cfg.train.epochs = 1.0
+    cfg.train.weights = dict(ce=1.0, bce=0.0, dice=0.0, iou=0.0, focal=0.0)  # captions only
+    # The first stage starts from converted weights (an Orbax params directory) or, for tests, random.
+    cfg.train.init.params = 'random' if tiny or a.init == 'random' else '{runs}/base'
+    cfg.train.log_every = 10 if tiny else 50
+    return cfg

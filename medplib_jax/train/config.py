@@ -1,0 +1,110 @@
+"""`config.train`: what a stage trains, how long, with which losses and optimiser, and where it starts.
+
+The dataclasses hold the defaults (configs/common.py builds the config block from them); each stage config
+(configs/stage1.py .. stage4.py) sets its recipe. Stages differ only in these values, the data and the model's
+adapters: the train step has no per-stage code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from medplib_jax.config_fields import known_fields
+from medplib_jax.train.losses import LossWeights
+
+RANDOM = 'random'
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where a stage's parameters start. Paths may use `{runs}`: the folder holding this run's workdir (so a stage
+    finds its predecessors beside it, e.g. `{runs}/stage2`). A path is a run directory (its `final_params`, written
+    at the end of a stage) or an Orbax params directory.
+
+    params: 'random' or the path every parameter comes from (leaves the source lacks, such as a new stage's fresh
+      LoRA adapters or router, keep their initialisation and are listed at start).
+    experts: stage IV: expert e of every MoE layer takes the dense FFN of experts[e] (0 = grounding from stage III,
+      1 = vision-language from stage II); every expert starts with expert 0's LoRA A, as the reference deep-copies
+      one LoRA-wrapped MLP.
+    load: 'PATTERN=PATH' entries: parameters whose path matches PATTERN come from PATH instead.
+    fresh: patterns re-initialised even when the source has them (the reference re-creates the T-projector).
+    """
+    params: str = RANDOM
+    experts: tuple[str, ...] = ()
+    load: tuple[str, ...] = ()
+    fresh: tuple[str, ...] = ()
+
+    def load_rules(self) -> list[tuple[str, str]]:
+        rules = []
+        for entry in self.load:
+            if '=' not in entry:
+                raise ValueError(f'config.train.init.load: {entry!r} is not PATTERN=PATH')
+            pattern, path = entry.split('=', 1)
+            rules.append((pattern, path))
+        return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """stage: a label for logs and metadata. trainable: regexes over '/'-joined parameter paths (train/trainable.py).
+    lr: peak learning rate. epochs x steps_per_epoch optimizer steps (steps_per_epoch 0 = from the data, as the
+    reference counts them); max_steps > 0 stops earlier without changing the schedule. Warmup: max(min_warmup_steps,
+    int(warmup_fraction x steps_per_epoch)). grad_accum: micro-batches per optimizer step (the global batch is
+    config.data.batch_size). loss_group: sequences per loss mean (the reference's per-GPU micro-batch; 0 = the
+    whole micro-batch). weights: the loss weights. max_bad_steps: this many non-finite steps in a row stop the run.
+    log_every / eval_every: steps between metric lines / evaluator runs (0 = never). peak_tflops: per-device peak
+    for MFU (0 = by device kind where known)."""
+    stage: str = ''
+    trainable: tuple[str, ...] = ()
+    lr: float = 1e-4
+    epochs: float = 1.0
+    steps_per_epoch: int = 0
+    max_steps: int = 0
+    warmup_fraction: float = 0.01
+    min_warmup_steps: int = 2
+    grad_accum: int = 1
+    loss_group: int = 0
+    weights: LossWeights = LossWeights()
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    max_bad_steps: int = 10
+    log_every: int = 10
+    eval_every: int = 0
+    peak_tflops: float = 0.0
+    init: InitConfig = InitConfig()
+
+    def __post_init__(self):
+        if self.grad_accum < 1 or self.loss_group < 0 or self.max_bad_steps < 1:
+            raise ValueError(f'config.train: grad_accum={self.grad_accum} must be >= 1, loss_group='
+                             f'{self.loss_group} >= 0, max_bad_steps={self.max_bad_steps} >= 1')
+        if self.lr < 0 or self.epochs <= 0:
+            raise ValueError(f'config.train: lr={self.lr} must be >= 0 and epochs={self.epochs} > 0')
+
+    @classmethod
+    def from_config(cls, d: Mapping[str, Any]) -> 'TrainConfig':
+        d = known_fields(cls, d, 'config.train')
+        d['trainable'] = tuple(d.get('trainable', ()))
+        d['weights'] = LossWeights(**known_fields(LossWeights, d.get('weights', {}), 'config.train.weights'))
+        init = known_fields(InitConfig, d.get('init', {}), 'config.train.init')
+        d['init'] = InitConfig(**{k: (tuple(v) if k != 'params' else v) for k, v in init.items()})
+        return cls(**d)
+
+    def micro_loss_group(self, global_batch: int) -> tuple[int, int]:
+        """(micro-batch rows, loss group rows) for a global batch; errors name the fields."""
+        if global_batch % self.grad_accum:
+            raise ValueError(f'config.data.batch_size={global_batch} is not divisible by config.train.grad_accum='
+                             f'{self.grad_accum}')
+        micro = global_batch // self.grad_accum
+        group = self.loss_group or micro
+        if micro % group:
+            raise ValueError(f'config.train.loss_group={group} does not divide the micro-batch of {micro} sequences '
+                             f'(config.data.batch_size / config.train.grad_accum)')
+        return micro, group
+
+
+def defaults() -> dict[str, Any]:
+    """The `config.train` block's defaults, from the dataclasses (one home for each default)."""
+    return dataclasses.asdict(TrainConfig())

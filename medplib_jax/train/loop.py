@@ -1,0 +1,302 @@
+"""`medplib-jax train`: one stage (or every stage of a multi-stage config) from its starting parameters to the
+parameters it hands the next.
+
+    config -> data iterator (grain) -> starting params (train/handoff.py) -> trained set -> sharded train state
+      -> per length bucket, one compiled train step (memory and FLOPs printed at the first)
+      -> steps with a progress bar; metrics every `log_every` steps to stdout, TensorBoard and metrics.jsonl;
+         evaluators every `eval_every` steps
+      -> LoRA merged -> `final_params` (Orbax) + `final_params.json` in the workdir.
+
+A config with `stages` (an ordered block of whole stage configs, e.g. configs/demo.py) runs them in order, stage
+`name` in `workdir/name`; `{runs}` in `config.train.init` paths is the folder holding the stage's workdir.
+Only process 0 writes logs; every process writes its own parameter shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from tqdm.auto import tqdm
+
+from medplib_jax import checkpoint, sharding
+from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset
+from medplib_jax.eval.registry import EvalContext, build_evaluators
+from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
+from medplib_jax.train import held_out  # noqa: F401  (registers the held_out_loss evaluator)
+from medplib_jax.train import flops as flops_lib
+from medplib_jax.train import optimizer as optim
+from medplib_jax.train.config import TrainConfig
+from medplib_jax.train.handoff import initial_params, merge_lora
+from medplib_jax.train.inputs import global_batch
+from medplib_jax.train.state import TrainState, create, replicated, state_bytes, state_shardings
+from medplib_jax.train.step import MODEL_INPUTS, TRAIN_KEYS, build_train_step
+from medplib_jax.train.trainable import parameter_table, trained_paths
+from medplib_jax.train.writers import MetricWriter, flatten_metrics
+
+# Metrics that are states, not per-step values: the log keeps the latest instead of the interval mean.
+LATEST = ('lr', 'bad_steps', 'skipped_steps')
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (too many non-finite steps in a row); the message is one line."""
+
+
+@dataclasses.dataclass
+class StageResult:
+    workdir: str
+    steps: int
+    first: dict[str, float]
+    last: dict[str, float]
+    final_params: str
+    history: list[dict[str, float]]
+
+
+def train(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict[str, StageResult]:
+    """Runs the config's stages (or the config itself as one stage) -> {stage name: result}."""
+    if 'stages' in config:
+        results = {}
+        for name, stage in config.stages.items():
+            log(f'=== {name} ===')
+            results[name] = train_stage(stage, os.path.join(workdir, name), log)
+        return results
+    stage = config.train.stage or os.path.basename(os.path.normpath(workdir))
+    return {stage: train_stage(config, workdir, log)}
+
+
+def _check_batch(tcfg: TrainConfig, data_cfg: DataConfig, mcfg: MedPLIBConfig, mesh) -> tuple[int, int]:
+    micro, group = tcfg.micro_loss_group(data_cfg.batch_size)
+    shards = mesh.shape['data'] * mesh.shape['fsdp']
+    if micro % shards:
+        raise ValueError(f'the micro-batch of {micro} sequences (config.data.batch_size / config.train.grad_accum) is '
+                         f'not divisible by the mesh data x fsdp = {shards}')
+    moe = mcfg.llm.moe
+    if mcfg.llm.moe_layers and micro % moe.group_size:
+        raise ValueError(f'the micro-batch of {micro} sequences is not a multiple of config.model.moe.group_size='
+                         f'{moe.group_size} (MoE routing groups are whole sequences)')
+    return micro, group
+
+
+def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+                devices: Any = None) -> StageResult:
+    """Trains one stage in `workdir` (devices: the mesh's, default all) and saves its hand-off."""
+    main = jax.process_index() == 0
+    say = log if main else (lambda _: None)
+    tcfg = TrainConfig.from_config(config.train)
+    if not tcfg.trainable:
+        raise ValueError('config.train.trainable is empty: name the parameters this stage trains')
+    mcfg = MedPLIBConfig.from_model_config(config.model)
+    data_cfg, shapes = DataConfig.from_config(config.data), ModelShapes.from_config(config.model)
+    mesh, rules = sharding.make_mesh(config.mesh, devices), list(config.logical_axis_rules)
+    micro, group = _check_batch(tcfg, data_cfg, mcfg, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    runs = os.path.dirname(os.path.abspath(workdir))
+    say(f'stage {tcfg.stage or "?"} -> {workdir}; devices {jax.device_count()} x {jax.devices()[0].platform}, mesh '
+        f'{dict(mesh.shape)}; global batch {data_cfg.batch_size} = {tcfg.grad_accum} micro-batches of {micro}, loss '
+        f'groups of {group}')
+
+    dataset = build_dataset(data_cfg, shapes, seed=config.seed)
+    per_epoch = tcfg.steps_per_epoch or optim.steps_per_epoch(dataset.epoch_records, data_cfg.batch_size,
+                                                              tcfg.grad_accum)
+    total = max(1, math.ceil(tcfg.epochs * per_epoch))
+    steps = min(total, tcfg.max_steps) if tcfg.max_steps else total
+    warmup = optim.warmup_steps(per_epoch, tcfg.warmup_fraction, tcfg.min_warmup_steps)
+    say(f'schedule: {dataset.epoch_records} records per epoch -> {per_epoch} steps per epoch, {total} in all '
+        f'(epochs {tcfg.epochs}), warmup {warmup}, peak lr {tcfg.lr:g}; running {steps}')
+
+    it = iter(dataset)
+    first_host = next(it)
+    setup = setup_stage(config, first_host, runs=runs, total_steps=total, warmup=warmup, log=say, devices=devices)
+    state, runner = setup.state, _Runner(setup.step, mcfg, data_cfg.batch_size, tcfg, mesh, say)
+    writer = MetricWriter(workdir, main, echo=tqdm.write, total_steps=steps)
+    evaluators = build_evaluators(EvalContext(config, setup.model, mesh, rules, say))
+    rng = jax.random.key(config.seed + 1)
+    history: list[dict[str, float]] = []
+    interval: list[dict[str, float]] = []
+    bar = tqdm(total=steps, desc=f'train {tcfg.stage or ""}'.strip(), disable=not main, dynamic_ncols=True,
+               mininterval=1.0)
+    pending = None
+
+    def finish(done: tuple[int, Any, float]):
+        """Metrics of a finished step (fetched one step late, so the host never waits on the device)."""
+        step, metrics, started = done
+        m = flatten_metrics(jax.device_get(metrics))
+        m['perf/step_s'] = time.perf_counter() - started
+        m.update(runner.perf(m))
+        m.update({k: float(v) for k, v in it.metrics().items()})
+        interval.append(m)
+        bar.update(1)
+        bar.set_postfix(loss=f'{m["loss"]:.4f}', lr=f'{m["lr"]:.2e}', step_s=f'{m["perf/step_s"]:.2f}')
+        if m['update_skipped']:
+            tqdm.write(f'step {step}: non-finite loss or gradient (loss {m["loss"]}, grad norm {m["grad_norm"]}); '
+                       f'update skipped ({int(m["bad_steps"])} in a row, {int(m["skipped_steps"])} in all)')
+        if m['bad_steps'] >= tcfg.max_bad_steps:
+            raise TrainingError(f'train: {int(m["bad_steps"])} non-finite steps in a row up to step {step} '
+                                f'(config.train.max_bad_steps={tcfg.max_bad_steps}); parameters of the last good '
+                                f'step saved in {os.path.join(workdir, "stopped_params")}')
+        if step == steps or (tcfg.log_every and step % tcfg.log_every == 0):
+            mean = {k: interval[-1][k] if k in LATEST or k.startswith('data/') else
+                    float(np.mean([i[k] for i in interval if k in i])) for k in interval[-1]}
+            writer.write(step, mean)
+            history.append({'step': step, **mean})
+            interval.clear()
+
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for step in range(1, steps + 1):
+                host = first_host if step == 1 else next(it)
+                batch = global_batch(host, mesh, TRAIN_KEYS)
+                executable = runner.compiled(state, batch, rng)
+                started = time.perf_counter()
+                state, metrics = executable(state, batch, rng)
+                if pending is not None:
+                    finish(pending)
+                pending = (step, metrics, started)
+                if evaluators:
+                    _evaluate(evaluators, state.params, step, steps, writer, history)
+            finish(pending)
+    except TrainingError:
+        # Non-finite steps leave the parameters as they were: the state holds the last good ones.
+        bar.close()
+        checkpoint.save_params(os.path.join(workdir, 'stopped_params'), state.params,
+                               {'stage': tcfg.stage, 'reason': 'max_bad_steps', 'merged_lora': False})
+        raise
+    finally:
+        bar.close()
+        it.close()
+        writer.close()
+
+    merged = merge_lora(state.params, mcfg.llm.lora)
+    path = checkpoint.save_params(os.path.join(workdir, checkpoint.FINAL_PARAMS), merged, {
+        'stage': tcfg.stage, 'steps': steps, 'merged_lora': bool(mcfg.llm.lora.rank),
+        'scan_layers': mcfg.llm.scan_layers, 'moe_layers': list(mcfg.llm.moe_layers), 'mesh': dict(mesh.shape),
+        'config': config.to_dict()})
+    scalars = [h for h in history if 'loss' in h]
+    result = StageResult(workdir, steps, scalars[0] if scalars else {}, scalars[-1] if scalars else {}, path, history)
+    if scalars:
+        say(f'stage {tcfg.stage or "?"} done: loss {result.first["loss"]:.4f} -> {result.last["loss"]:.4f} over '
+            f'{steps} steps; hand-off (LoRA merged) in {path}')
+    return result
+
+
+@dataclasses.dataclass
+class StageSetup:
+    """A stage ready to step: the model, its trained set, optimizer and schedule, the sharded state and the jitted
+    train step (explicit in/out shardings, donated state)."""
+    model: MedPLIBForCausalLM
+    trained: frozenset[str]
+    tx: Any
+    schedule: Any
+    shardings: TrainState
+    state: TrainState
+    step: Any
+    mesh: Any
+    rules: list
+
+
+def setup_stage(config: mlc.ConfigDict, example: dict[str, np.ndarray], *, runs: str, total_steps: int, warmup: int,
+                log: Callable[[str], None] = print, params: Any = None, devices: Any = None) -> StageSetup:
+    """Builds everything a stage needs from its config and one host batch (for shapes). `params`: start from these
+    (tests) instead of config.train.init; `devices`: the mesh's devices (default all)."""
+    tcfg = TrainConfig.from_config(config.train)
+    mcfg = MedPLIBConfig.from_model_config(config.model)
+    model = MedPLIBForCausalLM(mcfg.llm, mcfg=mcfg)
+    mesh, rules = sharding.make_mesh(config.mesh, devices), list(config.logical_axis_rules)
+    _, group = _check_batch(tcfg, DataConfig.from_config(config.data), mcfg, mesh)
+    schedule = optim.warmup_decay_schedule(tcfg.lr, total_steps, warmup)
+    tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay,
+                              clip_norm=tcfg.clip_norm)
+    # Shapes only: lazy_init traces the forward and keeps just the parameters' initialisers.
+    rows = mcfg.llm.moe.group_size if mcfg.llm.moe_layers else 1
+    inputs = {k: jax.ShapeDtypeStruct(example[k][:rows].shape, example[k].dtype) for k in MODEL_INPUTS}
+    init_fn = lambda: model.lazy_init(jax.random.key(config.seed), **inputs,  # noqa: E731
+                                      method=MedPLIBForCausalLM.forward)
+    if params is None:
+        params, boxed = initial_params(init_fn, tcfg.init, runs, mesh, rules, log)
+    else:
+        boxed = jax.eval_shape(init_fn)['params']
+        params = sharding.shard_like(params, sharding.param_shardings(boxed, mesh, rules))
+    trained = trained_paths(params, tcfg.trainable)
+    log('parameters (trained / frozen):\n' + parameter_table(params, trained))
+    shardings = state_shardings(boxed, trained, tx, mesh, rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(lambda p: create(p, trained, tx), out_shardings=shardings)(params)
+    log(f'optimizer state: {state_bytes(state.opt_state) / 2**20:.1f} MiB (moments of the trained parameters only)')
+    step_fn = build_train_step(model, trained, tx, schedule, weights=tcfg.weights, grad_accum=tcfg.grad_accum,
+                               loss_group=group)
+    batch_shardings = {k: sharding.data_sharding(mesh, example[k].ndim) for k in TRAIN_KEYS}
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings, None),
+                     out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+    return StageSetup(model, trained, tx, schedule, shardings, state, jitted, mesh, rules)
+
+
+def _evaluate(evaluators, params, step: int, steps: int, writer: MetricWriter, history) -> None:
+    for ev in evaluators:
+        if not (ev.every and step % ev.every == 0) and step != steps:
+            continue
+        values = ev.run(params)
+        metrics = {f'eval/{ev.name}/{k}': v for k, v in values.items()}
+        writer.write(step, metrics, line=False)
+        writer.echo(f'eval {ev.name} at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
+        history.append({'step': step, **metrics})
+
+
+class _Runner:
+    """One compiled executable per sequence-length bucket (compiled ahead of time, so steps of a bucket never
+    recompile); the first compile prints the step's memory and FLOPs."""
+
+    def __init__(self, jitted, mcfg: MedPLIBConfig, batch: int, tcfg: TrainConfig, mesh, log):
+        self.jitted, self.mcfg, self.batch, self.tcfg, self.mesh, self.log = jitted, mcfg, batch, tcfg, mesh, log
+        self.executables: dict[int, Any] = {}
+        self.length = 0
+        kind = jax.devices()[0].device_kind
+        self.peak = flops_lib.peak_flops(kind, tcfg.peak_tflops)
+
+    def compiled(self, state: TrainState, batch: dict, rng: jax.Array):
+        length = int(batch['input_ids'].shape[1])
+        self.length = length
+        if length not in self.executables:
+            start = time.perf_counter()
+            exe = self.jitted.lower(state, batch, rng).compile()
+            self.executables[length] = exe
+            if len(self.executables) == 1:
+                self._report(exe, length, time.perf_counter() - start)
+            else:
+                self.log(f'compiled the train step for length {length} in {time.perf_counter() - start:.1f}s')
+        return self.executables[length]
+
+    def _report(self, exe, length: int, seconds: float) -> None:
+        f = flops_lib.step_flops(self.mcfg, self.batch, length)
+        cost = exe.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        xla = float(cost.get('flops', 0.0)) if cost else 0.0
+        mem = exe.memory_analysis()
+        n = jax.device_count()
+        lines = [f'train step compiled for length {length} in {seconds:.1f}s',
+                 f'  FLOPs per step: formula {f.total / 1e12:.4g} TFLOP (LLM {f.llm / 1e12:.4g}, frozen vision '
+                 f'{f.vision / 1e12:.4g}; train/flops.py), XLA cost_analysis {xla * n / 1e12:.4g} TFLOP over {n} '
+                 f'devices (counts a scanned accumulation body once)']
+        if mem is not None:
+            lines.append(f'  memory per device: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, outputs '
+                         f'{mem.output_size_in_bytes / 2**20:.1f} MiB (aliased {mem.alias_size_in_bytes / 2**20:.1f}), '
+                         f'temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, code '
+                         f'{mem.generated_code_size_in_bytes / 2**20:.1f} MiB')
+        lines.append(f'  MFU: ' + (f'against {self.peak / 1e12:.0f} TFLOP/s per device' if self.peak else
+                                  f'n/a (no known peak for {jax.devices()[0].device_kind!r}; set '
+                                  f'--config.train.peak_tflops)'))
+        self.log('\n'.join(lines))
+
+    def perf(self, m: dict[str, float]) -> dict[str, float]:
+        seconds = max(m['perf/step_s'], 1e-9)
+        out = {'perf/tokens_per_s': m.get('tokens/total', 0.0) / seconds}
+        if self.peak:
+            f = flops_lib.step_flops(self.mcfg, self.batch, self.length).total
+            out['perf/mfu'] = f / seconds / (self.peak * jax.device_count())
+        return out

@@ -1,0 +1,186 @@
+"""The one train step, stage by stage: exactly the stage's trainable set changes, optimizer state exists only for
+it, the tiny model overfits a fixed batch, non-finite steps are skipped and counted, gradient accumulation is the
+reference's averaging, and the step is mesh-independent (8 fake CPU devices vs 1)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from medplib_jax import sharding
+from medplib_jax.train import trainable
+from medplib_jax.train.config import TrainConfig
+from medplib_jax.train.inputs import global_batch
+from medplib_jax.train.loop import TrainingError, setup_stage, train_stage
+from medplib_jax.train.state import create, state_bytes
+from medplib_jax.train.step import TRAIN_KEYS, build_train_step, forward_loss
+from train_utils import NO_GRADIENT, STAGES, devices, host_batch, leaves, make_data, stage_config
+
+# Overfitting one batch: steps, lr, and the factor by which each loss must fall (measured on this machine: stage I
+# trains the projector alone under a random LLM, so its CE can only move a little; stage IV's Dice weight is 0.5
+# next to BCE 2, so its Dice starts to fall after about 40 steps; stage III needs about 50 here).
+OVERFIT = {'stage1': (30, dict(ce=1.02)), 'stage2': (30, dict(ce=10.0)),
+           'stage3': (50, dict(ce=1.15, dice=1.5)), 'stage4': (60, dict(ce=10.0, dice=1.5))}
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp('data'))
+
+
+_SETUPS = {}
+
+
+def _stage(name, root):
+    """One setup per stage for the module (compiled once): lr 1e-2, a long flat schedule."""
+    if name not in _SETUPS:
+        cfg = stage_config(name, root, lr=1e-2)
+        host = host_batch(cfg)
+        setup = setup_stage(cfg, host, runs=root, total_steps=1000, warmup=2, log=lambda _: None,
+                            devices=devices(cfg))
+        _SETUPS[name] = (cfg, host, setup, leaves(setup.state.params))
+    cfg, host, setup, params0 = _SETUPS[name]
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        state = jax.jit(lambda p: create(p, setup.trained, setup.tx), out_shardings=setup.shardings)(
+            jax.tree.map(jnp.asarray, trainable.unflatten(params0)))
+        batch = global_batch(host, setup.mesh, TRAIN_KEYS)
+    return setup, state, batch, params0
+
+
+def _run(setup, state, batch, n):
+    history = []
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        for _ in range(n):
+            state, metrics = setup.step(state, batch, jax.random.key(0))
+            history.append(jax.device_get(metrics))
+    return state, history
+
+
+@pytest.mark.parametrize('name', STAGES)
+def test_exactly_the_trainable_set_changes_and_owns_the_optimizer_state(name, root):
+    setup, state, batch, before = _stage(name, root)
+    trained = setup.trained
+    # Adam moments (mu, nu) for the trained leaves only: the optimizer state's bytes are 2 x theirs + counters.
+    trained_bytes = sum(v.nbytes for k, v in before.items() if k in trained)
+    assert trained_bytes < sum(v.nbytes for v in before.values()) / 2
+    assert trained_bytes * 2 <= state_bytes(state.opt_state) <= trained_bytes * 2 + 64
+    mu_paths = {k for k in trainable.flatten(state.opt_state[1][0].mu)}
+    assert mu_paths == set(trained)
+    # Three steps: the first runs at lr 0 (DeepSpeed's warmup), LoRA A moves once B is non-zero.
+    state, _ = _run(setup, state, batch, 3)
+    after = leaves(state.params)
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed <= trained, sorted(changed - trained)[:5]
+    unchanged_trained = {k for k in trained - changed if not k.startswith(NO_GRADIENT)}
+    assert not unchanged_trained, sorted(unchanged_trained)[:5]
+
+
+@pytest.mark.parametrize('name', STAGES)
+def test_tiny_model_overfits_one_batch(name, root):
+    setup, state, batch, _ = _stage(name, root)
+    steps, factors = OVERFIT[name]
+    _, history = _run(setup, state, batch, steps)
+    first, last = history[0], history[-1]
+    assert last['loss/ce'] * factors['ce'] <= first['loss/ce'], (first['loss/ce'], last['loss/ce'])
+    if 'dice' in factors:
+        dice = [h['mask/dice_sum'] / h['masks'] for h in (first, last)]
+        assert first['masks'] > 0 and dice[1] * factors['dice'] <= dice[0], dice
+
+
+def test_non_finite_batch_is_skipped_counted_and_the_next_step_trains(root):
+    setup, state, batch, _ = _stage('stage2', root)
+    state, _ = _run(setup, state, batch, 2)  # past the lr-0 step
+    before, opt_before = leaves(state.params), leaves(state.opt_state[1][0].mu)
+    host = _SETUPS['stage2'][1]
+    poisoned = dict(host, clip_pixels=host['clip_pixels'].copy())
+    poisoned['clip_pixels'][0, 0, 0, 0] = np.nan
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        state, m = setup.step(state, global_batch(poisoned, setup.mesh, TRAIN_KEYS), jax.random.key(0))
+    m = jax.device_get(m)
+    assert not np.isfinite(m['loss']) and m['update_skipped'] == 1 and m['bad_steps'] == 1
+    assert m['skipped_steps'] == 1
+    after = leaves(state.params)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert all(np.array_equal(v, leaves(state.opt_state[1][0].mu)[k]) for k, v in opt_before.items())
+    state, (m,) = _run(setup, state, batch, 1)
+    assert m['update_skipped'] == 0 and m['bad_steps'] == 0 and m['skipped_steps'] == 1
+    assert any(not np.array_equal(after[k], v) for k, v in leaves(state.params).items())
+
+
+def test_max_bad_steps_in_a_row_stop_the_run_with_one_line(root, tmp_path):
+    # lr 1e30: the first real update sends the projector to ~1e30, every later step is non-finite.
+    cfg = stage_config('stage1', root, lr=1e30, steps_per_epoch=8, max_bad_steps=3, log_every=100)
+    with pytest.raises(TrainingError) as err:
+        train_stage(cfg, str(tmp_path / 'stage1'), log=lambda _: None, devices=devices(cfg))
+    message = str(err.value)
+    assert '\n' not in message and '3 non-finite steps in a row' in message
+    assert 'config.train.max_bad_steps=3' in message
+    assert (tmp_path / 'stage1' / 'stopped_params' / '_CHECKPOINT_METADATA').exists()
+
+
+@pytest.mark.parametrize('mesh', [dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=1, tensor=4)],
+                         ids=['1-device', '8-devices'])
+def test_accumulation_is_the_reference_average(mesh, root):
+    """4 micro-batches of 2 (loss groups of 2) in one step equal the mean of the 4 micro-batch gradients taken
+    separately (micro-batch m = rows m, m + 4: the strided split). SGD with lr 1 makes the update the gradient."""
+    cfg = stage_config('stage2', root, batch_size=8, grad_accum=4, loss_group=2)
+    cfg.model.lora.dropout = 0.0  # no randomness: the reference below needs no rng
+    cfg.mesh = mesh
+    host = host_batch(cfg)
+    setup = setup_stage(cfg, host, runs=root, total_steps=10, warmup=2, log=lambda _: None, devices=devices(cfg))
+    tx = optax.sgd(lambda count: 1.0)
+    tcfg = TrainConfig.from_config(cfg.train)
+    step = jax.jit(build_train_step(setup.model, setup.trained, tx, lambda count: 1.0, weights=tcfg.weights,
+                                    grad_accum=4, loss_group=2))
+    params = setup.state.params
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        state = create(params, setup.trained, tx)
+        new_state, metrics = step(state, global_batch(host, setup.mesh, TRAIN_KEYS), jax.random.key(0))
+
+    single = jax.tree.map(lambda x: jnp.asarray(np.asarray(jax.device_get(x))), params)  # one device
+    trained, frozen = trainable.split(single, setup.trained)
+    grad_fn = jax.jit(jax.value_and_grad(lambda t, b: forward_loss(
+        setup.model, trainable.merge(t, frozen), b, weights=tcfg.weights, loss_group=2, train=True,
+        rngs={'dropout': jax.random.key(0), 'moe': jax.random.key(0), 'region': jax.random.key(0)})[0]))
+    grads, losses = [], []
+    for m in range(4):
+        loss, g = grad_fn(trained, {k: jnp.asarray(host[k][m::4]) for k in TRAIN_KEYS})
+        grads.append(g)
+        losses.append(float(loss))
+    mean = jax.tree.map(lambda *g: np.mean(np.stack(g), axis=0), *grads)
+    expected = jax.tree.map(lambda p, g: p - g, trainable.flatten(trained), trainable.flatten(mean))
+    got = leaves(new_state.params)
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, rtol=0, atol=1e-6, err_msg=k)
+    assert float(metrics['loss']) == pytest.approx(np.mean(losses), rel=1e-6)
+
+
+def test_stage4_steps_on_eight_devices_equal_one_device(root):
+    """3 stage-IV steps (MoE, LoRA dropout, random token selection, 2 micro-batches) on a (data 2, fsdp 2,
+    tensor 2) mesh of 8 fake CPU devices give the 1-device parameters (1e-5) and the same keep / drop decisions."""
+    results = []
+    for mesh in (dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)):
+        # Adam divides by |g| + eps: where the true gradient is 0 (e.g. key biases, softmax-invariant) float noise
+        # of ~1e-9 would move a parameter by ~lr / 10 with eps 1e-8, differently per mesh. eps 1e-6 keeps noise
+        # at ~1e-3 lr while real gradients (>> 1e-6) still take full Adam steps.
+        cfg = stage_config('stage4', root, batch_size=8, grad_accum=2, lr=1e-3, eps=1e-6)
+        cfg.model.moe.capacity_factor = 1.0  # capacity below demand: tokens are dropped
+        cfg.mesh = mesh
+        host = host_batch(cfg)
+        setup = setup_stage(cfg, host, runs=root, total_steps=100, warmup=2, log=lambda _: None,
+                            devices=devices(cfg))
+        if mesh['fsdp'] > 1:
+            sharding.assert_params_sharded(setup.state.params, min_size=2 ** 12)
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            batch = global_batch(host, setup.mesh, TRAIN_KEYS)
+        state, history = _run(setup, setup.state, batch, 3)
+        results.append((leaves(state.params), history))
+    (p1, h1), (p8, h8) = results
+    for k in p1:
+        np.testing.assert_allclose(p8[k], p1[k], rtol=0, atol=1e-5, err_msg=k)
+    for a, b in zip(h1, h8):
+        np.testing.assert_array_equal(a['moe/expert_counts'], b['moe/expert_counts'])
+        np.testing.assert_array_equal(a['moe/drop_fraction'], b['moe/drop_fraction'])
+        assert np.all(a['moe/drop_fraction'] > 0)
+        assert float(a['loss']) == pytest.approx(float(b['loss']), rel=1e-5)
