@@ -3,9 +3,10 @@
 Only the mlp2x_gelu projector trains, on image-caption pairs with LLaVA's `plain` template (image, caption,
 newline), lr 1e-3, 1 epoch, global batch 128 (the stage-II script's projector path says bs128). The reference used
 LLaVA-Med's `llava_med_alignment_500k`; `model=tiny` uses the synthetic set's complex-VQA answers as captions.
-Start: converted weights (LLaMA/Vicuna + CLIP + SAM-Med2D) as an Orbax params directory, or random for tests.
+Start (LLaVA-1.5's pre-training): Vicuna-7B-v1.5 with CLIP and SAM-Med2D, converted to an Orbax params directory
+(`{runs}/vicuna-7b-v1.5` by default), and a fresh projector; random for `model=tiny`.
 
-    medplib-jax train --config=configs/stage1.py --workdir=runs/stage1 --config.train.init.params=/ckpt/base
+    medplib-jax train --config=configs/stage1.py --workdir=runs/stage1 --config.data.root=/data/llava_med
 """
 from configs.common import TRAINABLE, stage_config
 
@@ -20,6 +21,8 @@ def get_config(arg=None):
     cfg.train.epochs = 1.0
     cfg.train.weights = dict(ce=1.0, bce=0.0, dice=0.0, iou=0.0, focal=0.0)  # captions only
     # The first stage starts from converted weights (an Orbax params directory) or, for tests, random.
-    cfg.train.init.params = 'random' if tiny or a.init == 'random' else '{runs}/base'
+    if not (tiny or a.init == 'random'):
+        cfg.train.init.params = '{runs}/vicuna-7b-v1.5'
+        cfg.train.init.fresh = (TRAINABLE['projector'],)  # LLaVA's pre-training starts the projector anew
     cfg.train.log_every = 10 if tiny else 50
     return cfg

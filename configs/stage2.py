@@ -4,7 +4,10 @@ Complex + region + public VQA, 3 epochs, lr 1e-4, max length 2048 (+ 575 image p
 accumulation x 4 GPUs = 128; LoRA r16 / alpha 16 / dropout 0.05 on q, k, v, o, gate, up, down; fully trained:
 lm_head, embed_tokens, both layer norms of every layer, the projector. Not trained (as in the reference): the
 final norm, the region adapter (facts 12.6), the mask decoder and T-projector (no masks in its data).
-Loss weights ce 1, bce 1, dice 5 (iou 2 / focal 2 are defaults with nothing to act on). Starts from stage I.
+Loss weights ce 1, bce 1, dice 5 (iou 2 / focal 2 are defaults with nothing to act on).
+Start (facts 4.1): LLaVA-v1.5-7B (its LLM and CLIP, with SAM-Med2D) converted to an Orbax params directory
+(`{runs}/llava-v1.5-7b`), with the projector of stage I (the reference's --pretrain_mm_mlp_adapter). `model=tiny`
+starts from the whole stage-I run (there is no tiny LLaVA).
 """
 from configs.common import LORA, TRAINABLE, held_out, lora_config, stage_config
 
@@ -22,7 +25,10 @@ def get_config(arg=None):
     cfg.train.grad_accum = 1 if tiny else 2
     cfg.train.loss_group = 0 if tiny else 16
     cfg.train.weights = dict(ce=1.0, bce=1.0, dice=5.0, iou=2.0, focal=2.0)
-    cfg.train.init.params = 'random' if a.init == 'random' else '{runs}/stage1'
+    if a.init != 'random':
+        cfg.train.init.params = '{runs}/stage1' if tiny else '{runs}/llava-v1.5-7b'
+        if not tiny:
+            cfg.train.init.load = (f'{TRAINABLE["projector"]}={{runs}}/stage1',)
     cfg.train.eval_every = 0 if tiny else 400
     cfg.train.log_every = 10 if tiny else 50
     # The reference runs --no_eval; its validation file is MeCoVQA_Complex_VQA_test_rand200.json.

@@ -29,7 +29,7 @@ COMMANDS = (*ARGS, *_PENDING)
 flags.DEFINE_integer('num_images', 60, 'make-demo-data: number of synthetic images (each gives 6 records)')
 flags.DEFINE_string('picture', '', 'check-data: draw the first batch to this PNG')
 flags.DEFINE_string('workdir', '', 'train / sweep / demo: the run directory (logs, TensorBoard, final params)')
-flags.DEFINE_bool('print_launch', False, 'sweep: print one launch line per point instead of running them')
+flags.DEFINE_bool('print-launch', False, 'sweep: print one launch line per point instead of running them')
 flags.DEFINE_list('points', [], 'sweep: run only these points (names from the config\'s sweep())')
 
 
@@ -88,7 +88,7 @@ def _run(command: str, args: list[str], config) -> None:
         else:
             from medplib_jax.train.sweep import run_sweep
             run_sweep(flags.FLAGS['config'].config_filename, config, workdir, points=flags.FLAGS.points,
-                      print_launch=flags.FLAGS.print_launch)
+                      print_launch=flags.FLAGS['print-launch'].value)
     elif command == 'to-array-record':
         from medplib_jax.data.pipeline import write_array_record
         print(f'{args[1]}: {write_array_record(*args)} records')

@@ -85,7 +85,7 @@ def test_sweep_runs_two_points_and_writes_the_table(tmp_path):
     args = ('--config=configs/stage4.py:model=tiny,init=random', f'--workdir={tmp_path}/sweep',
             f'--config.data.root={tmp_path}/data', '--config.train.max_steps=2', '--config.model.moe.group_size=1',
             '--config.evals.held_out.max_batches=1')
-    res = _run('sweep', *args, '--print_launch')
+    res = _run('sweep', *args, '--print-launch')
     assert res.returncode == 0, res.stderr[-2000:]
     launch = res.stdout.strip().splitlines()
     assert len(launch) == 4 and all(line.startswith('medplib-jax train --config=configs/stage4.py') for line in launch)
@@ -99,6 +99,22 @@ def test_sweep_runs_two_points_and_writes_the_table(tmp_path):
     rows = json.loads((tmp_path / 'sweep' / 'sweep.json').read_text())
     assert all({'dropped', 'load expert_0', 'load expert_1', 'held_out/loss'} <= set(r) for r in rows)
     assert rows[0]['dropped'] > 0 and rows[1]['dropped'] == 0  # top-1 at capacity factor 1 drops tokens
+
+
+def test_max_bad_steps_in_a_row_stop_a_run_with_one_line(tmp_path):
+    # lr 1e30: the first real update sends the projector to ~1e30; every later step is non-finite and skipped.
+    res = _run('make-demo-data', str(tmp_path / 'data'), '--num_images=8')
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = _run('train', '--config=configs/stage1.py:model=tiny', f'--config.data.root={tmp_path}/data',
+               '--config.train.lr=1e30', '--config.train.steps_per_epoch=8', '--config.train.max_bad_steps=3',
+               f'--workdir={tmp_path}/stage1')
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r'medplib-jax train: train: 3 non-finite steps in a row up to step \d+ '
+                        r'\(config.train.max_bad_steps=3\); parameters of the last good step saved in .*stopped_params',
+                        last), last
+    assert 'update skipped (1 in a row, 1 in all)' in res.stdout
+    assert (tmp_path / 'stage1' / 'stopped_params' / '_CHECKPOINT_METADATA').exists()
 
 
 def test_data_commands(tmp_path):

@@ -78,6 +78,21 @@ def test_merged_lora_equals_unmerged(env, np_rng):
         _close(b[key], a[key], key)
 
 
+def test_merged_stacked_expert_lora_equals_unmerged(env, np_rng):
+    """Stage IV's hand-off: per-expert LoRA on gate / up / down ((E, in, r) @ (E, r, out)) and LoRA on q / v fold
+    into their kernels; the MoE model without adapters computes the same (evaluation capacity: nothing dropped)."""
+    root, host, _, _ = env
+    cfg = stage_config('stage4', root)
+    model = _model(cfg)
+    params = _random_tree(model, host, np_rng)
+    merged = merge_lora(params, LoRAConfig.from_dict(cfg.model.lora))
+    assert flatten(merged)['model/layers_0/mlp/experts/gate_proj/kernel'].shape[0] == 2
+    cfg.model.lora.rank = 0
+    a, b = _forward(model, params, host), _forward(_model(cfg), merged, host)
+    for key in ('logits', 'mask_logits'):
+        _close(b[key], a[key], key)
+
+
 def test_stage4_start_reproduces_stage2_and_stage3_models(env, tmp_path, np_rng):
     """Expert 1 = stage II's FFN, expert 0 = stage III's; with the router forced to one expert (top-1 output scaled
     by a gate probability of 1 - 1e-13, nothing dropped at the evaluation capacity), the MoE model computes that

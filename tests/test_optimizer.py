@@ -2,10 +2,8 @@
 and clipping + AdamW (0.9, 0.95) against optax's own transforms applied by hand."""
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from medplib_jax.train.optimizer import make_optimizer, steps_per_epoch, warmup_decay_schedule, warmup_steps

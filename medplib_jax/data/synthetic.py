@@ -84,6 +84,7 @@ def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction:
         raise FileExistsError(f'{out}: holds {taken[0]}, not written by make-demo-data; refusing to overwrite it '
                               f'(choose another folder)')
     rng = np.random.default_rng(seed)
+    period = round(1 / test_fraction) if test_fraction > 0 else 0
     os.makedirs(os.path.join(out, 'images'), exist_ok=True)
     open(os.path.join(out, MARKER), 'w').close()
     os.makedirs(os.path.join(out, 'masks'), exist_ok=True)
@@ -103,7 +104,8 @@ def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction:
             path = f'masks/{stem}--{CLASS_IDS[shape.name]:04d}_{k:03d}.png'
             Image.fromarray(mask).save(os.path.join(out, path))
             mask_paths.append(path)
-        split = 'test' if rng.uniform() < test_fraction else 'train'
+        # Every period-th image is held out (not a random draw): even a small set has test records of each kind.
+        split = 'test' if period and i % period == period - 1 else 'train'
         names = [s.name for s in shapes]
         modality_text = modality.replace('_', '-')
         conv = lambda q, a: [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]  # noqa: E731

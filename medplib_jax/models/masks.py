@@ -71,7 +71,7 @@ def masks_to_canvas(low_res: jax.Array, input_size: jax.Array, target_size: jax.
 
     Returns (logits (N, Hc, Wc) fp32 with mask n's (H, W) result top-left, valid (N, Hc, Wc) bool marking it)."""
     if mode not in POSTPROCESS_MODES:
-        raise ValueError(f'postprocess mode {mode!r}; known: {POSTPROCESS_MODES}')
+        raise ValueError(f'postprocess mode {mode!r} (config.model.medplib.postprocess); known: {POSTPROCESS_MODES}')
     hc, wc = canvas
     input_size = jnp.asarray(input_size, jnp.int32)
     target_size = jnp.asarray(target_size, jnp.int32)

@@ -228,6 +228,9 @@ class MoEFFN(nn.Module):
         self.sow('intermediates', 'moe_aux_loss', aux.mean())
         self.sow('intermediates', 'moe_expert_counts', counts.sum(axis=0))
         self.sow('intermediates', 'moe_drop_fraction', 1.0 - dispatch.sum() / jnp.maximum(k * n_used, 1))
+        # Per token, how many of its k choices got a buffer slot: the keep / drop decisions themselves (dead code
+        # to XLA unless read).
+        self.sow('intermediates', 'moe_token_slots', dispatch.sum(axis=(-2, -1)).astype(jnp.int32).reshape(b, length))
         return y.reshape(b, length, d)
 
 
@@ -250,7 +253,8 @@ def collect_moe_metrics(intermediates: Mapping[str, Any]) -> dict[str, jax.Array
     """Gathers the sown MoE metrics of every layer (scanned or not), in layer order.
 
     Returns `aux_loss` (sum over MoE layers: what the loss adds, times moe.aux_loss_coef),
-    `aux_loss_per_layer` (L,), `expert_counts` (L, E), `drop_fraction` (L,). Empty dict for a dense model.
+    `aux_loss_per_layer` (L,), `expert_counts` (L, E), `drop_fraction` (L,), `token_slots` (L, B, T): kept
+    choices per token. Empty dict for a dense model.
     """
     per_name: dict[str, list[tuple[int, jax.Array]]] = {}
     for path, value in jax.tree_util.tree_flatten_with_path(
@@ -268,7 +272,8 @@ def collect_moe_metrics(intermediates: Mapping[str, Any]) -> dict[str, jax.Array
         return {}
     stacked = {n: jnp.stack([v for _, v in sorted(items, key=lambda t: t[0])]) for n, items in per_name.items()}
     return {'aux_loss': stacked['moe_aux_loss'].sum(), 'aux_loss_per_layer': stacked['moe_aux_loss'],
-            'expert_counts': stacked['moe_expert_counts'], 'drop_fraction': stacked['moe_drop_fraction']}
+            'expert_counts': stacked['moe_expert_counts'], 'drop_fraction': stacked['moe_drop_fraction'],
+            'token_slots': stacked['moe_token_slots']}
 
 
 def experts_from_dense(ffns: list[Mapping[str, Any]]) -> dict:

@@ -28,11 +28,14 @@ class InitConfig:
       one LoRA-wrapped MLP.
     load: 'PATTERN=PATH' entries: parameters whose path matches PATTERN come from PATH instead.
     fresh: patterns re-initialised even when the source has them (the reference re-creates the T-projector).
+    runs: the folder `{runs}` stands for ('' = the one holding the workdir; a sweep sets it to the folder holding
+      the sweep, so every point finds the same predecessors).
     """
     params: str = RANDOM
     experts: tuple[str, ...] = ()
     load: tuple[str, ...] = ()
     fresh: tuple[str, ...] = ()
+    runs: str = ''
 
     def load_rules(self) -> list[tuple[str, str]]:
         rules = []
@@ -77,11 +80,12 @@ class TrainConfig:
     init: InitConfig = InitConfig()
 
     def __post_init__(self):
-        if self.grad_accum < 1 or self.loss_group < 0 or self.max_bad_steps < 1:
-            raise ValueError(f'config.train: grad_accum={self.grad_accum} must be >= 1, loss_group='
-                             f'{self.loss_group} >= 0, max_bad_steps={self.max_bad_steps} >= 1')
-        if self.lr < 0 or self.epochs <= 0:
-            raise ValueError(f'config.train: lr={self.lr} must be >= 0 and epochs={self.epochs} > 0')
+        for name, low in (('grad_accum', 1), ('loss_group', 0), ('max_bad_steps', 1), ('lr', 0),
+                          ('steps_per_epoch', 0), ('max_steps', 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f'config.train.{name}={getattr(self, name)}: must be >= {low}')
+        if self.epochs <= 0:
+            raise ValueError(f'config.train.epochs={self.epochs}: must be > 0')
 
     @classmethod
     def from_config(cls, d: Mapping[str, Any]) -> 'TrainConfig':
@@ -89,7 +93,7 @@ class TrainConfig:
         d['trainable'] = tuple(d.get('trainable', ()))
         d['weights'] = LossWeights(**known_fields(LossWeights, d.get('weights', {}), 'config.train.weights'))
         init = known_fields(InitConfig, d.get('init', {}), 'config.train.init')
-        d['init'] = InitConfig(**{k: (tuple(v) if k != 'params' else v) for k, v in init.items()})
+        d['init'] = InitConfig(**{k: (v if k in ('params', 'runs') else tuple(v)) for k, v in init.items()})
         return cls(**d)
 
     def micro_loss_group(self, global_batch: int) -> tuple[int, int]:

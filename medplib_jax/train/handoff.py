@@ -4,7 +4,9 @@ A stage ends by folding its LoRA adapters into the base weights (W += alpha / r 
 the reference's merge_lora_weights_and_save_hf_model*.py do) and saving a plain tree (`final_params`). The next
 stage starts from such trees as `config.train.init` says (train/config.py InitConfig):
 
-- stage II from stage I's run (the LLM, CLIP and SAM-Med2D it was given plus the trained projector);
+- stage I from converted weights (Vicuna-7B-v1.5, CLIP, SAM-Med2D) with a fresh projector (LLaVA-1.5's recipe);
+- stage II from LLaVA-v1.5-7B's converted weights with stage I's projector (facts 4.1; `model=tiny` takes the
+  whole stage-I run, there being no tiny LLaVA);
 - stage III from stage II's, with a fresh T-projector (the reference re-creates `text_hidden_fcs`);
 - stage IV (facts 4.5): everything from stage II, expert 0 of every MoE layer from stage III's FFN and expert 1
   from stage II's, the mask decoder and T-projector from stage III, the region adapter from stage II (the base),
@@ -32,6 +34,7 @@ from medplib_jax.train.trainable import flatten, unflatten
 
 # Leaves a stage adds to its predecessor's tree: they start from the model's initialisation.
 ADAPTER_LEAF = re.compile(r'.*/lora_[AB]$|.*/mlp/gate/wg/kernel$')
+MAX_LISTED = 20  # problems named in the one-line error (a layout mismatch at 7B would be thousands)
 EXPERT_KERNEL = re.compile(r'(?P<prefix>.*)/mlp/experts/(?P<proj>gate_proj|up_proj|down_proj)/kernel$')
 
 
@@ -137,7 +140,9 @@ def initial_params(init_fn: Callable[[], Any], icfg: InitConfig, runs: str, mesh
         missing = [p for p in shapes if p not in chosen and p not in origin and not ADAPTER_LEAF.fullmatch(p)]
         problems += [f'{p}: missing from init.params ({base_path})' for p in missing]
     if problems:
-        raise HandoffError(f'config.train.init: {len(problems)} problems: ' + '; '.join(problems))
+        shown = problems[:MAX_LISTED]
+        more = f'; ... {len(problems) - len(shown)} more' if len(problems) > len(shown) else ''
+        raise HandoffError(f'config.train.init: {len(problems)} problems: ' + '; '.join(shown) + more)
 
     fresh = [p for p in shapes if p not in chosen]
     if fresh:

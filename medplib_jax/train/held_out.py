@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medplib_jax.data.pipeline import make_iterator
+from medplib_jax.data.pipeline import DataConfig, make_iterator, open_sources
 from medplib_jax.eval.registry import Evaluator, register
 from medplib_jax.train.config import TrainConfig
 from medplib_jax.train.inputs import global_batch
@@ -30,6 +30,8 @@ class HeldOutLoss(Evaluator):
         datasets = self.settings.pop('datasets', None)
         if datasets:
             self.data.data.datasets = datasets
+        # Missing or empty held-out files fail now, not after the training steps.
+        open_sources(DataConfig.from_config(self.data.data))
         self.max_batches = int(self.settings.pop('max_batches', 0))
         if self.settings:
             raise ValueError(f'config.evals.{name}: unknown settings {sorted(self.settings)}')

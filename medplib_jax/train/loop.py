@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from tqdm.auto import tqdm
@@ -97,7 +96,7 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
     mesh, rules = sharding.make_mesh(config.mesh, devices), list(config.logical_axis_rules)
     micro, group = _check_batch(tcfg, data_cfg, mcfg, mesh)
     os.makedirs(workdir, exist_ok=True)
-    runs = os.path.dirname(os.path.abspath(workdir))
+    runs = tcfg.init.runs or os.path.dirname(os.path.abspath(workdir))
     say(f'stage {tcfg.stage or "?"} -> {workdir}; devices {jax.device_count()} x {jax.devices()[0].platform}, mesh '
         f'{dict(mesh.shape)}; global batch {data_cfg.batch_size} = {tcfg.grad_accum} micro-batches of {micro}, loss '
         f'groups of {group}')
@@ -123,18 +122,22 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
     bar = tqdm(total=steps, desc=f'train {tcfg.stage or ""}'.strip(), disable=not main, dynamic_ncols=True,
                mininterval=1.0)
     pending = None
+    # Step time = between two consecutive finished steps, less what the host spent compiling or evaluating.
+    clock = {'last': 0.0, 'pause': 0.0}
 
-    def finish(done: tuple[int, Any, float]):
+    def finish(done: tuple[int, Any, int]):
         """Metrics of a finished step (fetched one step late, so the host never waits on the device)."""
-        step, metrics, started = done
+        step, metrics, length = done
         m = flatten_metrics(jax.device_get(metrics))
-        m['perf/step_s'] = time.perf_counter() - started
-        m.update(runner.perf(m))
+        now = time.perf_counter()
+        m['perf/step_s'] = now - clock['last'] - clock['pause']
+        clock.update(last=now, pause=0.0)
+        m.update(runner.perf(m, length))
         m.update({k: float(v) for k, v in it.metrics().items()})
         interval.append(m)
         bar.update(1)
         bar.set_postfix(loss=f'{m["loss"]:.4f}', lr=f'{m["lr"]:.2e}', step_s=f'{m["perf/step_s"]:.2f}')
-        if m['update_skipped']:
+        if m['update_skipped'] and main:
             tqdm.write(f'step {step}: non-finite loss or gradient (loss {m["loss"]}, grad norm {m["grad_norm"]}); '
                        f'update skipped ({int(m["bad_steps"])} in a row, {int(m["skipped_steps"])} in all)')
         if m['bad_steps'] >= tcfg.max_bad_steps:
@@ -153,14 +156,20 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
             for step in range(1, steps + 1):
                 host = first_host if step == 1 else next(it)
                 batch = global_batch(host, mesh, TRAIN_KEYS)
-                executable = runner.compiled(state, batch, rng)
                 started = time.perf_counter()
+                executable = runner.compiled(state, batch, rng)
+                if step == 1:
+                    clock['last'] = time.perf_counter()
+                else:
+                    clock['pause'] += time.perf_counter() - started if runner.just_compiled else 0.0
                 state, metrics = executable(state, batch, rng)
                 if pending is not None:
                     finish(pending)
-                pending = (step, metrics, started)
+                pending = (step, metrics, int(batch['input_ids'].shape[1]))
                 if evaluators:
+                    started = time.perf_counter()
                     _evaluate(evaluators, state.params, step, steps, writer, history)
+                    clock['pause'] += time.perf_counter() - started
             finish(pending)
     except TrainingError:
         # Non-finite steps leave the parameters as they were: the state holds the last good ones.
@@ -227,7 +236,7 @@ def setup_stage(config: mlc.ConfigDict, example: dict[str, np.ndarray], *, runs:
     log('parameters (trained / frozen):\n' + parameter_table(params, trained))
     shardings = state_shardings(boxed, trained, tx, mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(lambda p: create(p, trained, tx), out_shardings=shardings)(params)
+        state = jax.jit(lambda p: create(p, trained, tx), out_shardings=shardings, donate_argnums=0)(params)
     log(f'optimizer state: {state_bytes(state.opt_state) / 2**20:.1f} MiB (moments of the trained parameters only)')
     step_fn = build_train_step(model, trained, tx, schedule, weights=tcfg.weights, grad_accum=tcfg.grad_accum,
                                loss_group=group)
@@ -244,7 +253,8 @@ def _evaluate(evaluators, params, step: int, steps: int, writer: MetricWriter, h
         values = ev.run(params)
         metrics = {f'eval/{ev.name}/{k}': v for k, v in values.items()}
         writer.write(step, metrics, line=False)
-        writer.echo(f'eval {ev.name} at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
+        if writer.enabled:
+            writer.echo(f'eval {ev.name} at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
         history.append({'step': step, **metrics})
 
 
@@ -255,14 +265,14 @@ class _Runner:
     def __init__(self, jitted, mcfg: MedPLIBConfig, batch: int, tcfg: TrainConfig, mesh, log):
         self.jitted, self.mcfg, self.batch, self.tcfg, self.mesh, self.log = jitted, mcfg, batch, tcfg, mesh, log
         self.executables: dict[int, Any] = {}
-        self.length = 0
+        self.just_compiled = False
         kind = jax.devices()[0].device_kind
         self.peak = flops_lib.peak_flops(kind, tcfg.peak_tflops)
 
     def compiled(self, state: TrainState, batch: dict, rng: jax.Array):
         length = int(batch['input_ids'].shape[1])
-        self.length = length
-        if length not in self.executables:
+        self.just_compiled = length not in self.executables
+        if self.just_compiled:
             start = time.perf_counter()
             exe = self.jitted.lower(state, batch, rng).compile()
             self.executables[length] = exe
@@ -288,15 +298,15 @@ class _Runner:
                          f'{mem.output_size_in_bytes / 2**20:.1f} MiB (aliased {mem.alias_size_in_bytes / 2**20:.1f}), '
                          f'temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, code '
                          f'{mem.generated_code_size_in_bytes / 2**20:.1f} MiB')
-        lines.append(f'  MFU: ' + (f'against {self.peak / 1e12:.0f} TFLOP/s per device' if self.peak else
+        lines.append('  MFU: ' + (f'against {self.peak / 1e12:.0f} TFLOP/s per device' if self.peak else
                                   f'n/a (no known peak for {jax.devices()[0].device_kind!r}; set '
                                   f'--config.train.peak_tflops)'))
         self.log('\n'.join(lines))
 
-    def perf(self, m: dict[str, float]) -> dict[str, float]:
+    def perf(self, m: dict[str, float], length: int) -> dict[str, float]:
         seconds = max(m['perf/step_s'], 1e-9)
         out = {'perf/tokens_per_s': m.get('tokens/total', 0.0) / seconds}
         if self.peak:
-            f = flops_lib.step_flops(self.mcfg, self.batch, self.length).total
+            f = flops_lib.step_flops(self.mcfg, self.batch, length).total
             out['perf/mfu'] = f / seconds / (self.peak * jax.device_count())
         return out

@@ -1,5 +1,5 @@
 """`medplib-jax sweep`: every point of a config's `sweep()` (e.g. configs/stage4.py: the paper's Table 4 grid of
-capacity factor and top-k), one after the other here or, with `--print_launch`, one launch line per point for a
+capacity factor and top-k), one after the other here or, with `--print-launch`, one launch line per point for a
 cluster; then a table comparing them (final losses, dropped fraction, per-expert load, evaluation metrics)."""
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ def launch_lines(config_file: str, workdir: str, points: Iterable[tuple[str, dic
     return lines
 
 
+def _runs(config: mlc.ConfigDict, workdir: str) -> dict[str, str]:
+    """Every point trains one folder deeper than a lone run: `{runs}` must still name the folder holding the sweep
+    (where the previous stages are), not the sweep itself."""
+    if config.train.init.runs:
+        return {}
+    return {'train.init.runs': os.path.dirname(os.path.abspath(workdir))}
+
+
 def _row(name: str, overrides: Mapping[str, Any], result: StageResult) -> dict[str, Any]:
     last = result.last
     row: dict[str, Any] = {'point': name, **{k.split('.')[-1]: v for k, v in overrides.items()},
@@ -81,11 +89,12 @@ def _row(name: str, overrides: Mapping[str, Any], result: StageResult) -> dict[s
     return row
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], settings: tuple[str, ...] = ()) -> str:
+    """A markdown table; `settings` columns (the swept config values) print as given, metrics to 4 decimals."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda c, v: f'{v:.4f}' if isinstance(v, float) and c not in settings else str(v)  # noqa: E731
     lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
-    lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in columns) + ' |' for r in rows]
+    lines += ['| ' + ' | '.join(fmt(c, r.get(c, '')) for c in columns) + ' |' for r in rows]
     return '\n'.join(lines)
 
 
@@ -99,15 +108,16 @@ def run_sweep(config_file: str, config: mlc.ConfigDict, workdir: str, *, points:
             raise ValueError(f'sweep: --points {unknown} not in the sweep (points: {[n for n, _ in chosen]})')
         chosen = [(n, o) for n, o in chosen if n in points]
     if print_launch:
-        for line in launch_lines(config_file, workdir, chosen):
+        for line in launch_lines(config_file, workdir, [(n, {**_runs(config, workdir), **o}) for n, o in chosen]):
             log(line)
         return []
     rows = []
     for name, overrides in chosen:
         log(f'=== sweep point {name}: {overrides} ===')
-        result = train_stage(apply_overrides(config, overrides), os.path.join(workdir, name), log)
+        result = train_stage(apply_overrides(config, {**_runs(config, workdir), **overrides}),
+                             os.path.join(workdir, name), log)
         rows.append(_row(name, overrides, result))
-    text = table(rows)
+    text = table(rows, settings=tuple({k.split('.')[-1] for _, o in chosen for k in o}))
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
         f.write(text + '\n')

@@ -58,7 +58,7 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
             os.makedirs(workdir, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'w')  # one run's metrics
 
     def write(self, step: int, metrics: Mapping[str, float], line: bool = True) -> None:
         if not self.enabled:
