@@ -91,6 +91,8 @@ def test_sweep_runs_two_points_and_writes_the_table(tmp_path):
     assert len(launch) == 4 and all(line.startswith('medplib-jax train --config=configs/stage4.py') for line in launch)
     assert '--config.model.moe.capacity_factor=1.5' in launch[1] and '--config.model.moe.top_k=2' in launch[3]
     assert '--config.train.max_steps=2' in launch[0]
+    # each point trains in sweep/<point>, but {runs} still names the folder holding the sweep (its predecessors)
+    assert all(f'--config.train.init.runs={tmp_path}' in line for line in launch)
     res = _run('sweep', *args, '--points=cf1_top1,cf2_top2')
     assert res.returncode == 0, res.stderr[-3000:]
     table = (tmp_path / 'sweep' / 'sweep.md').read_text().splitlines()
