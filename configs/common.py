@@ -15,7 +15,7 @@ from medplib_jax.data.synthetic import FILES as DEMO_FILES  # the synthetic set'
 from medplib_jax.models.lora import LoRAConfig
 from medplib_jax.models.medplib import MedPLIBConfig
 from medplib_jax.models.moe import MoEConfig
-from medplib_jax.train import config as train_config
+from medplib_jax.train.config import TrainConfig
 
 # LLaMA decoder sizes. `llama7b` is LLaVA-v1.5-7B (LLaMA-2-7B architecture) with the MedPLIB vocab of 32267
 # (32000 + the 267 added tokens, facts section 1.1); tiny = the offline tiny tokenizer's 309 + 267.
@@ -112,8 +112,8 @@ def vision_config(size: str) -> mlc.ConfigDict:
 
 def _fields(cls: type, exclude: tuple[str, ...] = (), **overrides) -> mlc.ConfigDict:
     """A config block from a config dataclass's own defaults (one home for each default), with overrides."""
-    values = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude
-              and f.default is not dataclasses.MISSING}
+    values = {f.name: dataclasses.asdict(f.default) if dataclasses.is_dataclass(f.default) else f.default
+              for f in dataclasses.fields(cls) if f.name not in exclude and f.default is not dataclasses.MISSING}
     unknown = set(overrides) - set(values)
     if unknown:
         raise ValueError(f'{cls.__name__}: unknown fields {sorted(unknown)}')
@@ -227,7 +227,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.seed = 0
     cfg.data = data_config(a.model, a.data)
     # The train step's recipe (medplib_jax/train/config.py); the stage configs set it.
-    cfg.train = mlc.ConfigDict(train_config.defaults())
+    cfg.train = _fields(TrainConfig)
     # Evaluators run every config.train.eval_every steps: name -> dict(kind=..., settings); see eval/registry.py.
     cfg.evals = mlc.ConfigDict()
     # The main job: writes `synthetic_images` synthetic images (x6 records) to config.data.root first (0 = use

@@ -73,11 +73,3 @@ def restore_params(path: str, sharding_of: Callable[[str, tuple[int, ...]], jax.
     target = unflatten({k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_of(k, shape))
                         for k, (shape, dtype) in shapes.items()})
     return flatten(ocp.StandardCheckpointer().restore(path, target))
-
-
-def read_metadata(path: str) -> dict[str, Any]:
-    try:
-        with open(path + '.json') as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}

@@ -1,6 +1,7 @@
 """Stage hand-offs: a merged-LoRA model equals the unmerged one; stage IV built from saved stage II / III trees
 computes the stage-II model with the router forced to expert 1 and the stage-III model forced to expert 0; trees
 that do not fit are one error listing every problem."""
+import contextlib
 import re
 
 import flax.linen as nn
@@ -15,7 +16,7 @@ from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.models.moe import _Router
 from medplib_jax.sharding import make_mesh
 from medplib_jax.train.config import InitConfig, TrainConfig
-from medplib_jax.train.handoff import HandoffError, initial_params, merge_lora
+from medplib_jax.train.handoff import HandoffError, init_fn, initial_params, merge_lora
 from medplib_jax.train.step import MODEL_INPUTS
 from medplib_jax.train.trainable import flatten, unflatten
 from train_utils import host_batch, make_data, stage_config
@@ -33,25 +34,15 @@ def _model(cfg):
     return MedPLIBForCausalLM(m.llm, mcfg=m)
 
 
-def _init_fn(model, host, seed=0):
-    rows = model.mcfg.llm.moe.group_size if model.mcfg.llm.moe_layers else 1
-    inputs = {k: jax.ShapeDtypeStruct(host[k][:rows].shape, host[k].dtype) for k in MODEL_INPUTS}
-    return lambda: model.lazy_init(jax.random.key(seed), **inputs, method=MedPLIBForCausalLM.forward)
+def _init_fn(model, host):
+    return init_fn(model, host, seed=0)
 
 
 def _forward(model, params, host, intercept=None):
     def fn(p, b):
-        with nn.intercept_methods(intercept) if intercept else _nothing():
+        with nn.intercept_methods(intercept) if intercept else contextlib.nullcontext():
             return model.apply({'params': p}, **b, method=MedPLIBForCausalLM.forward)
     return jax.device_get(jax.jit(fn)(params, {k: jnp.asarray(host[k]) for k in MODEL_INPUTS}))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _close(a, b, what):

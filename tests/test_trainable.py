@@ -45,6 +45,7 @@ def _seven_b_paths():
     from flax import traverse_util
 
     from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
+    from medplib_jax.train.handoff import init_fn
     out = {}
     for name, module in (('stage2', stage2), ('stage3', stage3), ('stage4', stage4)):
         cfg = module.get_config()
@@ -55,9 +56,9 @@ def _seven_b_paths():
         shapes = dict(input_ids=jax.ShapeDtypeStruct((b, t), jnp.int32),
                       clip_pixels=jax.ShapeDtypeStruct((b, 336, 336, 3), jnp.float32),
                       sam_pixels=jax.ShapeDtypeStruct((b, 256, 256, 3), jnp.float32),
-                      region_grids=jax.ShapeDtypeStruct((b, 1, 24, 24), jnp.uint8))
-        tree = jax.eval_shape(lambda: model.lazy_init(jax.random.key(0), **shapes,
-                                                      method=MedPLIBForCausalLM.forward))['params']
+                      region_grids=jax.ShapeDtypeStruct((b, 1, 24, 24), jnp.uint8),
+                      token_mask=jax.ShapeDtypeStruct((b, t), jnp.bool_))
+        tree = jax.eval_shape(init_fn(model, shapes, seed=0))['params']
         out[name] = (cfg, traverse_util.flatten_dict(nn.unbox(tree), sep='/'))
     return out
 

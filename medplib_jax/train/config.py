@@ -107,8 +107,3 @@ class TrainConfig:
             raise ValueError(f'config.train.loss_group={group} does not divide the micro-batch of {micro} sequences '
                              f'(config.data.batch_size / config.train.grad_accum)')
         return micro, group
-
-
-def defaults() -> dict[str, Any]:
-    """The `config.train` block's defaults, from the dataclasses (one home for each default)."""
-    return dataclasses.asdict(TrainConfig())

@@ -42,6 +42,17 @@ class HandoffError(ValueError):
     """A source tree that does not fit the model: every problem listed in one message."""
 
 
+def init_fn(model: Any, example: Mapping[str, Any], seed: int) -> Callable[[], Any]:
+    """The model's `init` from shapes only: `lazy_init` on shape structs of one routing group of `example`'s rows
+    (anything with .shape / .dtype) traces the forward and keeps just the parameters' initialisers."""
+    from medplib_jax.models.medplib import MedPLIBForCausalLM
+    from medplib_jax.train.step import MODEL_INPUTS
+    llm = model.mcfg.llm
+    rows = llm.moe.group_size if llm.moe_layers else 1
+    inputs = {k: jax.ShapeDtypeStruct((rows, *example[k].shape[1:]), example[k].dtype) for k in MODEL_INPUTS}
+    return lambda: model.lazy_init(jax.random.key(seed), **inputs, method=MedPLIBForCausalLM.forward)
+
+
 def merge_lora(params: Mapping[str, Any], lora: LoRAConfig) -> dict:
     """The plain tree a stage hands the next (adapters folded into their kernels); unchanged without LoRA."""
     return merge(params, lora) if lora.rank else dict(params)

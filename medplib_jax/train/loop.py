@@ -33,10 +33,10 @@ from medplib_jax.train import held_out  # noqa: F401  (registers the held_out_lo
 from medplib_jax.train import flops as flops_lib
 from medplib_jax.train import optimizer as optim
 from medplib_jax.train.config import TrainConfig
-from medplib_jax.train.handoff import initial_params, merge_lora
+from medplib_jax.train.handoff import init_fn, initial_params, merge_lora
 from medplib_jax.train.inputs import global_batch
 from medplib_jax.train.state import TrainState, create, replicated, state_bytes, state_shardings
-from medplib_jax.train.step import MODEL_INPUTS, TRAIN_KEYS, build_train_step
+from medplib_jax.train.step import TRAIN_KEYS, build_train_step
 from medplib_jax.train.trainable import parameter_table, trained_paths
 from medplib_jax.train.writers import MetricWriter, flatten_metrics
 
@@ -222,15 +222,11 @@ def setup_stage(config: mlc.ConfigDict, example: dict[str, np.ndarray], *, runs:
     schedule = optim.warmup_decay_schedule(tcfg.lr, total_steps, warmup)
     tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay,
                               clip_norm=tcfg.clip_norm)
-    # Shapes only: lazy_init traces the forward and keeps just the parameters' initialisers.
-    rows = mcfg.llm.moe.group_size if mcfg.llm.moe_layers else 1
-    inputs = {k: jax.ShapeDtypeStruct(example[k][:rows].shape, example[k].dtype) for k in MODEL_INPUTS}
-    init_fn = lambda: model.lazy_init(jax.random.key(config.seed), **inputs,  # noqa: E731
-                                      method=MedPLIBForCausalLM.forward)
+    init = init_fn(model, example, config.seed)
     if params is None:
-        params, boxed = initial_params(init_fn, tcfg.init, runs, mesh, rules, log)
+        params, boxed = initial_params(init, tcfg.init, runs, mesh, rules, log)
     else:
-        boxed = jax.eval_shape(init_fn)['params']
+        boxed = jax.eval_shape(init)['params']
         params = sharding.shard_like(params, sharding.param_shardings(boxed, mesh, rules))
     trained = trained_paths(params, tcfg.trainable)
     log('parameters (trained / frozen):\n' + parameter_table(params, trained))

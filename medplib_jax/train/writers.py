@@ -70,10 +70,6 @@ class MetricWriter:
         if line:
             self.echo(headline(step, self.total, metrics))
 
-    def text(self, tag: str, text: str) -> None:
-        if self.enabled:
-            self._tb.add_text(tag, text, 0)
-
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
