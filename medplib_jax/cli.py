@@ -23,14 +23,26 @@ _PENDING = {
                'medplib_jax.convert (llama, clip)',
 }
 # command -> its positional arguments
-ARGS = {'demo': (), 'train': (), 'sweep': (), 'make-demo-data': ('OUT',), 'check-data': (),
-        'build-image-cache': (), 'to-array-record': ('SRC', 'DST')}
+ARGS = {'demo': (), 'train': (), 'sweep': (), 'export': (), 'compile-check': (), 'make-demo-data': ('OUT',),
+        'check-data': (), 'build-image-cache': (), 'to-array-record': ('SRC', 'DST')}
 COMMANDS = (*ARGS, *_PENDING)
 flags.DEFINE_integer('num_images', 60, 'make-demo-data: number of synthetic images (each gives 6 records)')
 flags.DEFINE_string('picture', '', 'check-data: draw the first batch to this PNG')
 flags.DEFINE_string('workdir', '', 'train / sweep / demo: the run directory (logs, TensorBoard, final params)')
 flags.DEFINE_bool('print-launch', False, 'sweep: print one launch line per point instead of running them')
 flags.DEFINE_list('points', [], 'sweep: run only these points (names from the config\'s sweep())')
+flags.DEFINE_string('out', '', 'export: the params directory to write')
+flags.DEFINE_string('dtype', '', 'export: cast floating parameters to this dtype (e.g. bfloat16; default: as saved)')
+flags.DEFINE_integer('step', 0, 'export: the checkpoint step (default: the latest)')
+flags.DEFINE_string('topology', '', 'compile-check: a TPU topology (v5p-64, v5p-256, v4-128, ...) or gpu:8xH100')
+# Multi-host (medplib_jax/distributed.py): TPU pods and SLURM are detected; the flags are for an explicit cluster.
+flags.DEFINE_enum('distributed', 'auto', ['auto', 'off', 'explicit'],
+                  'auto: jax.distributed on a TPU pod or a multi-task SLURM job, else one process; explicit: the '
+                  'coordinator flags below')
+flags.DEFINE_string('coordinator', '', 'explicit multi-host: the coordinator host:port (process 0)')
+flags.DEFINE_integer('num_processes', 0, 'explicit multi-host: the number of processes')
+flags.DEFINE_integer('process_id', -1, 'explicit multi-host: this process\'s index')
+flags.DEFINE_list('local_device_ids', [], 'multi-host: the local devices this process uses (e.g. one GPU each)')
 
 
 def _main(argv: list[str]) -> int:
@@ -45,6 +57,11 @@ def _main(argv: list[str]) -> int:
         return 2
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax and grain narrate every save at INFO
+    if command in ('train', 'sweep', 'demo', 'export'):
+        from medplib_jax import distributed
+        F = flags.FLAGS
+        distributed.initialize(F.distributed, coordinator=F.coordinator, num_processes=F.num_processes,
+                               process_id=F.process_id, local_device_ids=[int(i) for i in F.local_device_ids])
     from medplib_jax.data.pipeline import TooManySkipsError
     from medplib_jax.train.loop import TrainingError
     config = flags.FLAGS.config
@@ -89,6 +106,17 @@ def _run(command: str, args: list[str], config) -> None:
             from medplib_jax.train.sweep import run_sweep
             run_sweep(flags.FLAGS['config'].config_filename, config, workdir, points=flags.FLAGS.points,
                       print_launch=flags.FLAGS['print-launch'].value)
+    elif command == 'export':
+        from medplib_jax.checkpoint import export
+        if not (flags.FLAGS.workdir and flags.FLAGS.out):
+            raise ValueError('export: set --workdir=RUN_DIR (a training run) and --out=DIR (the params to write)')
+        export(flags.FLAGS.workdir, flags.FLAGS.out, dtype=flags.FLAGS.dtype or None, step=flags.FLAGS.step or None)
+    elif command == 'compile-check':
+        from medplib_jax.compile_check import run_compile_check
+        if not flags.FLAGS.topology:
+            raise ValueError('compile-check: set --topology= (v5p-64, v5p-256, v4-128, ... or gpu:8xH100)')
+        if not run_compile_check(flags.FLAGS['config'].config_filename, config, flags.FLAGS.topology):
+            raise SystemExit(1)
     elif command == 'to-array-record':
         from medplib_jax.data.pipeline import write_array_record
         print(f'{args[1]}: {write_array_record(*args)} records')

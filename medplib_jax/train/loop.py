@@ -197,49 +197,72 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
 
 @dataclasses.dataclass
 class StageSetup:
-    """A stage ready to step: the model, its trained set, optimizer and schedule, the sharded state and the jitted
-    train step (explicit in/out shardings, donated state)."""
+    """A stage ready to step: the model, its trained set, optimizer and schedule, the state's shardings and abstract
+    shapes (`abstract`: ShapeDtypeStructs carrying the shardings, what a checkpoint restores onto), the jitted train
+    step (explicit in/out shardings, donated state) and, once created or restored, the state."""
     model: MedPLIBForCausalLM
     trained: frozenset[str]
     tx: Any
     schedule: Any
+    boxed: Any
     shardings: TrainState
-    state: TrainState
+    abstract: TrainState
     step: Any
     mesh: Any
     rules: list
+    init: Callable[[], Any]
+    state: TrainState | None = None
 
 
-def setup_stage(config: mlc.ConfigDict, example: dict[str, np.ndarray], *, runs: str, total_steps: int, warmup: int,
-                log: Callable[[str], None] = print, params: Any = None, devices: Any = None) -> StageSetup:
-    """Builds everything a stage needs from its config and one host batch (for shapes). `params`: start from these
-    (tests) instead of config.train.init; `devices`: the mesh's devices (default all)."""
+def build_stage(config: mlc.ConfigDict, example: dict[str, Any], *, total_steps: int, warmup: int,
+                devices: Any = None, mesh: Any = None) -> StageSetup:
+    """Everything a stage needs but the state's values, from its config and one batch's shapes (`example`: arrays
+    or ShapeDtypeStructs). No parameter is materialised, so this also lowers the 7B step for a topology the host
+    does not have (`medplib-jax compile-check`). `mesh` (or `devices`, default all) is where it runs."""
     tcfg = TrainConfig.from_config(config.train)
     mcfg = MedPLIBConfig.from_model_config(config.model)
     model = MedPLIBForCausalLM(mcfg.llm, mcfg=mcfg)
-    mesh, rules = sharding.make_mesh(config.mesh, devices), list(config.logical_axis_rules)
+    mesh, rules = mesh or sharding.make_mesh(config.mesh, devices), list(config.logical_axis_rules)
     _, group = _check_batch(tcfg, DataConfig.from_config(config.data), mcfg, mesh)
     schedule = optim.warmup_decay_schedule(tcfg.lr, total_steps, warmup)
     tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay,
                               clip_norm=tcfg.clip_norm)
     init = init_fn(model, example, config.seed)
-    if params is None:
-        params, boxed = initial_params(init, tcfg.init, runs, mesh, rules, log)
-    else:
-        boxed = jax.eval_shape(init)['params']
-        params = sharding.shard_like(params, sharding.param_shardings(boxed, mesh, rules))
-    trained = trained_paths(params, tcfg.trainable)
-    log('parameters (trained / frozen):\n' + parameter_table(params, trained))
+    boxed = jax.eval_shape(init)['params']
+    trained = trained_paths(boxed, tcfg.trainable)
     shardings = state_shardings(boxed, trained, tx, mesh, rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(lambda p: create(p, trained, tx), out_shardings=shardings, donate_argnums=0)(params)
-    log(f'optimizer state: {state_bytes(state.opt_state) / 2**20:.1f} MiB (moments of the trained parameters only)')
+    abstract = jax.eval_shape(lambda p: create(p, trained, tx), nn.unbox(boxed))
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
     step_fn = build_train_step(model, trained, tx, schedule, weights=tcfg.weights, grad_accum=tcfg.grad_accum,
                                loss_group=group)
-    batch_shardings = {k: sharding.data_sharding(mesh, example[k].ndim) for k in TRAIN_KEYS}
+    batch_shardings = {k: sharding.data_sharding(mesh, len(example[k].shape)) for k in TRAIN_KEYS}
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings, None),
                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
-    return StageSetup(model, trained, tx, schedule, shardings, state, jitted, mesh, rules)
+    return StageSetup(model, trained, tx, schedule, boxed, shardings, abstract, jitted, mesh, rules, init)
+
+
+def fresh_state(setup: StageSetup, init: Any, runs: str, log: Callable[[str], None] = print,
+                params: Any = None) -> TrainState:
+    """The state at step 0: parameters from `init` (config.train.init, train/handoff.py) or the given `params`
+    (tests), sharded; optimizer moments of the trained set at zero."""
+    if params is None:
+        params, _ = initial_params(setup.init, init, runs, setup.mesh, setup.rules, log)
+    else:
+        params = sharding.shard_like(params, sharding.param_shardings(setup.boxed, setup.mesh, setup.rules))
+    log('parameters (trained / frozen):\n' + parameter_table(params, setup.trained))
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        state = jax.jit(lambda p: create(p, setup.trained, setup.tx), out_shardings=setup.shardings,
+                        donate_argnums=0)(params)
+    log(f'optimizer state: {state_bytes(state.opt_state) / 2**20:.1f} MiB (moments of the trained parameters only)')
+    return state
+
+
+def setup_stage(config: mlc.ConfigDict, example: dict[str, np.ndarray], *, runs: str, total_steps: int, warmup: int,
+                log: Callable[[str], None] = print, params: Any = None, devices: Any = None) -> StageSetup:
+    """`build_stage` plus a fresh state. `params`: start from these (tests) instead of config.train.init."""
+    setup = build_stage(config, example, total_steps=total_steps, warmup=warmup, devices=devices)
+    setup.state = fresh_state(setup, TrainConfig.from_config(config.train).init, runs, log, params)
+    return setup
 
 
 def _evaluate(evaluators, params, step: int, steps: int, writer: MetricWriter, history) -> None:
