@@ -10,6 +10,7 @@ import dataclasses
 
 import ml_collections as mlc
 
+from medplib_jax.checkpoint import CheckpointConfig
 from medplib_jax.data.pipeline import DataConfig
 from medplib_jax.data.synthetic import FILES as DEMO_FILES  # the synthetic set's files by kind
 from medplib_jax.models.lora import LoRAConfig
@@ -228,6 +229,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.data = data_config(a.model, a.data)
     # The train step's recipe (medplib_jax/train/config.py); the stage configs set it.
     cfg.train = _fields(TrainConfig)
+    # Train-state checkpoints, resume and their retention (medplib_jax/checkpoint.py CheckpointConfig).
+    cfg.checkpoint = _fields(CheckpointConfig)
     # Evaluators run every config.train.eval_every steps: name -> dict(kind=..., settings); see eval/registry.py.
     cfg.evals = mlc.ConfigDict()
     # The main job: writes `synthetic_images` synthetic images (x6 records) to config.data.root first (0 = use
@@ -252,14 +255,43 @@ TRAINABLE = {
     'region_fea_adapter': r'model/region_fea_adapter/.*',
     'router': r'model/layers.*/mlp/gate/wg/kernel',
 }
-STAGE_ARGS = dict(model='7b', init='prev', dtype='float32', scan=False, remat='none', data='')
+STAGE_ARGS = dict(model='7b', init='prev', dtype='float32', scan=False, remat='', data='', hw='')
+
+# Hardware presets (stage configs' `hw=` arg): the mesh, the micro-batch (through config.train.grad_accum; the
+# global batch config.data.batch_size stays 128) and the remat policy per target and stage. Keys: the hw name,
+# then the stage ('*' = any stage without its own entry). `remat=` in the arg and `--config.*` flags still override
+# a preset. FSDP over every chip (7B's vocab 32267 is odd, so no tensor axis); one row per chip on v5p. NOT yet
+# confirmed by `medplib-jax compile-check` for 7B (benchmarks/compile_check.py): check before relying on them.
+HW_PRESETS = {
+    'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='none')},
+    'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='none')},
+    # stage III's loss groups of 32 sequences need micro-batches of 32 or more
+    '8xh100': {'*': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=8, remat='full'),
+               'III': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=4, remat='full')},
+}
+
+
+def apply_hw(cfg: mlc.ConfigDict, hw: str, remat: str = '') -> mlc.ConfigDict:
+    """Applies the `hw` preset of HW_PRESETS to a stage config ('' = none; `remat`: the arg's, which wins)."""
+    if hw:
+        if hw not in HW_PRESETS:
+            raise ValueError(f'config arg hw={hw!r}: unknown; known: {", ".join(HW_PRESETS)}')
+        presets = HW_PRESETS[hw]
+        p = presets.get(cfg.train.stage, presets['*'])
+        cfg.mesh = mesh_config(**p['mesh'])
+        cfg.train.grad_accum = p['grad_accum']
+        cfg.model.remat_policy = p['remat']
+    if remat:
+        cfg.model.remat_policy = remat
+    return cfg
 
 
 def stage_config(arg: str | None, *, stage: str, files: dict[str, str], demo_files: tuple[str, ...],
                  **arg_defaults) -> tuple[mlc.ConfigDict, mlc.ConfigDict]:
     """The common part of a stage config. arg keys: model (7b | tiny), init (prev: the previous stages' run dirs
     beside this run's workdir, `{runs}/stageN` | random: tests), dtype, scan, remat, data (mecovqa: the reference's
-    file names under config.data.root | demo: the synthetic set; default mecovqa for 7b, demo for tiny).
+    file names under config.data.root | demo: the synthetic set; default mecovqa for 7b, demo for tiny), hw (a
+    HW_PRESETS name: the stage config ends with `apply_hw(cfg, a.hw, a.remat)`).
     files: dataset name -> the reference's records file; demo_files: the synthetic files (DEMO_FILES keys)."""
     a = parse_arg(arg, **STAGE_ARGS, **arg_defaults)
     if a.init not in ('prev', 'random'):
@@ -267,13 +299,16 @@ def stage_config(arg: str | None, *, stage: str, files: dict[str, str], demo_fil
     data = a.data or ('demo' if a.model == 'tiny' else 'mecovqa')
     if data not in ('mecovqa', 'demo'):
         raise ValueError(f'config arg data={data!r}: known: mecovqa, demo')
-    cfg = get_config(f'model={a.model},dtype={a.dtype},scan={a.scan},remat={a.remat},data=none')
+    cfg = get_config(f'model={a.model},dtype={a.dtype},scan={a.scan},remat={a.remat or "none"},data=none')
     if data == 'demo':
         cfg.data.root = 'outputs/demo_data'
         cfg.data.datasets = mlc.ConfigDict({k: dataset(DEMO_FILES[k].format(split='train')) for k in demo_files})
     else:
         cfg.data.datasets = mlc.ConfigDict({k: dataset(v) for k, v in files.items()})
     cfg.train.stage = stage
+    if a.model != 'tiny':  # a 7B run saves its state every 500 steps and at every held-out evaluation, and keeps
+        cfg.checkpoint.every = 500  # the newest two and the best by the held-out loss (stage I has no evaluator)
+        cfg.checkpoint.best_metric = 'eval/held_out/loss'
     return cfg, a
 
 

@@ -8,7 +8,7 @@ Start (LLaVA-1.5's pre-training): Vicuna-7B-v1.5 with CLIP and SAM-Med2D, conver
 
     medplib-jax train --config=configs/stage1.py --workdir=runs/stage1 --config.data.root=/data/llava_med
 """
-from configs.common import TRAINABLE, stage_config
+from configs.common import TRAINABLE, apply_hw, stage_config
 
 
 def get_config(arg=None):
@@ -25,4 +25,4 @@ def get_config(arg=None):
         cfg.train.init.params = '{runs}/vicuna-7b-v1.5'
         cfg.train.init.fresh = (TRAINABLE['projector'],)  # LLaVA's pre-training starts the projector anew
     cfg.train.log_every = 10 if tiny else 50
-    return cfg
+    return apply_hw(cfg, a.hw, a.remat)  # hw= preset: mesh, micro-batch, remat (configs/common.py)

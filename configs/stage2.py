@@ -9,7 +9,7 @@ Start (facts 4.1): LLaVA-v1.5-7B (its LLM and CLIP, with SAM-Med2D) converted to
 (`{runs}/llava-v1.5-7b`), with the projector of stage I (the reference's --pretrain_mm_mlp_adapter). `model=tiny`
 starts from the whole stage-I run (there is no tiny LLaVA).
 """
-from configs.common import LORA, TRAINABLE, held_out, lora_config, stage_config
+from configs.common import LORA, TRAINABLE, apply_hw, held_out, lora_config, stage_config
 
 
 def get_config(arg=None):
@@ -34,4 +34,4 @@ def get_config(arg=None):
     # The reference runs --no_eval; its validation file is MeCoVQA_Complex_VQA_test_rand200.json.
     cfg.evals.held_out = held_out({'complex': 'MeCoVQA_Complex_VQA_test_rand200.json'} if not tiny
                                   else ('complex', 'region'), demo=tiny)
-    return cfg
+    return apply_hw(cfg, a.hw, a.remat)  # hw= preset: mesh, micro-batch, remat (configs/common.py)

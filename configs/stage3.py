@@ -5,7 +5,7 @@ alpha 16 / dropout 0.05 on gate, up, down; fully trained: the mask decoder and t
 as the reference re-initialises `text_hidden_fcs`). Not trained: lm_head, embed_tokens, norms, projector, region
 adapter. Loss weights ce 1, bce 1, dice 5, iou 0, focal 1. Starts from stage II's merged parameters.
 """
-from configs.common import LORA, TRAINABLE, held_out, lora_config, stage_config
+from configs.common import LORA, TRAINABLE, apply_hw, held_out, lora_config, stage_config
 
 
 def get_config(arg=None):
@@ -26,4 +26,4 @@ def get_config(arg=None):
     cfg.train.log_every = 10 if tiny else 50
     cfg.evals.held_out = held_out({'grounding': 'MeCoVQA_Grounding_test_rand500.json'} if not tiny
                                   else ('grounding',), demo=tiny)
-    return cfg
+    return apply_hw(cfg, a.hw, a.remat)  # hw= preset: mesh, micro-batch, remat (configs/common.py)

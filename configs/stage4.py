@@ -9,7 +9,7 @@ Loss weights ce 1, bce 2, dice 0.5, iou 0, focal 0. Starts (facts 4.5) from stag
 
 `sweep()` is the paper's Table 4 grid: `medplib-jax sweep --config=configs/stage4.py --workdir=runs/sweep`.
 """
-from configs.common import LORA, TRAINABLE, held_out, lora_config, stage_config
+from configs.common import LORA, TRAINABLE, apply_hw, held_out, lora_config, stage_config
 
 
 def get_config(arg=None):
@@ -37,7 +37,7 @@ def get_config(arg=None):
     cfg.train.log_every = 10 if tiny else 50
     cfg.evals.held_out = held_out({'grounding': 'MeCoVQA_Grounding_test_rand500.json'} if not tiny
                                   else ('complex', 'grounding'), demo=tiny)
-    return cfg
+    return apply_hw(cfg, a.hw, a.remat)  # hw= preset: mesh, micro-batch, remat (configs/common.py)
 
 
 def sweep():

@@ -35,14 +35,17 @@ flags.DEFINE_string('out', '', 'export: the params directory to write')
 flags.DEFINE_string('dtype', '', 'export: cast floating parameters to this dtype (e.g. bfloat16; default: as saved)')
 flags.DEFINE_integer('step', 0, 'export: the checkpoint step (default: the latest)')
 flags.DEFINE_string('topology', '', 'compile-check: a TPU topology (v5p-64, v5p-256, v4-128, ...) or gpu:8xH100')
-# Multi-host (medplib_jax/distributed.py): TPU pods and SLURM are detected; the flags are for an explicit cluster.
+# Multi-host (medplib_jax/distributed.py, launch/): TPU pods, SLURM and mpirun are detected; the flags are for an
+# explicit cluster. Every process runs the same command line.
 flags.DEFINE_enum('distributed', 'auto', ['auto', 'off', 'explicit'],
-                  'auto: jax.distributed on a TPU pod or a multi-task SLURM job, else one process; explicit: the '
-                  'coordinator flags below')
-flags.DEFINE_string('coordinator', '', 'explicit multi-host: the coordinator host:port (process 0)')
+                  'auto: jax.distributed.initialize() with jax\'s cluster detection on a TPU pod slice, a SLURM step '
+                  'or an mpirun launch of more than one process, else one process; off: one process; explicit: '
+                  'the --coordinator / --num_processes / --process_id flags below')
+flags.DEFINE_string('coordinator', '', 'explicit multi-host: HOST:PORT of process 0, the same on every process')
 flags.DEFINE_integer('num_processes', 0, 'explicit multi-host: the number of processes')
-flags.DEFINE_integer('process_id', -1, 'explicit multi-host: this process\'s index')
-flags.DEFINE_list('local_device_ids', [], 'multi-host: the local devices this process uses (e.g. one GPU each)')
+flags.DEFINE_integer('process_id', -1, 'explicit multi-host: this process\'s index, 0 .. num_processes - 1')
+flags.DEFINE_list('local_device_ids', [], 'multi-host: the local devices this process drives (e.g. 3 for one GPU '
+                  'each; default: auto picks SLURM_LOCALID per GPU task, all GPUs for one task per node)')
 
 
 def _main(argv: list[str]) -> int:
@@ -60,8 +63,12 @@ def _main(argv: list[str]) -> int:
     if command in ('train', 'sweep', 'demo', 'export'):
         from medplib_jax import distributed
         F = flags.FLAGS
-        distributed.initialize(F.distributed, coordinator=F.coordinator, num_processes=F.num_processes,
-                               process_id=F.process_id, local_device_ids=[int(i) for i in F.local_device_ids])
+        try:  # first, before anything touches jax devices
+            distributed.initialize(F.distributed, coordinator=F.coordinator, num_processes=F.num_processes,
+                                   process_id=F.process_id, local_device_ids=F.local_device_ids)
+        except ValueError as e:  # a bad multi-host flag: one line naming it
+            print(f'medplib-jax {command}: {e}', file=sys.stderr)
+            return 2
     from medplib_jax.data.pipeline import TooManySkipsError
     from medplib_jax.train.loop import TrainingError
     config = flags.FLAGS.config

@@ -392,7 +392,7 @@ def test_resume_through_orbax_gives_the_uninterrupted_batches(synth, tmp_path, w
 
 @pytest.mark.parametrize('train', [False, True])
 def test_two_processes_shards_are_disjoint_and_cover(synth, tmp_path, train):
-    """An odd number of records: the shorter shard ends in a padding row, both run the same number of steps."""
+    """An odd number of records: the shards end in padding rows, both run the same number of steps."""
     _, files, _ = synth
     odd = tmp_path / 'odd.jsonl'
     _write_jsonl(odd, json.load(open(files['complex']))[:5] + json.load(open(files['region']))[:4])
@@ -408,6 +408,13 @@ def test_two_processes_shards_are_disjoint_and_cover(synth, tmp_path, train):
     assert not a & b and a | b == {(0, i) for i in range(9)}  # one epoch, shuffled or not
     padding = sum(int((batch['dataset_index'] == -1).sum()) for batches in shards for batch in batches)
     assert padding == 2 * 3 * 2 - 9
+    # Process p holds the p-th block of every global batch: together they are exactly one process's batches (the
+    # same rows in the same places: loss groups and per-row randomness do not depend on the process count).
+    single = _drain(cfg, grain.sharding.ShardOptions(shard_index=0, shard_count=1), train)
+    assert len(single) == 3
+    for k, whole in enumerate(single):
+        for key in ('dataset_index', 'record_index'):
+            assert np.array_equal(np.concatenate([shards[0][k][key], shards[1][k][key]]), whole[key]), (k, key)
 
 
 def _drain(cfg, shard, train):

@@ -26,13 +26,14 @@ IMG = 'images/ct_00--T--case_0--z_0001.png'
 
 
 def _records(folder, n=9, bad=(8,)):
-    """Even records short, odd ones long (so the two processes' shards land in different length buckets); the
-    records in `bad` name a missing image."""
+    """Records 4-7 long, the others short: with 2 processes and a global batch of 8, process 1's block of the first
+    batch is 4-7, so the two processes' rows land in different length buckets; the records in `bad` name a missing
+    image."""
     (folder / 'images').mkdir(exist_ok=True)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(folder / IMG)
     out = []
     for i in range(n):
-        answer = 'a long answer ' * 10 if i % 2 else 'short.'
+        answer = 'a long answer ' * 10 if 4 <= i < 8 else 'short.'
         out.append({'id': str(i), 'image': 'images/none.png' if i in bad else IMG,
                     'conversations': [{'from': 'human', 'value': '<image>\nWhat is shown?'},
                                       {'from': 'gpt', 'value': answer}]})
@@ -97,7 +98,8 @@ def test_two_jax_processes_agree_on_length_and_cover_the_data(tmp_path):
         outs.append(json.loads(stdout.strip().splitlines()[-1]))
     a, b = outs
     assert a['devices'] == b['devices'] == 8
-    # 9 records over 2 processes: 5 and 4 (+1 padding); 4 local rows per batch of 8 -> 2 steps each
+    # 9 records, global batches of 8 as blocks of 4 per process: process 0 holds 0-3 then 8 (+3 padding), process
+    # 1 holds 4-7 then 4 padding rows -> 2 steps each
     assert len(a['local_lengths']) == len(b['local_lengths']) == 2
     assert a['local_lengths'][0] < b['local_lengths'][0]  # short answers on process 0, long ones on process 1 ...
     assert a['global_shapes'] == b['global_shapes']  # ... one global shape per step all the same

@@ -3,7 +3,7 @@
     RecordSource per file (JSON list, JSON lines or ArrayRecord; one raw JSON payload per record)
       -> shuffle per dataset (seeded; reshuffled each epoch)  -> mix by weight  -> repeat
       -> random_map(Preprocessor): parse, load image / masks / regions, tokenise  -> example or Skipped
-      -> EvenShard (this process's elements; all shards equally long)  -> batch(Collator)
+      -> EvenShard (this process's block of every global batch; shards equally long)  -> batch(Collator)
       -> to_iter_dataset (threads)  -> mp_prefetch (worker processes)  -> SkipAccounting (main process)
 
 Static shapes: sequences are padded to the smallest length bucket that holds the batch's longest one (the last
@@ -435,15 +435,19 @@ def pad_batch(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndar
 
 
 class EvenShard(grain.MapDataset):
-    """Elements `index`, `index + count`, ... of the parent. Every shard has ceil(len / count) elements (the
-    short ones end with one padding element), so all processes run the same number of batches."""
+    """This process's rows of every global batch: with `block` = rows per process and batch, global batch k holds
+    elements k * block * count ..., and shard `index` takes its contiguous `block` of them (`index` = 0 the first).
+    Process p's rows then land on process p's devices in the order one process would hold them, so n processes
+    train on exactly the global batches of one (same loss groups, same per-row randomness). Every shard has the
+    same length (the ends are padding elements), so all processes run the same number of batches."""
 
-    def __init__(self, parent: grain.MapDataset, index: int, count: int):
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, block: int = 1):
         super().__init__(parent)
         if not 0 <= index < count:
             raise ValueError(f'shard index {index} outside 0..{count - 1}')
-        self._index, self._count, self._n = index, count, len(parent)
-        self._length = self._n if self._n >= sys.maxsize else -(-self._n // count)
+        self._index, self._count, self._block, self._n = index, count, block, len(parent)
+        per_batch = block * count
+        self._length = self._n if self._n >= sys.maxsize else -(-self._n // per_batch) * block
 
     def __len__(self) -> int:
         return self._length
@@ -451,7 +455,8 @@ class EvenShard(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        g = index * self._count + self._index
+        batch, row = divmod(index, self._block)
+        g = (batch * self._count + self._index) * self._block + row
         return self._parent[g] if g < self._n else PADDING
 
     def __str__(self) -> str:
@@ -565,8 +570,8 @@ def build_dataset(cfg: DataConfig, shapes: ModelShapes, *, seed: int, train: boo
         from medplib_jax.data.image_cache import ImageCache
         cache = ImageCache(cfg.image_cache)
     ds = ds.random_map(Preprocessor([s.info for s in sources], tokenizer, ids, cfg, shapes, cache), seed=_seed(seed, len(names)))
-    ds = EvenShard(ds, shard.shard_index, shard.shard_count)
     local = cfg.batch_size // shard.shard_count
+    ds = EvenShard(ds, shard.shard_index, shard.shard_count, local)
     ds = ds.batch(local, drop_remainder=False, batch_fn=Collator(local, cfg, shapes))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
     if cfg.worker_count:

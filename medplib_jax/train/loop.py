@@ -14,6 +14,7 @@ Only process 0 writes logs; every process writes its own parameter shards.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -37,6 +38,7 @@ from medplib_jax.train.handoff import init_fn, initial_params, merge_lora
 from medplib_jax.train.inputs import global_batch
 from medplib_jax.train.state import TrainState, create, replicated, state_bytes, state_shardings
 from medplib_jax.train.step import TRAIN_KEYS, build_train_step
+from medplib_jax.train.preemption import Preemption
 from medplib_jax.train.trainable import parameter_table, trained_paths
 from medplib_jax.train.writers import MetricWriter, flatten_metrics
 
@@ -56,15 +58,19 @@ class StageResult:
     last: dict[str, float]
     final_params: str
     history: list[dict[str, float]]
+    preempted: bool = False  # stopped by SIGTERM after saving a checkpoint; the same command resumes
 
 
 def train(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict[str, StageResult]:
-    """Runs the config's stages (or the config itself as one stage) -> {stage name: result}."""
+    """Runs the config's stages (or the config itself as one stage) -> {stage name: result}. A preempted stage
+    ends the run (the later stages start when it is resumed and finished)."""
     if 'stages' in config:
         results = {}
         for name, stage in config.stages.items():
             log(f'=== {name} ===')
             results[name] = train_stage(stage, os.path.join(workdir, name), log)
+            if results[name].preempted:
+                break
         return results
     stage = config.train.stage or os.path.basename(os.path.normpath(workdir))
     return {stage: train_stage(config, workdir, log)}
@@ -83,25 +89,59 @@ def _check_batch(tcfg: TrainConfig, data_cfg: DataConfig, mcfg: MedPLIBConfig, m
     return micro, group
 
 
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    """One stage's settings, read from its config once."""
+    config: mlc.ConfigDict
+    workdir: str
+    say: Callable[[str], None]  # process 0's log (a no-op elsewhere)
+    main: bool
+    tcfg: TrainConfig
+    ccfg: checkpoint.CheckpointConfig
+    mcfg: MedPLIBConfig
+    data_cfg: DataConfig
+    shapes: ModelShapes
+    mesh: Any
+    runs: str
+
+
 def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print,
                 devices: Any = None) -> StageResult:
-    """Trains one stage in `workdir` (devices: the mesh's, default all) and saves its hand-off."""
+    """Trains one stage in `workdir` (devices: the mesh's, default all) and saves its hand-off. Resumes from the
+    newest checkpoint in `workdir/checkpoints` when there is one (config.checkpoint.resume)."""
     main = jax.process_index() == 0
-    say = log if main else (lambda _: None)
     tcfg = TrainConfig.from_config(config.train)
     if not tcfg.trainable:
         raise ValueError('config.train.trainable is empty: name the parameters this stage trains')
-    mcfg = MedPLIBConfig.from_model_config(config.model)
-    data_cfg, shapes = DataConfig.from_config(config.data), ModelShapes.from_config(config.model)
-    mesh, rules = sharding.make_mesh(config.mesh, devices), list(config.logical_axis_rules)
-    micro, group = _check_batch(tcfg, data_cfg, mcfg, mesh)
+    st = _Stage(config, workdir, log if main else (lambda _: None), main, tcfg,
+                checkpoint.CheckpointConfig.from_config(config.get('checkpoint')),
+                MedPLIBConfig.from_model_config(config.model), DataConfig.from_config(config.data),
+                ModelShapes.from_config(config.model), sharding.make_mesh(config.mesh, devices),
+                tcfg.init.runs or os.path.dirname(os.path.abspath(workdir)))
+    micro, group = _check_batch(tcfg, st.data_cfg, st.mcfg, st.mesh)
     os.makedirs(workdir, exist_ok=True)
-    runs = tcfg.init.runs or os.path.dirname(os.path.abspath(workdir))
-    say(f'stage {tcfg.stage or "?"} -> {workdir}; devices {jax.device_count()} x {jax.devices()[0].platform}, mesh '
-        f'{dict(mesh.shape)}; global batch {data_cfg.batch_size} = {tcfg.grad_accum} micro-batches of {micro}, loss '
-        f'groups of {group}')
+    ckpts = checkpoint.RunCheckpoints(workdir, st.ccfg)
+    try:
+        latest = ckpts.latest_step()
+        if latest is not None and not st.ccfg.resume:
+            raise FileExistsError(f'{ckpts.directory}: holds checkpoints up to step {latest} and '
+                                  f'config.checkpoint.resume is False: use another --workdir, or resume')
+        st.say(f'stage {tcfg.stage or "?"} -> {workdir}; devices {jax.device_count()} x {jax.devices()[0].platform} '
+               f'in {jax.process_count()} process(es), mesh {dict(st.mesh.shape)}; global batch '
+               f'{st.data_cfg.batch_size} = {tcfg.grad_accum} micro-batches of {micro}, loss groups of {group}')
+        return _start(st, ckpts, latest)
+    finally:
+        ckpts.close()  # waits for a save in flight
 
-    dataset = build_dataset(data_cfg, shapes, seed=config.seed)
+
+def _start(st: _Stage, ckpts: checkpoint.RunCheckpoints, latest: int | None) -> StageResult:
+    """Schedule, data, program, and the state: restored from `latest` or fresh."""
+    config, tcfg, data_cfg, say = st.config, st.tcfg, st.data_cfg, st.say
+    dataset = build_dataset(data_cfg, st.shapes, seed=config.seed)
     per_epoch = tcfg.steps_per_epoch or optim.steps_per_epoch(dataset.epoch_records, data_cfg.batch_size,
                                                               tcfg.grad_accum)
     total = max(1, math.ceil(tcfg.epochs * per_epoch))
@@ -111,19 +151,44 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
         f'(epochs {tcfg.epochs}), warmup {warmup}, peak lr {tcfg.lr:g}; running {steps}')
 
     it = iter(dataset)
-    first_host = next(it)
-    setup = setup_stage(config, first_host, runs=runs, total_steps=total, warmup=warmup, log=say, devices=devices)
-    state, runner = setup.state, _Runner(setup.step, mcfg, data_cfg.batch_size, tcfg, mesh, say)
-    writer = MetricWriter(workdir, main, echo=tqdm.write, total_steps=steps)
+    try:
+        first_host = next(it)  # its shapes build the program; a fresh run trains on it
+        setup = build_stage(config, first_host, total_steps=total, warmup=warmup, mesh=st.mesh)
+        rng = jax.random.key(config.seed + 1)
+        interval: list[dict[str, float]] = []
+        if latest is not None:
+            # Checked against the config before anything is read or written: a misfit leaves the run directory as
+            # it was. The data iterator continues where the checkpoint left it.
+            state, meta = ckpts.restore(latest, setup.abstract, it if st.ccfg.restore_data else None)
+            rng = jax.random.wrap_key_data(np.asarray(meta['rng'], np.uint32))
+            interval = list(meta.get('interval', []))
+            say(f'resumed from {ckpts.directory}/{latest} (step {latest} of {steps})'
+                + ('' if st.ccfg.restore_data else '; data order restarted (config.checkpoint.restore_data=False)'))
+        else:
+            state = fresh_state(setup, tcfg.init, st.runs, say)
+        return _loop(st, ckpts, it, first_host, setup, state, rng, interval, latest or 0, steps)
+    finally:
+        it.close()
+
+
+def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first_host: dict, setup: StageSetup,
+          state: TrainState, rng: jax.Array, interval: list[dict[str, float]], start: int, steps: int) -> StageResult:
+    """Steps `start + 1` .. `steps`: logs, evaluations, checkpoints, preemption, and the hand-off at the end."""
+    config, workdir, say, main, tcfg, ccfg, mcfg, mesh = (st.config, st.workdir, st.say, st.main, st.tcfg, st.ccfg,
+                                                          st.mcfg, st.mesh)
+    rules = setup.rules
+    runner = _Runner(setup.step, mcfg, st.data_cfg.batch_size, tcfg, mesh, say)
+    writer = MetricWriter(workdir, main, echo=tqdm.write, total_steps=steps, resume_step=start if start else None)
+    history: list[dict[str, float]] = list(writer.kept)
     evaluators = build_evaluators(EvalContext(config, setup.model, mesh, rules, say))
-    rng = jax.random.key(config.seed + 1)
-    history: list[dict[str, float]] = []
-    interval: list[dict[str, float]] = []
-    bar = tqdm(total=steps, desc=f'train {tcfg.stage or ""}'.strip(), disable=not main, dynamic_ncols=True,
-               mininterval=1.0)
+    bar = tqdm(total=steps, initial=start, desc=f'train {tcfg.stage or ""}'.strip(), disable=not main,
+               dynamic_ncols=True, mininterval=1.0)
     pending = None
-    # Step time = between two consecutive finished steps, less what the host spent compiling or evaluating.
+    # Step time = between two consecutive finished steps, less what the host spent compiling, evaluating or saving.
     clock = {'last': 0.0, 'pause': 0.0}
+    meta = {'stage': tcfg.stage, 'scan_layers': mcfg.llm.scan_layers, 'moe_layers': list(mcfg.llm.moe_layers),
+            'lora': dataclasses.asdict(mcfg.llm.lora), 'mesh': dict(mesh.shape), 'process_count': jax.process_count(),
+            'rng': np.asarray(jax.random.key_data(rng)).tolist(), 'config': _json(config.to_dict())}
 
     def finish(done: tuple[int, Any, int]):
         """Metrics of a finished step (fetched one step late, so the host never waits on the device)."""
@@ -151,14 +216,22 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
             history.append({'step': step, **mean})
             interval.clear()
 
+    def save(step: int, metrics: dict[str, float] | None) -> None:
+        started = time.perf_counter()
+        best = ccfg.best_metric
+        ckpts.save(step, state, it, {**meta, 'step': step, 'interval': interval},
+                   metrics=metrics if metrics and best in metrics else None)
+        clock['pause'] += time.perf_counter() - started
+
+    preempted = False
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for step in range(1, steps + 1):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules), Preemption() as preemption:
+            for step in range(start + 1, steps + 1):
                 host = first_host if step == 1 else next(it)
                 batch = global_batch(host, mesh, TRAIN_KEYS)
                 started = time.perf_counter()
                 executable = runner.compiled(state, batch, rng)
-                if step == 1:
+                if step == start + 1:
                     clock['last'] = time.perf_counter()
                 else:
                     clock['pause'] += time.perf_counter() - started if runner.just_compiled else 0.0
@@ -166,11 +239,26 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
                 if pending is not None:
                     finish(pending)
                 pending = (step, metrics, int(batch['input_ids'].shape[1]))
-                if evaluators:
+                preempted = step < steps and preemption.agreed()
+                due = [ev for ev in evaluators if step == steps or (ev.every and step % ev.every == 0)]
+                saving = step == steps or preempted or (ccfg.every and step % ccfg.every == 0)
+                if due or saving:
+                    finish(pending)  # the step's metrics are logged before its evaluation and its checkpoint
+                    pending = None
+                evaluated = {}
+                if due:
                     started = time.perf_counter()
-                    _evaluate(evaluators, state.params, step, steps, writer, history)
+                    evaluated = _evaluate(due, state.params, step, writer, history)
                     clock['pause'] += time.perf_counter() - started
-            finish(pending)
+                if saving or ccfg.best_metric in evaluated:  # an evaluated step is a candidate for keep-best
+                    save(step, evaluated)
+                if preempted:
+                    ckpts.wait()
+                    say(f'preempted (SIGTERM) at step {step}: checkpoint {ckpts.directory}/{step} saved; run the same '
+                        f'command to resume')
+                    break
+            if pending is not None:
+                finish(pending)
     except TrainingError:
         # Non-finite steps leave the parameters as they were: the state holds the last good ones.
         bar.close()
@@ -179,19 +267,27 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
         raise
     finally:
         bar.close()
-        it.close()
         writer.close()
 
+    scalars = [h for h in history if 'loss' in h]
+    final = os.path.join(os.path.abspath(workdir), checkpoint.FINAL_PARAMS)
+    result = StageResult(workdir, steps, scalars[0] if scalars else {}, scalars[-1] if scalars else {}, final,
+                         history, preempted)
+    if preempted:
+        return result
+    if start >= steps:
+        say(f'stage {tcfg.stage or "?"}: already trained ({ckpts.directory}/{start} is step {start} of {steps}); '
+            f'a new --workdir trains again')
+        if os.path.isdir(final):
+            return result
     merged = merge_lora(state.params, mcfg.llm.lora)
-    path = checkpoint.save_params(os.path.join(workdir, checkpoint.FINAL_PARAMS), merged, {
+    checkpoint.save_params(final, merged, {
         'stage': tcfg.stage, 'steps': steps, 'merged_lora': bool(mcfg.llm.lora.rank),
         'scan_layers': mcfg.llm.scan_layers, 'moe_layers': list(mcfg.llm.moe_layers), 'mesh': dict(mesh.shape),
         'config': config.to_dict()})
-    scalars = [h for h in history if 'loss' in h]
-    result = StageResult(workdir, steps, scalars[0] if scalars else {}, scalars[-1] if scalars else {}, path, history)
     if scalars:
         say(f'stage {tcfg.stage or "?"} done: loss {result.first["loss"]:.4f} -> {result.last["loss"]:.4f} over '
-            f'{steps} steps; hand-off (LoRA merged) in {path}')
+            f'{steps} steps; hand-off (LoRA merged) in {final}')
     return result
 
 
@@ -265,16 +361,18 @@ def setup_stage(config: mlc.ConfigDict, example: dict[str, np.ndarray], *, runs:
     return setup
 
 
-def _evaluate(evaluators, params, step: int, steps: int, writer: MetricWriter, history) -> None:
+def _evaluate(evaluators, params, step: int, writer: MetricWriter, history) -> dict[str, float]:
+    """Runs the evaluators (those due at `step`) -> their metrics, as logged."""
+    out: dict[str, float] = {}
     for ev in evaluators:
-        if not (ev.every and step % ev.every == 0) and step != steps:
-            continue
         values = ev.run(params)
         metrics = {f'eval/{ev.name}/{k}': v for k, v in values.items()}
         writer.write(step, metrics, line=False)
         if writer.enabled:
             writer.echo(f'eval {ev.name} at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
         history.append({'step': step, **metrics})
+        out.update(metrics)
+    return out
 
 
 class _Runner:

@@ -51,14 +51,27 @@ def headline(step: int, total: int, metrics: Mapping[str, float]) -> str:
 class MetricWriter:
     """Writes scalars at a step to every sink; a no-op on processes other than 0."""
 
-    def __init__(self, workdir: str, enabled: bool, echo: Callable[[str], None] = print, total_steps: int = 0):
+    def __init__(self, workdir: str, enabled: bool, echo: Callable[[str], None] = print, total_steps: int = 0,
+                 resume_step: int | None = None):
+        """resume_step: a resumed run keeps the records up to this step (`kept`) and drops later ones, which the
+        interrupted run wrote after its last checkpoint and the resumed run writes again."""
         self.enabled, self.echo, self.total = enabled, echo, total_steps
         self._tb = self._jsonl = None
+        self.kept: list[dict[str, Any]] = []
         if enabled:
             from tensorboardX import SummaryWriter
             os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'w')  # one run's metrics
+            path = os.path.join(workdir, 'metrics.jsonl')
+            if resume_step is not None and os.path.exists(path):
+                with open(path) as f:
+                    records = [json.loads(line) for line in f if line.strip()]
+                self.kept = [r for r in records if r['step'] <= resume_step]
+            self._jsonl = open(path, 'w')  # one run's metrics (a resumed run's: the kept ones, then its own)
+            for record in self.kept:
+                self._jsonl.write(json.dumps(record) + '\n')
+            self._jsonl.flush()
+            self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                     purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, metrics: Mapping[str, float], line: bool = True) -> None:
         if not self.enabled:

@@ -1,0 +1,452 @@
+"""`medplib-jax compile-check`: does a config's train step fit a TPU slice (or a GPU box) before booking it?
+
+The step is lowered and compiled ahead of time for the target on this host, nothing runs (MaxText's
+`train_compile`): for TPUs, libtpu compiles for abstract devices of a real topology
+(`jax.experimental.topologies.get_topology_desc`); the state and the batch are `ShapeDtypeStruct`s carrying their
+shardings (`build_stage` materialises no parameter). GPU targets are estimates: XLA's CPU compiler over fake CPU
+devices (`--xla_force_host_platform_device_count`, in a subprocess because the device count is fixed when jax
+starts), whose memory plan is close to, not equal to, the GPU compiler's.
+
+Topology names: `v5p-N` / `v4-N` with N = TensorCores as Google names the slices (2 per chip: v5p-8 is 4 chips
+2x2x1, v5p-128 is 64 chips 4x4x4), `v5e-N` / `v6e-N` with N = chips (one core each), `gpu:8xH100` (one host of
+8) or `gpu:4x8xH100` (hosts x GPUs). The check fails when a device's memory exceeds `max_hbm_fraction` of its HBM
+or when more than `max_replicated_fraction` of the parameter bytes are replicated (split over no mesh axis of size
+> 1: MaxText's check).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import ml_collections as mlc
+
+GiB = 2 ** 30
+LIBTPU_PIN = 'libtpu==0.0.42.*'  # what jax 0.10.2's [tpu] extra pins
+INSTALL_HINT = f"pip install 'medplib-jax[tpu-compile]' (or pip install '{LIBTPU_PIN}', the libtpu jax 0.10.2 wants)"
+MAX_HBM_FRACTION = 0.8
+MAX_REPLICATED_FRACTION = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One TPU generation: libtpu's topology prefix and chip config, TensorCores per chip in the slice name
+    (v4 / v5p count cores, 2 per chip; v5e / v6e count chips), torus rank, HBM per chip."""
+    prefix: str
+    chip_config: str
+    cores_per_chip: int
+    rank: int
+    hbm_gib: float
+    wrap: bool
+
+
+TPU_GENERATIONS = {
+    'v5p': Generation('v5p', 'megacore', 2, 3, 95.0, True),
+    'v4': Generation('v4', 'megacore', 2, 3, 32.0, True),
+    'v5e': Generation('v5e', 'default', 1, 2, 16.0, False),
+    'v6e': Generation('v6e', 'default', 1, 2, 32.0, False),
+}
+GPU_HBM_GIB = {'H100': 80.0, 'H200': 141.0, 'A100': 80.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str  # as the user wrote it
+    kind: str  # 'tpu' | 'gpu'
+    devices: int  # chips (TPU) or GPUs
+    hbm_bytes: int  # per device
+    topology: str = ''  # libtpu's, e.g. 'v5p:4x4x4'
+    generation: str = ''
+
+    @property
+    def label(self) -> str:
+        if self.kind == 'tpu':
+            return f'{self.name} ({self.devices} chips, {self.topology.split(":")[1]}; real TPU compiler, libtpu)'
+        return f'{self.name} ({self.devices} GPUs) ESTIMATE: XLA CPU compiler on {self.devices} fake CPU devices'
+
+
+def _torus(chips: int, rank: int) -> tuple[int, ...]:
+    """Google's slice shapes: 4 chips 2x2x1, then double the last of the smallest dims (2x2x2, 2x2x4, 2x4x4,
+    4x4x4, 4x4x8, ...); 2D: 1x1, 2x2, 2x4, 4x4, 4x8, ..."""
+    dims = [1] * rank
+    while math.prod(dims) < chips:
+        if rank == 3 and math.prod(dims) < 4:
+            dims[dims.index(1)] *= 2  # 2x1x1, 2x2x1
+        else:
+            smallest = min(dims)
+            dims[max(i for i, d in enumerate(dims) if d == smallest)] *= 2
+    return tuple(dims)
+
+
+def parse_topology(name: str) -> Target:
+    """`v5p-64` | `v4-128` | `v5e-16` | `v6e-256` | `gpu:8xH100` | `gpu:4x8xH100` -> Target (one-line errors)."""
+    known = (f'known: {", ".join(f"{g}-N" for g in TPU_GENERATIONS)} (v4 / v5p: N TensorCores = 2 x chips, e.g. '
+             f'v5p-8 = 4 chips; v5e / v6e: N chips) or gpu:[HOSTSx]Nx{{{",".join(GPU_HBM_GIB)}}}')
+    m = re.fullmatch(r'(v5p|v4|v5e|v6e)-(\d+)', name.strip())
+    if m:
+        gen = TPU_GENERATIONS[m[1]]
+        cores = int(m[2])
+        chips, rest = divmod(cores, gen.cores_per_chip)
+        smallest = 4 if gen.rank == 3 else 1
+        if rest or chips < smallest or chips & (chips - 1):
+            raise ValueError(f'--topology={name}: {m[1]} slices have a power-of-two number of chips (at least '
+                             f'{smallest}) and {gen.cores_per_chip} TensorCore(s) per chip in the name; {known}')
+        dims = _torus(chips, gen.rank)
+        return Target(name, 'tpu', chips, int(gen.hbm_gib * GiB), f'{gen.prefix}:{"x".join(map(str, dims))}', m[1])
+    m = re.fullmatch(r'gpu:(?:(\d+)x)?(\d+)x(\w+)', name.strip())
+    if m and m[3].upper() in GPU_HBM_GIB:
+        n = int(m[1] or 1) * int(m[2])
+        if n < 1:
+            raise ValueError(f'--topology={name}: needs at least one GPU')
+        return Target(name, 'gpu', n, int(GPU_HBM_GIB[m[3].upper()] * GiB), generation=m[3].upper())
+    raise ValueError(f'--topology={name!r}: unknown; {known}')
+
+
+def _host_cpu() -> None:
+    """This host only compiles: with libtpu installed, jax would otherwise try to bring up a TPU it lacks."""
+    import jax
+    from jax._src import xla_bridge
+    if not os.environ.get('JAX_PLATFORMS') and not xla_bridge.backends_are_initialized():
+        jax.config.update('jax_platforms', 'cpu')
+
+
+def _require_libtpu() -> None:
+    if importlib.util.find_spec('libtpu') is None:
+        raise ValueError(f'compile-check for a TPU topology needs libtpu (only for this command): {INSTALL_HINT}')
+
+
+def tpu_devices(target: Target) -> list:
+    """Abstract TPU devices of the target's topology (libtpu's compiler, no TPU needed)."""
+    _require_libtpu()
+    from jax.experimental import topologies
+    gen = TPU_GENERATIONS[target.generation]
+    # libtpu locks /tmp/libtpu_lockfile so that one process owns a real TPU; compiling for abstract devices owns
+    # nothing, and two checks (or a check beside a test run) must not fail on that lock.
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+    hosts = (2, 2, 1) if target.devices >= 4 else (1, 1, 1)
+    # libtpu warns on stderr that this host has no TPU accelerator type / worker hostnames: harmless here.
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=target.topology,
+                                        chip_config_name=gen.chip_config, chips_per_host_bounds=hosts,
+                                        num_slices=1, wrap=(gen.wrap,) * 3)
+    return list(desc.devices)
+
+
+def example_batch(config: mlc.ConfigDict) -> dict[str, Any]:
+    """ShapeDtypeStructs of one global batch (config.data.batch_size rows) at the longest length bucket, the
+    shapes the pipeline's Collator gives a batch of the longest records (built by the Collator itself on one
+    padding row, so the two cannot drift)."""
+    import jax
+    from medplib_jax.data.pipeline import Collator, DataConfig, ModelShapes
+    from medplib_jax.train.step import TRAIN_KEYS
+    data = DataConfig.from_config(config.data)
+    longest = dataclasses.replace(data, length_buckets=(max(data.length_buckets),))
+    row = Collator(1, longest, ModelShapes.from_config(config.model))([])
+    return {k: jax.ShapeDtypeStruct((data.batch_size, *row[k].shape[1:]), row[k].dtype) for k in TRAIN_KEYS}
+
+
+@dataclasses.dataclass
+class Tensor:
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    spec: str
+    bytes: int  # whole tensor
+    device_bytes: int  # one device's shard
+
+
+@dataclasses.dataclass
+class CheckResult:
+    config: str
+    target: str
+    label: str
+    devices: int
+    mesh: dict[str, int]
+    batch: int
+    grad_accum: int
+    length: int
+    remat_policy: str
+    scan_layers: bool
+    hbm_bytes: int
+    memory: dict[str, int] | None  # per device: arguments, outputs, aliased, temporaries, code, total (None:
+    # not compiled)
+    flops_per_device: float  # XLA cost_analysis (a scanned micro-batch body counted once)
+    formula_flops: float  # train/flops.py, the whole step over all devices
+    param_bytes: int
+    replicated_param_bytes: int
+    largest: list[Tensor]
+    largest_replicated: list[Tensor]
+    compile_s: float
+    oom: str = ''  # the compiler's out-of-memory message when it refused the program
+    ok: bool = False
+    reason: str = ''
+    hint: str = ''
+    thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def hbm_fraction(self) -> float:
+        return self.memory['total'] / self.hbm_bytes if self.memory else float('nan')
+
+    @property
+    def replicated_fraction(self) -> float:
+        return self.replicated_param_bytes / max(self.param_bytes, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(hbm_fraction=self.hbm_fraction, replicated_fraction=self.replicated_fraction)
+        return d
+
+
+def _spec_axes(sharding: Any) -> set[str]:
+    """Mesh axes of size > 1 that split a tensor."""
+    spec = getattr(sharding, 'spec', None)
+    if spec is None:
+        return set()
+    names = {n for e in spec if e is not None for n in (e if isinstance(e, tuple) else (e,))}
+    return {n for n in names if sharding.mesh.shape[n] > 1}
+
+
+def _tensors(abstract_state: Any) -> tuple[list[Tensor], int, list[Tensor]]:
+    """Every parameter and optimizer moment with its sharding -> (tensors, parameter bytes, the replicated
+    parameters)."""
+    import jax
+    out, total, replicated = [], 0, []
+    for part in ('params', 'opt_state'):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(abstract_state, part)):
+            if not leaf.shape:
+                continue  # counters
+            size = math.prod(leaf.shape) * leaf.dtype.itemsize
+            shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+            out.append(Tensor(f'{part}{jax.tree_util.keystr(path)}', tuple(leaf.shape), str(leaf.dtype),
+                              str(tuple(leaf.sharding.spec)), size, shard))
+            if part == 'params':
+                total += size
+                if not _spec_axes(leaf.sharding):
+                    replicated.append(out[-1])
+    return out, total, replicated
+
+
+def compile_step(config: mlc.ConfigDict, devices: list, log: Callable[[str], None] = print,
+                 max_replicated_fraction: float = 1.0) -> dict[str, Any]:
+    """Lowers and compiles the config's train step over `devices` (abstract TPU or CPU) -> figures. When more
+    than `max_replicated_fraction` of the parameter bytes are replicated the compile is skipped (memory None):
+    that mesh has to change first, and a 7B compile takes minutes."""
+    import flax.linen as nn
+    import jax
+    from medplib_jax import sharding
+    from medplib_jax.models.medplib import MedPLIBConfig
+    from medplib_jax.train import flops as flops_lib
+    from medplib_jax.train.loop import build_stage
+    from medplib_jax.train.state import replicated
+    example = example_batch(config)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    setup = build_stage(config, example, total_steps=1000, warmup=10, mesh=mesh)
+    tensors, total, replicated_params = _tensors(setup.abstract)
+    tensors.sort(key=lambda t: -t.bytes)
+    replicated_params.sort(key=lambda t: -t.bytes)
+    repl = sum(t.bytes for t in replicated_params)
+    rows, length = (int(n) for n in example['input_ids'].shape)
+    figures = dict(mesh=dict(mesh.shape), batch=rows, length=length, memory=None, flops_per_device=0.0,
+                   formula_flops=flops_lib.step_flops(MedPLIBConfig.from_model_config(config.model), rows,
+                                                      length).total,
+                   param_bytes=total, replicated_param_bytes=repl, largest=tensors[:10],
+                   largest_replicated=replicated_params[:3], compile_s=0.0)
+    if mesh.size > 1 and repl / max(total, 1) > max_replicated_fraction:
+        log(f'not compiling: {repl / max(total, 1):.1%} of the parameter bytes would be replicated')
+        return figures
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.data_sharding(mesh, len(v.shape)))
+             for k, v in example.items()}
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh))
+    log(f'compiling the train step: mesh {dict(mesh.shape)}, global batch {rows} at length {length} (the longest '
+        f'bucket), grad_accum {config.train.grad_accum}, remat {config.model.remat_policy!r}, scan_layers '
+        f'{config.model.scan_layers} ...')
+    start = time.perf_counter()
+    # An executable for abstract TPU devices cannot be read back from JAX's persistent cache (no client): skip it.
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update('jax_enable_compilation_cache', cache and devices[0].platform == 'cpu')
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+            compiled = setup.step.lower(setup.abstract, batch, rng).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        # The TPU compiler refuses a program whose buffers exceed HBM: that is the answer, not a crash.
+        figures.update(compile_s=time.perf_counter() - start, oom=' '.join(str(e).split())[:400])
+        return figures
+    finally:
+        jax.config.update('jax_enable_compilation_cache', cache)
+    figures['compile_s'] = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    memory = dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+                  aliased=mem.alias_size_in_bytes, temporaries=mem.temp_size_in_bytes,
+                  code=mem.generated_code_size_in_bytes)
+    # Outputs aliased to donated arguments (the new state) take no extra memory.
+    memory['total'] = memory['arguments'] + memory['outputs'] - memory['aliased'] + memory['temporaries'] + \
+        memory['code']
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    figures.update(memory=memory, flops_per_device=float((cost or {}).get('flops', 0.0)))
+    return figures
+
+
+def judge(r: CheckResult, *, max_hbm_fraction: float = MAX_HBM_FRACTION,
+          max_replicated_fraction: float = MAX_REPLICATED_FRACTION, hbm_gib: float | None = None) -> CheckResult:
+    """The same compiled figures judged again under other limits (or another HBM size) -> a new result."""
+    r = dataclasses.replace(r, hbm_bytes=int(hbm_gib * GiB) if hbm_gib else r.hbm_bytes, ok=False, reason='',
+                            hint='', thresholds=dict(max_hbm_fraction=max_hbm_fraction,
+                                                     max_replicated_fraction=max_replicated_fraction))
+    _verdict(r, max_hbm_fraction, max_replicated_fraction)
+    return r
+
+
+def _verdict(r: CheckResult, max_hbm_fraction: float, max_replicated_fraction: float) -> None:
+    hints = ('lower memory: model.remat_policy (full saves most; configs arg remat=full), a larger FSDP degree '
+             '(config.mesh.fsdp, fewer data), smaller micro-batches (config.train.grad_accum up), or a hw= preset')
+    if r.devices > 1 and r.replicated_fraction > max_replicated_fraction:
+        r.reason = (f'{r.replicated_fraction:.1%} of the parameter bytes are replicated on every device (limit '
+                    f'{max_replicated_fraction:.0%}): the mesh {r.mesh} splits them over no axis')
+        r.hint = ('shard the parameters: set config.mesh.fsdp (e.g. --config.mesh.fsdp=%d --config.mesh.data=1) '
+                  'or a hw= preset' % r.devices)
+    elif r.oom:
+        r.reason = f'the compiler ran out of device memory ({r.oom})'
+        r.hint = hints
+    elif r.memory and r.hbm_fraction > max_hbm_fraction:
+        r.reason = (f'{r.memory["total"] / GiB:.1f} GiB per device is {r.hbm_fraction:.0%} of the '
+                    f'{r.hbm_bytes / GiB:.0f} GiB HBM (limit {max_hbm_fraction:.0%})')
+        r.hint = hints
+    r.ok = not r.reason
+
+
+def report(r: CheckResult) -> str:
+    """The human-readable summary of a result."""
+    lines = [f'compile-check {r.config} on {r.label}',
+             f'  mesh {r.mesh}; global batch {r.batch} = {r.grad_accum} micro-batches of {r.batch // r.grad_accum}'
+             f', length {r.length}; remat {r.remat_policy!r}' + (f'; compiled in {r.compile_s:.0f}s' if r.memory else '')]
+    if r.memory:
+        m = {k: v / GiB for k, v in r.memory.items()}
+        lines += [f'  memory per device: arguments {m["arguments"]:.2f} GiB, outputs {m["outputs"]:.2f} GiB '
+                  f'(aliased {m["aliased"]:.2f}), temporaries {m["temporaries"]:.2f} GiB, code {m["code"]:.3f} GiB '
+                  f'-> total {m["total"]:.2f} GiB = {r.hbm_fraction:.1%} of {r.hbm_bytes / GiB:.0f} GiB HBM',
+                  f'  FLOPs per step: XLA cost_analysis {r.flops_per_device * r.devices / 1e12:.4g} TFLOP over '
+                  f'{r.devices} devices ({r.flops_per_device / 1e12:.4g} per device; a scanned micro-batch body '
+                  f'is counted once), formula {r.formula_flops / 1e12:.4g} TFLOP (train/flops.py)']
+    elif r.oom:
+        lines.append(f'  memory per device: more than the {r.hbm_bytes / GiB:.0f} GiB HBM (the compiler refused it '
+                     f'after {r.compile_s:.0f}s)')
+    else:
+        lines.append('  memory per device: not compiled (the mesh replicates the parameters; fix that first)')
+    biggest = ', '.join(f'{t.path} {t.bytes / 2**20:.1f} MiB' for t in r.largest_replicated)
+    lines += [f'  parameters {r.param_bytes / GiB:.2f} GiB, replicated {r.replicated_fraction:.2%}'
+              + (f' (largest: {biggest})' if biggest else ''),
+              '  ten largest state tensors (whole / per device, sharding):']
+    width = max((len(t.path) for t in r.largest), default=0)
+    lines += [f'    {t.path:<{width}}  {str(t.shape):<18} {t.dtype:<8} {t.bytes / 2**20:10.1f} MiB / '
+              f'{t.device_bytes / 2**20:9.1f} MiB  {t.spec}' for t in r.largest]
+    lines.append('FITS' if r.ok else f'DOES NOT FIT: {r.reason}. Hint: {r.hint}')
+    return '\n'.join(lines)
+
+
+def compile_check(config_filename: str, config: mlc.ConfigDict, topology: str, *,
+                  max_hbm_fraction: float = MAX_HBM_FRACTION,
+                  max_replicated_fraction: float = MAX_REPLICATED_FRACTION, hbm_gib: float | None = None,
+                  log: Callable[[str], None] = print) -> CheckResult:
+    """Compiles the config's train step for `topology` -> the result with its verdict (`ok`, `reason`, `hint`).
+    `hbm_gib` overrides the device's HBM (tests)."""
+    target = parse_topology(topology)
+    _host_cpu()
+    if target.kind == 'gpu':
+        return _gpu_estimate(config_filename, config, target, max_hbm_fraction, max_replicated_fraction, hbm_gib,
+                             log)
+    devices = tpu_devices(target)
+    return _finish(config_filename, config, target, compile_step(config, devices, log, max_replicated_fraction),
+                   max_hbm_fraction,
+                   max_replicated_fraction, hbm_gib)
+
+
+def _finish(config_filename, config, target, figures, max_hbm_fraction, max_replicated_fraction, hbm_gib):
+    hbm = int(hbm_gib * GiB) if hbm_gib else target.hbm_bytes
+    r = CheckResult(config=config_filename, target=target.name, label=target.label, devices=target.devices,
+                    grad_accum=int(config.train.grad_accum), remat_policy=str(config.model.remat_policy),
+                    scan_layers=bool(config.model.scan_layers), hbm_bytes=hbm,
+                    thresholds=dict(max_hbm_fraction=max_hbm_fraction,
+                                    max_replicated_fraction=max_replicated_fraction), **figures)
+    _verdict(r, max_hbm_fraction, max_replicated_fraction)
+    return r
+
+
+def _cpu_devices_now(n: int) -> list | None:
+    """n CPU devices of this process if jax already has them (tests run with 8), else None."""
+    import jax
+    try:
+        devices = jax.devices('cpu')
+    except RuntimeError:
+        return None
+    return devices[:n] if len(devices) >= n else None
+
+
+def _gpu_estimate(config_filename, config, target, max_hbm_fraction, max_replicated_fraction, hbm_gib, log):
+    devices = _cpu_devices_now(target.devices)
+    if devices is not None:
+        figures = compile_step(config, devices, log, max_replicated_fraction)
+        return _finish(config_filename, config, target, figures, max_hbm_fraction, max_replicated_fraction,
+                       hbm_gib)
+    # The CPU device count is fixed when jax starts: compile in a child process that has enough.
+    with tempfile.TemporaryDirectory(prefix='compile-check-') as tmp:
+        args = os.path.join(tmp, 'args.pkl')
+        out = os.path.join(tmp, 'result.pkl')
+        with open(args, 'wb') as f:
+            pickle.dump(dict(config_filename=config_filename, config=config, topology=target.name,
+                             max_hbm_fraction=max_hbm_fraction, max_replicated_fraction=max_replicated_fraction,
+                             hbm_gib=hbm_gib), f)
+        env = dict(os.environ, JAX_PLATFORMS='cpu',
+                   XLA_FLAGS=(re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                                     os.environ.get('XLA_FLAGS', '')) +
+                              f' --xla_force_host_platform_device_count={target.devices}').strip())
+        done = subprocess.run([sys.executable, '-m', 'medplib_jax.compile_check', args, out], env=env)
+        if done.returncode or not os.path.exists(out):
+            raise RuntimeError(f'compile-check: the CPU estimate for {target.name} failed in its subprocess '
+                               f'(exit {done.returncode})')
+        with open(out, 'rb') as f:
+            return pickle.load(f)
+
+
+def run_compile_check(config_filename: str, config: mlc.ConfigDict, topology: str, *,
+                      max_hbm_fraction: float = MAX_HBM_FRACTION,
+                      max_replicated_fraction: float = MAX_REPLICATED_FRACTION, hbm_gib: float | None = None,
+                      json_out: str = '', log: Callable[[str], None] = print) -> bool:
+    """`medplib-jax compile-check`: prints the report; True when the step fits (see compile_check)."""
+    r = compile_check(config_filename, config, topology, max_hbm_fraction=max_hbm_fraction,
+                      max_replicated_fraction=max_replicated_fraction, hbm_gib=hbm_gib, log=log)
+    log(report(r))
+    if json_out:
+        with open(json_out, 'w') as f:
+            json.dump(r.to_dict(), f, indent=1, default=str)
+    return r.ok
+
+
+def _child(args_path: str, out_path: str) -> None:
+    with open(args_path, 'rb') as f:
+        a = pickle.load(f)
+    target = parse_topology(a['topology'])
+    devices = _cpu_devices_now(target.devices)
+    if devices is None:
+        raise SystemExit(f'compile-check: expected {target.devices} CPU devices in the subprocess')
+    r = _gpu_estimate(a['config_filename'], a['config'], target, a['max_hbm_fraction'],
+                      a['max_replicated_fraction'], a['hbm_gib'], print)
+    with open(out_path, 'wb') as f:
+        pickle.dump(r, f)
+
+
+if __name__ == '__main__':
+    # Through the module's real name, so the pickled result's classes are medplib_jax.compile_check's.
+    from medplib_jax.compile_check import _child as child
+    child(*sys.argv[1:3])

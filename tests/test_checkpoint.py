@@ -1,0 +1,91 @@
+"""Train-state checkpoints in one process: a state written on a (2, 2, 2) mesh restores bit-identical onto 1 device
+and onto a (4, 2) mesh, each array landing in the target's shards; a checkpoint of another model is one error
+listing every missing, unexpected and mis-shaped array; retention keeps the newest and the best."""
+import jax
+import numpy as np
+import pytest
+
+from medplib_jax import checkpoint
+from medplib_jax.train.loop import build_stage, setup_stage
+from train_utils import host_batch, make_data, stage_config
+
+MESHES = {'written': dict(data=2, fsdp=2, tensor=2), 'one device': dict(data=1, fsdp=1, tensor=1),
+          '(4, 2)': dict(data=4, fsdp=2, tensor=1)}
+
+
+def _config(root, mesh, name='stage4'):
+    cfg = stage_config(name, root, batch_size=8)
+    cfg.mesh = mesh
+    return cfg
+
+
+def _devices(mesh):
+    return jax.devices()[:mesh['data'] * mesh['fsdp'] * mesh['tensor']]
+
+
+@pytest.fixture(scope='module')
+def written(tmp_path_factory):
+    """A tiny stage-IV state (random init, one step's worth of non-zero moments not needed) saved on (2, 2, 2)."""
+    root = make_data(tmp_path_factory.mktemp('data'))
+    cfg = _config(root, MESHES['written'])
+    host = host_batch(cfg)
+    setup = setup_stage(cfg, host, runs=root, total_steps=10, warmup=2, log=lambda _: None,
+                        devices=_devices(cfg.mesh))
+    workdir = str(tmp_path_factory.mktemp('run'))
+    ckpts = checkpoint.RunCheckpoints(workdir, checkpoint.CheckpointConfig())
+    ckpts.save(3, setup.state, None, {'process_count': 1})
+    ckpts.close()
+    return root, host, workdir, jax.tree_util.tree_flatten_with_path(jax.device_get(setup.state))[0]
+
+
+@pytest.mark.parametrize('target', ['one device', '(4, 2)'])
+def test_a_state_written_on_one_mesh_restores_identically_onto_another(written, target):
+    root, host, workdir, saved = written
+    cfg = _config(root, MESHES[target])
+    setup = build_stage(cfg, host, total_steps=10, warmup=2, devices=_devices(cfg.mesh))
+    ckpts = checkpoint.RunCheckpoints(workdir, checkpoint.CheckpointConfig())
+    state, meta = ckpts.restore(3, setup.abstract, None)
+    ckpts.close()
+    got = jax.tree_util.tree_flatten_with_path(state)[0]
+    wanted = jax.tree_util.tree_flatten_with_path(setup.abstract)[0]
+    assert [p for p, _ in got] == [p for p, _ in saved]
+    for (path, value), (_, want), (_, target_leaf) in zip(got, saved, wanted):
+        assert value.sharding == target_leaf.sharding, jax.tree_util.keystr(path)
+        assert np.array_equal(np.asarray(value), np.asarray(want)), jax.tree_util.keystr(path)
+    sharded = [v for _, v in got if not v.sharding.is_fully_replicated]
+    assert (len(sharded) > 0) == (target != 'one device')
+
+
+def test_a_checkpoint_of_another_model_lists_every_missing_unexpected_and_misshaped_key(written):
+    root, host, workdir, _ = written
+    cfg = _config(root, MESHES['one device'], 'stage3')  # dense FFNs (no experts, no router) ...
+    cfg.model.lora.rank = 4  # ... and LoRA r4 on q and v too, where the checkpoint has r8
+    cfg.model.lora.targets = ('gate_proj', 'up_proj', 'down_proj', 'q_proj', 'v_proj')
+    setup = build_stage(cfg, host, total_steps=10, warmup=2, devices=_devices(cfg.mesh))
+    ckpts = checkpoint.RunCheckpoints(workdir, checkpoint.CheckpointConfig())
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        ckpts.restore(3, setup.abstract, None)
+    ckpts.close()
+    text = str(e.value)
+    assert '\n' not in text and 'Nothing was restored' in text
+    assert 'missing: ' in text and 'params/model/layers_*/mlp/gate_proj/kernel (x2)' in text
+    assert 'unexpected: ' in text and 'params/model/layers_*/mlp/experts/gate_proj/kernel (x2)' in text
+    assert 'params/model/layers_*/mlp/gate/wg/kernel (x2)' in text.split('unexpected: ')[1]  # the router
+    assert 'mis-shaped: params/model/layers_0/self_attn/q_proj/lora_A (64, 8) float32 (run: (64, 4) float32)' in text
+
+
+def test_retention_keeps_the_newest_and_the_best(tmp_path):
+    cfg = checkpoint.CheckpointConfig(keep=2, best_metric='eval/held_out/loss', keep_best=1, async_save=False)
+    ckpts = checkpoint.RunCheckpoints(str(tmp_path), cfg)
+    state = {'w': jax.numpy.arange(4.0)}
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 4.0), (4, None), (5, 6.0), (6, None)]:
+        ckpts.save(step, state, None, {}, metrics=None if loss is None else {'eval/held_out/loss': loss})
+    assert ckpts.all_steps() == [2, 5, 6]  # best (lowest loss) 2; newest two 5 and 6
+    ckpts.close()
+
+
+def test_checkpoint_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r'config.checkpoint: unknown keys \[.evry.\]'):
+        checkpoint.CheckpointConfig.from_config({'evry': 2})
+    with pytest.raises(ValueError, match='config.checkpoint.best_mode'):
+        checkpoint.CheckpointConfig(best_mode='lowest')
