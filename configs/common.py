@@ -258,16 +258,18 @@ TRAINABLE = {
 STAGE_ARGS = dict(model='7b', init='prev', dtype='float32', scan=False, remat='', data='', hw='')
 
 # Hardware presets (stage configs' `hw=` arg): the mesh, the micro-batch (through config.train.grad_accum; the
-# global batch config.data.batch_size stays 128) and the remat policy per target and stage. Keys: the hw name,
-# then the stage ('*' = any stage without its own entry). `remat=` in the arg and `--config.*` flags still override
-# a preset. FSDP over every chip (7B's vocab 32267 is odd, so no tensor axis); one row per chip on v5p. NOT yet
-# confirmed by `medplib-jax compile-check` for 7B (benchmarks/compile_check.py): check before relying on them.
+# global batch config.data.batch_size stays 128), the remat policy and the scanned layer layout, per target and
+# stage. Keys: the hw name, then the stage ('*' = any stage without its own entry). `remat=` in the arg and
+# `--config.*` flags still override a preset. FSDP over every chip (7B's vocab 32267 is odd, so no tensor axis).
+# Measured with `medplib-jax compile-check` (README, "Will it fit?"): the 7B stage-IV step on v5p-64 needs 13.5 GiB
+# per chip (14% of HBM) with full remat and scanned layers; without remat its temporaries alone are 119 GiB.
+# Scanned layers also make the 7B compile take minutes instead of hours (one decoder layer compiled, not 32).
 HW_PRESETS = {
-    'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='none')},
-    'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='none')},
+    'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='full', scan=True)},
+    'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='full', scan=True)},
     # stage III's loss groups of 32 sequences need micro-batches of 32 or more
-    '8xh100': {'*': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=8, remat='full'),
-               'III': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=4, remat='full')},
+    '8xh100': {'*': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=8, remat='full', scan=True),
+               'III': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=4, remat='full', scan=True)},
 }
 
 
@@ -281,6 +283,7 @@ def apply_hw(cfg: mlc.ConfigDict, hw: str, remat: str = '') -> mlc.ConfigDict:
         cfg.mesh = mesh_config(**p['mesh'])
         cfg.train.grad_accum = p['grad_accum']
         cfg.model.remat_policy = p['remat']
+        cfg.model.scan_layers = p['scan']
     if remat:
         cfg.model.remat_policy = remat
     return cfg

@@ -136,12 +136,16 @@ def _key_name(entry: Any) -> str:
     return str(entry)
 
 
+def key_path(path: Iterable[Any]) -> str:
+    """A jax key path -> 'params/model/.../kernel' (attribute, dict key and sequence index alike)."""
+    return '/'.join(_key_name(k) for k in path)
+
+
 def tree_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
     """'/'-joined path -> (shape, dtype name) of every array leaf: a TrainState and the metadata Orbax keeps of one
     give the same paths (attribute, dict key and sequence index all become path parts)."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {'/'.join(_key_name(k) for k in path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
-            for path, leaf in leaves}
+    return {key_path(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves}
 
 
 def _grouped(paths: Iterable[str]) -> str:
