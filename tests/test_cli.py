@@ -154,7 +154,7 @@ def test_data_commands(tmp_path):
     (('train', '--config=configs/stage2.py:model=tiny'), 'medplib-jax train: train: set --workdir=DIR'),
     (('train', '--config=configs/stage2.py:model=tiny,init=maybe'), 'config arg init'),
     (('eval',), 'medplib-jax eval: evaluation (OmniMedVQA, MeCoVQA-C/R/G metrics) is not implemented yet.'),
-    (('fly',), 'expected one command of demo, train, sweep, make-demo-data, check-data'),
+    (('fly',), 'expected one command of demo, train, sweep, export, compile-check, make-demo-data, check-data'),
 ])
 def test_errors_are_one_clear_line(args, message):
     res = _run(*args, devices=8)
