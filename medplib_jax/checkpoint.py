@@ -14,6 +14,8 @@ shardings, so a tree written on a pod restores on one CPU or another mesh):
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -54,6 +56,41 @@ def versions() -> dict[str, str]:
     return out
 
 
+class _FailedReadsLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops what arrives after it closed. Orbax runs a restore on a fresh loop
+    (orbax/checkpoint/_src/asyncio_utils.py `run_sync`) and closes it as soon as one read fails; the tensorstore
+    reads still in flight then complete onto the closed loop, and each printed a traceback ('Event loop is closed',
+    'Task exception was never retrieved': hundreds for a truncated checkpoint) around the one error that matters."""
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+    def call_exception_handler(self, context):
+        if not self.is_closed():
+            super().call_exception_handler(context)
+
+
+class _FailedReadsPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _FailedReadsLoop
+
+
+@contextlib.contextmanager
+def _reading():
+    """Every checkpoint read runs under this: the loops Orbax makes meanwhile are `_FailedReadsLoop`s, so a failed
+    read is its one error."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_FailedReadsPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 def save_params(path: str, params: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
     """Writes `params` to the Orbax directory `path` (every process writes its shards) and, from process 0, the
     metadata JSON next to it (`path` + '.json'). Returns the absolute path."""
@@ -76,12 +113,14 @@ def resolve_params_dir(path: str, field: str) -> str:
                             f'Orbax params directory); train that stage first or point the field elsewhere')
 
 
+@_reading()
 def params_shapes(path: str) -> dict[str, tuple[tuple[int, ...], Any]]:
     """'/'-joined path -> (shape, dtype) of every array in a params directory, without reading the arrays."""
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     return {k: (tuple(m.shape), m.dtype) for k, m in flatten(tree).items()}
 
 
+@_reading()
 def restore_params(path: str, sharding_of: Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
                    ) -> dict[str, jax.Array]:
     """Reads a params directory with `sharding_of(path, shape)` for each leaf -> flat '/'-joined dict."""
@@ -214,6 +253,7 @@ class RunCheckpoints:
         self.manager.save(step, args=ocp.args.Composite(**args), metrics=dict(metrics) if metrics else None,
                           force=True)
 
+    @_reading()
     def meta(self, step: int) -> dict[str, Any]:
         path = os.path.join(self.directory, str(step), META)
         try:
@@ -221,6 +261,7 @@ class RunCheckpoints:
         except Exception as e:  # noqa: BLE001 - any reader error is one line naming the checkpoint
             raise CheckpointError(f'{path}: unreadable checkpoint metadata ({_one_line(e)})') from None
 
+    @_reading()
     def check_fits(self, step: int, abstract_state: Any) -> None:
         """One error listing every missing, unexpected and mis-shaped array, before anything is read."""
         where = os.path.join(self.directory, str(step))
@@ -236,6 +277,7 @@ class RunCheckpoints:
                                   f'optimizer): ' + '; '.join(problems) + '. Nothing was restored; use another '
                                   '--workdir, or the config it was written with')
 
+    @_reading()
     def restore(self, step: int, abstract_state: Any, iterator: grain.DatasetIterator | None
                 ) -> tuple[Any, dict[str, Any]]:
         """The state onto `abstract_state`'s shardings (each process reads only its shards) and the metadata; the
@@ -280,6 +322,7 @@ def _export_sharding(mesh: jax.sharding.Mesh) -> Callable[[str, tuple[int, ...]]
     return sharding_of
 
 
+@_reading()
 def export(workdir: str, out: str, *, dtype: str | None = None, step: int | None = None,
            log: Callable[[str], None] = print) -> str:
     """`medplib-jax export`: the parameters of a run's train-state checkpoint (newest, or `step`) as a params
