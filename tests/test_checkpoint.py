@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medplib_jax import checkpoint
-from medplib_jax.train.loop import build_stage, setup_stage
+from medplib_jax.train.loop import build_stage
 from train_utils import host_batch, make_data, stage_config
 
 MESHES = {'written': dict(data=2, fsdp=2, tensor=2), 'one device': dict(data=1, fsdp=1, tensor=1),
@@ -25,17 +25,24 @@ def _devices(mesh):
 
 @pytest.fixture(scope='module')
 def written(tmp_path_factory):
-    """A tiny stage-IV state (random init, one step's worth of non-zero moments not needed) saved on (2, 2, 2)."""
+    """A tiny stage-IV train state saved on (2, 2, 2): random values in every array (parameters, Adam moments,
+    counters), placed in the state's own shardings (no initialisation to compile)."""
     root = make_data(tmp_path_factory.mktemp('data'))
     cfg = _config(root, MESHES['written'])
     host = host_batch(cfg)
-    setup = setup_stage(cfg, host, runs=root, total_steps=10, warmup=2, log=lambda _: None,
-                        devices=_devices(cfg.mesh))
+    setup = build_stage(cfg, host, total_steps=10, warmup=2, devices=_devices(cfg.mesh))
+    rng = np.random.default_rng(0)
+
+    def fill(s):
+        value = (rng.standard_normal(s.shape) if np.issubdtype(s.dtype, np.floating) else
+                 rng.integers(0, 1000, s.shape))
+        return jax.device_put(np.asarray(value, s.dtype), s.sharding)
+    state = jax.tree.map(fill, setup.abstract)
     workdir = str(tmp_path_factory.mktemp('run'))
     ckpts = checkpoint.RunCheckpoints(workdir, checkpoint.CheckpointConfig())
-    ckpts.save(3, setup.state, None, {'process_count': 1})
+    ckpts.save(3, state, None, {'process_count': 1})
     ckpts.close()
-    return root, host, workdir, jax.tree_util.tree_flatten_with_path(jax.device_get(setup.state))[0]
+    return root, host, workdir, jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
 
 
 @pytest.mark.parametrize('target', ['one device', '(4, 2)'])

@@ -1,6 +1,7 @@
-"""Train-state checkpoints through `medplib-jax train` as a user runs it (subprocesses): bit-exact resume after a
-SIGKILL, a half-written checkpoint ignored, SIGTERM saves and exits 0, a checkpoint of another config or a corrupted
-one is a one-line error that leaves the run directory as it was, and `export` writes the evaluators' params.
+"""Train-state checkpoints through `medplib-jax train` as a user runs it (subprocesses): SIGTERM saves and exits 0,
+bit-exact resume after it and after a SIGKILL, a half-written checkpoint ignored, a checkpoint of another config or
+a corrupted one is a one-line error that leaves the run directory as it was, and `export` writes the evaluators'
+params.
 
 Every run is the tiny stage-IV model for 6 steps through the grain pipeline with 2 worker processes, a checkpoint
 every 2 steps, on one CPU device.
@@ -32,7 +33,9 @@ def _command(workdir, data, *extra):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    # unbuffered: a killed run's log holds every line it printed
+    return dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+                PYTHONUNBUFFERED='1')
 
 
 def _run(workdir, data, *extra):
@@ -105,37 +108,21 @@ def baseline(data, tmp_path_factory):
     return workdir
 
 
-def test_sigkill_then_resume_is_bit_exact_and_ignores_a_half_written_checkpoint(baseline, data, tmp_path):
+def _log(path):
+    with open(path) as f:
+        return f.read()
+
+
+def test_preempted_then_killed_then_resumed_is_bit_exact(baseline, data, tmp_path):
+    """A run's life on preemptible machines, in one run directory:
+    1. SIGTERM (preemption) after step 1: the run saves at the next step boundary and exits 0;
+    2. the same command resumes at the next step, and is SIGKILLed (with its data workers) once checkpoint 4 exists;
+    3. what a kill in the middle of saving step 6 leaves is planted (a half-written checkpoint);
+    4. the same command ignores it, resumes from 4 and reaches step 6 with the losses, parameters, optimizer state
+       and data order of the uninterrupted run, bit for bit."""
     workdir = str(tmp_path / 'run')
     ckpts = os.path.join(workdir, checkpoint.CHECKPOINTS)
-    with open(tmp_path / 'killed.log', 'w') as log:
-        proc = _start(workdir, data, log)
-        try:
-            _wait_for(lambda: os.path.isdir(os.path.join(ckpts, '4')), proc, 'checkpoint 4')
-            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, at once
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
-    assert '6' not in os.listdir(ckpts) and not os.path.exists(os.path.join(workdir, 'final_params'))
-    # What a kill in the middle of saving step 6 leaves: Orbax writes under a temporary name, renamed when complete.
-    half = os.path.join(ckpts, '6.orbax-checkpoint-tmp-1700000000000000')
-    shutil.copytree(os.path.join(ckpts, '4', checkpoint.STATE), os.path.join(half, checkpoint.STATE))
-    with open(os.path.join(half, checkpoint.STATE, '_METADATA'), 'w') as f:
-        f.write('{"tree_metadata": ')  # cut off mid-write
-
-    res = _run(workdir, data)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f'resumed from {ckpts}/4 (step 4 of 6)' in res.stdout
-    assert _losses(workdir) == _losses(baseline)  # bit for bit: floats round-trip through JSON exactly
-    _assert_identical(_flat_state(workdir, 6), _flat_state(baseline, 6))  # params, Adam moments, counters
-    assert _data_state(workdir, 6) == _data_state(baseline, 6)  # the data order
-    assert _data_state(workdir, 4) == _data_state(baseline, 4)
-
-
-def test_sigterm_saves_exits_0_and_the_resumed_run_continues_at_the_next_step(baseline, data, tmp_path):
-    workdir = str(tmp_path / 'run')
+    # 1. preempted
     with open(tmp_path / 'preempted.log', 'w') as log:
         proc = _start(workdir, data, log)
         try:
@@ -146,19 +133,43 @@ def test_sigterm_saves_exits_0_and_the_resumed_run_continues_at_the_next_step(ba
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-    out = open(tmp_path / 'preempted.log').read()
+    out = _log(tmp_path / 'preempted.log')
     assert rc == 0, out[-3000:]
     saved = checkpoint.RunCheckpoints(workdir, checkpoint.CheckpointConfig()).latest_step()
-    assert saved is not None and 1 <= saved < STEPS, out[-2000:]
+    assert saved is not None and 1 <= saved < 4, out[-2000:]  # step 1 is logged one step late: saved is 2 or 3
     assert f'preempted (SIGTERM) at step {saved}' in out
     assert not os.path.exists(os.path.join(workdir, 'final_params'))
 
+    # 2. resumed at the next step, then killed
+    with open(tmp_path / 'killed.log', 'w') as log:
+        proc = _start(workdir, data, log)
+        try:
+            _wait_for(lambda: os.path.isdir(os.path.join(ckpts, '4')), proc, 'checkpoint 4')
+            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, at once
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    out = _log(tmp_path / 'killed.log')  # unbuffered: everything up to the kill
+    assert f'resumed from {ckpts}/{saved} (step {saved} of 6)' in out and f'step {saved + 1}/6:' in out, out[-3000:]
+    assert f'step {saved}/6:' not in out  # nothing trained twice
+    assert '6' not in os.listdir(ckpts) and not os.path.exists(os.path.join(workdir, 'final_params'))
+
+    # 3. a half-written step 6: Orbax writes under a temporary name, renamed when complete
+    half = os.path.join(ckpts, '6.orbax-checkpoint-tmp-1700000000000000')
+    shutil.copytree(os.path.join(ckpts, '4', checkpoint.STATE), os.path.join(half, checkpoint.STATE))
+    with open(os.path.join(half, checkpoint.STATE, '_METADATA'), 'w') as f:
+        f.write('{"tree_metadata": ')  # cut off mid-write
+
+    # 4. resumed to the end
     res = _run(workdir, data)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f'(step {saved} of 6)' in res.stdout and f'step {saved + 1}/6:' in res.stdout
-    assert f'step {saved}/6:' not in res.stdout  # nothing trained twice
-    assert _losses(workdir) == _losses(baseline)
-    _assert_identical(_flat_state(workdir, 6), _flat_state(baseline, 6))
+    assert f'resumed from {ckpts}/4 (step 4 of 6)' in res.stdout
+    assert _losses(workdir) == _losses(baseline)  # bit for bit: floats round-trip through JSON exactly
+    _assert_identical(_flat_state(workdir, 6), _flat_state(baseline, 6))  # params, Adam moments, counters
+    assert _data_state(workdir, 6) == _data_state(baseline, 6)  # the data order
+    assert _data_state(workdir, 4) == _data_state(baseline, 4)
 
 
 def _cli_error(res):
