@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -124,6 +125,11 @@ def _require_libtpu() -> None:
         raise ValueError(f'compile-check for a TPU topology needs libtpu (only for this command): {INSTALL_HINT}')
 
 
+# jax loads the libtpu plugin on the first topology request; two threads doing that at once fail with
+# "PJRT_Api already exists for device type tpu" (seen when two topologies compile side by side).
+_TOPOLOGY_LOCK = threading.Lock()
+
+
 def tpu_devices(target: Target) -> list:
     """Abstract TPU devices of the target's topology (libtpu's compiler, no TPU needed)."""
     _require_libtpu()
@@ -134,9 +140,10 @@ def tpu_devices(target: Target) -> list:
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     hosts = (2, 2, 1) if target.devices >= 4 else (1, 1, 1)
     # libtpu warns on stderr that this host has no TPU accelerator type / worker hostnames: harmless here.
-    desc = topologies.get_topology_desc(platform='tpu', topology_name=target.topology,
-                                        chip_config_name=gen.chip_config, chips_per_host_bounds=hosts,
-                                        num_slices=1, wrap=(gen.wrap,) * 3)
+    with _TOPOLOGY_LOCK:
+        desc = topologies.get_topology_desc(platform='tpu', topology_name=target.topology,
+                                            chip_config_name=gen.chip_config, chips_per_host_bounds=hosts,
+                                            num_slices=1, wrap=(gen.wrap,) * 3)
     return list(desc.devices)
 
 
