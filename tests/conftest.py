@@ -32,5 +32,11 @@ def np_rng(request):
     return np.random.default_rng(seed)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Test files marked `heavy_module` first, the rest in their usual order: with `-n 2 --dist loadfile` a
+    long file that starts last would leave the other test process idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker('heavy_module') is None)
+
+
 def pytest_report_header(config):
     return f'jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}'

@@ -11,6 +11,8 @@ from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset
 from medplib_jax.data.synthetic import make_demo_data
 from medplib_jax.train.step import TRAIN_KEYS
 
+pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
+
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                                   reason='libtpu not installed (pip install -e ".[test]" installs it)')
 

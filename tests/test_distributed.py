@@ -20,6 +20,8 @@ from test_cli import _run  # noqa: E402  (the CLI as a subprocess)
 from test_train_inputs import _free_port  # noqa: E402
 from train_utils import make_data
 
+pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, 'launch')
 CLUSTER_ENV = ('SLURM_', 'OMPI_', 'TPU_', 'MEGASCALE_', 'JAX_COORDINATOR', 'JAX_LOCAL_DEVICE_IDS',

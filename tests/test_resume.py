@@ -21,6 +21,8 @@ import pytest
 from medplib_jax import checkpoint
 from train_utils import make_data
 
+pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 

@@ -19,6 +19,8 @@ from medplib_jax.models.moe import collect_moe_metrics
 from medplib_jax.train.step import MODEL_INPUTS, TRAIN_KEYS, build_train_step, forward_loss
 from train_utils import NO_GRADIENT, STAGES, devices, host_batch, leaves, make_data, stage_config
 
+pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
+
 # Overfitting one batch: steps, lr, and the factor by which each loss must fall (measured on this machine: stage I
 # trains the projector alone under a random LLM, so its CE can only move a little; stage IV's Dice weight is 0.5
 # next to BCE 2, so its Dice starts to fall after about 40 steps; stage III needs about 50 here).
