@@ -79,3 +79,58 @@ def test_real_nifti_slice():
     assert load_nifti(path, axis=0, index=3).shape == (25, 41, 3)  # (41, 25) slice, transposed
     with pytest.raises(ImageError, match='slice 99 outside 0..24 along axis 2'):
         load_nifti(path, index=99)
+
+
+def _write_png(path, samples, color_type, bit_depth, palette=None, trns=None):
+    """A PNG written here from its specification (signature, IHDR, optional PLTE / tRNS, one IDAT of filter-0
+    scanlines, IEND), so 16-bit files do not depend on the decoder under test."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff)
+    h, w = samples.shape[:2]
+    raw = samples.astype('>u2' if bit_depth == 16 else np.uint8).reshape(h, -1)
+    rows = b''.join(b'\x00' + row.tobytes() for row in raw)
+    out = b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, bit_depth, color_type, 0, 0, 0))
+    if palette is not None:
+        out += chunk(b'PLTE', palette.astype(np.uint8).tobytes())
+    if trns is not None:
+        out += chunk(b'tRNS', bytes(trns))
+    out += chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b'')
+    path.write_bytes(out)
+    return str(path)
+
+
+def test_pngs_decode_to_the_references_pixels(tmp_path, np_rng):
+    """cv2.imread then BGR -> RGB (facts 1.5), computed here in NumPy: 16-bit samples >> 8 (not clipped), grey
+    replicated to three channels, alpha dropped, palettes expanded."""
+    h, w = 7, 9
+    grey16 = np_rng.integers(0, 65536, size=(h, w), dtype=np.uint16)
+    grey16[0, :4] = [0, 255, 256, 65535]  # the edges of the >> 8 rule
+    want = np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(load_image(_write_png(tmp_path / 'g16.png', grey16, 0, 16)), want)
+    # a CT-like slice (values in the low thousands): no longer almost all white
+    ct = np_rng.integers(800, 1400, size=(h, w), dtype=np.uint16)
+    got = load_image(_write_png(tmp_path / 'ct.png', ct, 0, 16))
+    assert got.max() <= 1400 >> 8 and np.array_equal(got[..., 0], (ct >> 8).astype(np.uint8))
+
+    rgb16 = np_rng.integers(0, 65536, size=(h, w, 3), dtype=np.uint16)
+    np.testing.assert_array_equal(load_image(_write_png(tmp_path / 'rgb16.png', rgb16, 2, 16)),
+                                  (rgb16 >> 8).astype(np.uint8))
+
+    grey8 = np_rng.integers(0, 256, size=(h, w), dtype=np.uint8)
+    np.testing.assert_array_equal(load_image(_write_png(tmp_path / 'g8.png', grey8, 0, 8)),
+                                  np.repeat(grey8[..., None], 3, axis=-1))
+
+    grey_alpha = np_rng.integers(0, 256, size=(h, w, 2), dtype=np.uint8)
+    np.testing.assert_array_equal(load_image(_write_png(tmp_path / 'ga.png', grey_alpha, 4, 8)),
+                                  np.repeat(grey_alpha[..., :1], 3, axis=-1))
+
+    rgba = np_rng.integers(0, 256, size=(h, w, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(load_image(_write_png(tmp_path / 'rgba.png', rgba, 6, 8)), rgba[..., :3])
+
+    palette = np_rng.integers(0, 256, size=(5, 3), dtype=np.uint8)
+    index = np_rng.integers(0, 5, size=(h, w), dtype=np.uint8)
+    path = _write_png(tmp_path / 'p.png', index, 3, 8, palette=palette, trns=[0, 128])  # transparency ignored
+    np.testing.assert_array_equal(load_image(path), palette[index])

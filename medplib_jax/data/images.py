@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medplib_jax.data.regions import resized_size
 
@@ -44,9 +44,31 @@ def load_image(path: str, *, nifti_axis: int = 2, nifti_slice: int | None = None
         return load_nifti(path, axis=nifti_axis, index=nifti_slice)
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert('RGB'))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            return decode_like_cv2(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f'{path}: cannot decode image ({e})') from None
+
+
+# PIL modes of one 16-bit (or wider integer) grey channel.
+_WIDE_GREY = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+
+
+def decode_like_cv2(im: Image.Image) -> np.ndarray:
+    """A PNG / JPEG as the reference reads it (`cv2.imread(path)` then BGR -> RGB, LazySupervisedDataset
+    `__getitem__`) -> (H, W, 3) uint8 RGB. OpenCV's default colour read scales 16-bit samples to 8 bits by
+    `value >> 8` (PIL's `convert('RGB')` clips them at 255 instead: a 16-bit CT slice came out almost all white),
+    replicates a grey channel to three, drops alpha, expands a palette, and applies a JPEG's EXIF orientation."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _WIDE_GREY:
+        grey = (np.clip(np.asarray(im, np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode in ('L', 'LA', 'La', '1'):
+        grey = np.asarray(im.convert('L'))  # '1' -> 0 / 255, as OpenCV expands 1-bit samples
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode in ('P', 'PA'):
+        im = im.convert('RGBA')  # the palette expanded; its transparency is then dropped with the alpha
+    # RGB (16-bit PNGs already keep the high byte of each sample), RGBA (alpha dropped), CMYK / YCbCr (converted).
+    return np.asarray(im.convert('RGB'))
 
 
 def _to_rgb_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
