@@ -19,7 +19,8 @@ from absl import logging
 
 from medplib_jax.data.images import CLIP_SIZE, SAM_SIZE, ImageError, clip_canvas, load_image, sam_canvas
 
-FORMAT = {'version': 2, 'clip': [CLIP_SIZE, CLIP_SIZE, 3], 'sam': [SAM_SIZE, SAM_SIZE, 3]}
+# version 3: images decoded as the reference does (images.decode_like_cv2); older caches hold clipped 16-bit PNGs.
+FORMAT = {'version': 3, 'clip': [CLIP_SIZE, CLIP_SIZE, 3], 'sam': [SAM_SIZE, SAM_SIZE, 3]}
 
 
 def _spec(folder: str, name: str, shape: list[int] | None = None) -> dict[str, Any]:
