@@ -146,3 +146,22 @@ def test_sharded_forward_equals_single_device(setup, np_rng):
     for key in ('logits', 'mask_logits', 'iou'):
         np.testing.assert_allclose(np.asarray(out[key]), np.asarray(ref[key]), rtol=0,
                                    atol=1e-5 * float(np.abs(ref[key]).max()), err_msg=key)
+
+
+def test_t_projector_starts_as_torch_linear_layers():
+    """The reference creates `text_hidden_fcs` fresh at stage III with PyTorch's default Linear init: kernels and
+    biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Compared with fresh torch.nn.Linear layers of the same sizes: the
+    same bound, and the spread of a uniform on it (std = bound / sqrt(3))."""
+    import torch
+    from medplib_jax.models.medplib import TextHiddenFcs
+    hidden, out = 512, 256
+    params = nn.unbox(TextHiddenFcs(hidden, out).init(jax.random.key(np.random.randint(2 ** 31)),
+                                                     jnp.zeros((1, hidden))))['params']['0']
+    for name, ref in (('0', torch.nn.Linear(hidden, hidden)), ('2', torch.nn.Linear(hidden, out))):
+        bound = 1 / np.sqrt(hidden)  # both layers take `hidden` inputs
+        for ours, theirs in ((params[name]['kernel'], ref.weight), (params[name]['bias'], ref.bias)):
+            ours, theirs = np.asarray(ours), theirs.detach().numpy()
+            assert np.abs(ours).max() <= bound and np.abs(theirs).max() <= bound + 1e-7
+            assert np.abs(ours).max() > 0.9 * bound  # filled, not zeros: max of >= 256 uniforms
+            np.testing.assert_allclose(ours.std(), theirs.std(), rtol=0.15)
+            np.testing.assert_allclose(ours.std(), bound / np.sqrt(3), rtol=0.15)

@@ -1,6 +1,8 @@
 """Building blocks shared by the towers: dtype lookup, logically-partitioned Dense, RMSNorm, attention core."""
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import flax.linen as nn
@@ -16,14 +18,28 @@ def dtype_of(name: str) -> jnp.dtype:
     return DTYPES[name]
 
 
+# PyTorch's default `nn.Linear` kernel init (kaiming_uniform with a = sqrt(5)): U(-1 / sqrt(fan_in), 1 / sqrt(fan_in)).
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_linear_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default `nn.Linear` bias: U(-1 / sqrt(fan_in), 1 / sqrt(fan_in)), the kernel's bound."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
 def dense(features: int, axes: tuple[str, str], *, use_bias: bool = False, dtype: jnp.dtype = jnp.float32,
           param_dtype: jnp.dtype = jnp.float32, name: str | None = None,
-          kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.Dense:
+          kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal(),
+          bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()) -> nn.Dense:
     """nn.Dense whose kernel (in, out) and bias (out,) carry logical axis names."""
     return nn.Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+        bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)))
 
 
 def layer_norm(eps: float, axis_name: str, *, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) -> nn.LayerNorm:

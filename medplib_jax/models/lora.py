@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from medplib_jax.config_fields import known_fields
+from medplib_jax.models.layers import torch_linear_init
 
 
-# torch.nn.Linear / kaiming_uniform(a=sqrt(5)) init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from medplib_jax.config_fields import known_fields
 from medplib_jax.models.clip import CLIPVisionConfig, CLIPVisionTower, MultimodalProjector
-from medplib_jax.models.layers import constrain, dense, dtype_of
+from medplib_jax.models.layers import constrain, dense, dtype_of, torch_linear_bias_init, torch_linear_init
 from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from medplib_jax.models.multimodal import embeddable_ids, merge_embeddings, seg_positions
 from medplib_jax.models.region import RegionEncoder
@@ -81,11 +81,15 @@ class _TwoLayerReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        # PyTorch Linear default init: the reference creates these fresh at stage III.
+        # PyTorch's default Linear init, kernels and biases: the reference creates these fresh at stage III
+        # (`initialize_lisa_modules`), and a fresh stage III starts from it.
         kw = dict(use_bias=True, dtype=dtype_of(self.dtype), param_dtype=dtype_of(self.param_dtype),
-                  kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))
-        x = nn.relu(dense(self.hidden_size, ('embed', 'mlp'), name='0', **kw)(x))
-        return dense(self.out_dim, ('mlp', 'sam_embed'), name='2', **kw)(x)
+                  kernel_init=torch_linear_init)
+        first = dense(self.hidden_size, ('embed', 'mlp'), name='0', bias_init=torch_linear_bias_init(x.shape[-1]),
+                      **kw)
+        second = dense(self.out_dim, ('mlp', 'sam_embed'), name='2',
+                       bias_init=torch_linear_bias_init(self.hidden_size), **kw)
+        return second(nn.relu(first(x)))
 
 
 class VisualModel(nn.Module):

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from medplib_jax.config_fields import known_fields
-from medplib_jax.models.layers import constrain
-from medplib_jax.models.lora import LoRAConfig, projection, torch_linear_init
+from medplib_jax.models.layers import constrain, torch_linear_init
+from medplib_jax.models.lora import LoRAConfig, projection
 
 MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
 
