@@ -83,7 +83,7 @@ def _show(stage: mlc.ConfigDict, params_dir: str, demo: mlc.ConfigDict, log: Cal
     fwd = jax.jit(lambda p, b: model.apply({'params': p}, **b, method=MedPLIBForCausalLM.forward))
     with jax.set_mesh(mesh), nn.logical_axis_rules(list(stage.logical_axis_rules)):
         out = jax.device_get(fwd(params, {k: jnp.asarray(host[k]) for k in MODEL_INPUTS}))
-    tokenizer, _ = build_tokenizer(DataConfig.from_config(data.data), ModelShapes.from_config(data.model))
+    tokenizer = build_tokenizer(DataConfig.from_config(data.data), ModelShapes.from_config(data.model))
     said, masks, dice = [], [], {}
     for i in range(len(host['example_valid'])):
         labels = host['labels'][i]

@@ -95,7 +95,7 @@ def test_round_trip_of_the_synthetic_set(synth):
         assert b[key].dtype == dtype, key
         assert b[key].shape[0] == 4 and all(s is None or s == t for s, t in zip(shape, b[key].shape)), key
     assert b['input_ids'].shape[1] in BUCKETS
-    tok, ids = build_tokenizer(cfg, SHAPES)
+    tok = build_tokenizer(cfg, SHAPES)
     kinds_seen = set()
     for batch in batches:
         for i in np.nonzero(batch['example_valid'])[0]:
@@ -529,10 +529,25 @@ def test_multi_turn_conversation_supervises_every_answer(synth, tmp_path):
     (tmp_path / 'multi.json').write_text(json.dumps([rec]))
     cfg = _cfg({'m': DatasetSpec(str(tmp_path / 'multi.json'), image_folder=str(root))}, batch_size=1, strict=True)
     (batch,), _ = _all(cfg)
-    tok, _ = build_tokenizer(cfg, SHAPES)
+    tok = build_tokenizer(cfg, SHAPES)
     labels = batch['labels'][0]
     assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) == 'It is there.</s><SEG></s>'
     assert batch['seg_valid'][0, 0] and batch['seg_masks'][0, 0].any()
+
+
+def test_tokenization_mismatch_is_kept_with_labels_ignored(synth, tmp_path):
+    """As the reference: a question holding " ASSISTANT: " breaks its round arithmetic; the row trains nothing but
+    is not a skip (strict makes it the error)."""
+    root, files, _ = synth
+    rec = json.load(open(files['complex']))[0]
+    rec['conversations'][0]['value'] += ' Reply after ASSISTANT: here.'
+    (tmp_path / 'mismatch.json').write_text(json.dumps([rec]))
+    cfg = _cfg({'m': DatasetSpec(str(tmp_path / 'mismatch.json'), image_folder=str(root))}, batch_size=1)
+    (batch,), it = _all(cfg)
+    assert batch['example_valid'][0] and sum(it.skipped.values()) == 0
+    assert batch['token_mask'][0].sum() > 576 and (batch['labels'][0] == IGNORE_INDEX).all()
+    with pytest.raises(RecordError, match=r'mismatch\.json\[0\].*tokenization mismatch \(rounds 1 vs \d+ tokens\)'):
+        _all(dataclasses.replace(cfg, strict=True))
 
 
 def test_config_errors_name_the_key(synth):

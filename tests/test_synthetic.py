@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 
+from medplib_jax.constants import IGNORE_INDEX
 from medplib_jax.data.conversation import tokenize_conversation
 from medplib_jax.data.images import load_image, load_mask
 from medplib_jax.data.records import read_records
@@ -17,7 +18,7 @@ from medplib_jax.data.tokenizer import tiny_tokenizer
 def test_generated_set_parses_with_zero_errors_and_is_usable(tmp_path):
     counts = make_demo_data(str(tmp_path), num_images=16, seed=3)
     assert sum(counts.values()) == 16 * 6
-    tok, ids = tiny_tokenizer()
+    tok = tiny_tokenizer()
     kinds, modalities = set(), set()
     for name in counts:
         records, skipped = read_records(str(tmp_path / name), str(tmp_path), strict=True)
@@ -34,9 +35,10 @@ def test_generated_set_parses_with_zero_errors_and_is_usable(tmp_path):
                 prompts = [r.prompt for r in rec.regions if r.prompt] or []
                 grids, valid = regions_to_grids(prompts, h, w, max_regions=1) if prompts else (None, None)
                 assert valid is None or valid.all()
-            out = tokenize_conversation(tok, ids, [(q.replace('<image>\n', '<im_start><image><im_end>\n'), a)
-                                                   for q, a in rec.turns], num_image_tokens=8, max_length=2048)
+            out = tokenize_conversation(tok, [(q.replace('<image>\n', '<im_start><image><im_end>\n'), a)
+                                              for q, a in rec.turns], num_image_tokens=8, max_length=2048)
             assert out.num_seg == len(rec.masks) and out.num_regions == len(rec.regions)
+            assert out.label_mismatch is None and (out.labels != IGNORE_INDEX).any()
     assert kinds == {'vqa', 'region', 'grounding'}
     closed = read_records(str(tmp_path / FILES['closed'].format(split='train')), str(tmp_path))[0]
     assert closed and all(r.options == ('yes', 'no') and r.answer_type == 'closed' for r in closed)

@@ -1,30 +1,44 @@
 """The reference's `llava_v1` conversation template, tokenisation and label masking (facts 1.2).
 
-Prompt: `{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>...`, the first question starting
-with `<im_start><image><im_end>\\n`. `<image>` becomes `num_image_tokens` IMAGE_TOKEN_INDEX placeholders; one
-REGION_TOKEN_INDEX goes between each `<region>` `</region>` pair (models/multimodal.py fills both).
+Prompt (`Conversation.get_prompt`, SeparatorStyle.TWO): `{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ...`,
+the first question starting with `<im_start><image><im_end>\\n`; an empty message is written `ROLE:` with no
+separator, as the reference does.
 
-Labels: the reference computes instruction lengths with legacy-tokenizer arithmetic; we get the same intent
-exactly from character offsets: a token is supervised iff it overlaps an assistant answer (its text and the
-closing `</s>`), so the answer's first token (`▁yes`, which carries the space after `ASSISTANT:`) is supervised
-and nothing of the prompt is. A conversation longer than `max_length` is an error, never a silent truncation
-that could cut a `<SEG>` or a region slot.
+Ids (`tokenizer_image_token`, datasets/LazySupervisedDataset.py): the prompt is split on `<image>`, each chunk
+encoded with its BOS, only the first BOS kept, one IMAGE_TOKEN_INDEX between chunks; then one REGION_TOKEN_INDEX
+goes between each adjacent `<region>` `</region>` pair. Afterwards (this project's static layout) the image
+placeholder is repeated `num_image_tokens` times (models/multimodal.py fills both kinds of placeholder).
+
+Labels (`preprocess_v1`): a copy of the ids; BOS ignored; the prompt is split into rounds on `</s>` and each round
+on " ASSISTANT: "; per round, the instruction's `len(ids("...ASSISTANT: ")) - 2` tokens are ignored and the
+cursor moves by `len(ids(round))` (its BOS stands in for the `</s>`); everything after the last round is ignored.
+If the cursor does not end on the number of non-pad ids (a question holding " ASSISTANT: ", a literal `</s>` or
+`<unk>`, an empty answer), the reference keeps the sample with every label ignored ("tokenization mismatch");
+so does this module, and says so in `Tokenized.label_mismatch`. (The reference checks this only below
+`model_max_length`; here longer conversations are errors, so it always applies.)
+
+`plain` (stage I, LLaVA's `preprocess_plain`): `<im_start><image><im_end>{caption}\\n`, the question dropped; the
+tokens of the image part are ignored, the caption and its newline supervised. A conversation longer than
+`max_length` (image placeholders included) is an error, never a silent truncation that could cut a `<SEG>` or a
+region slot.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from medplib_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
-from medplib_jax.data.tokenizer import TokenIds
+from medplib_jax.data.tokenizer import MedPLIBTokenizer
 
 SYSTEM_LLAVA_V1 = ('A chat between a curious human and an artificial intelligence assistant. The assistant gives '
                    "helpful, detailed, and polite answers to the human's questions.")
+ROLES = ('USER', 'ASSISTANT')
+SEP, SEP2 = ' ', '</s>'
 IMAGE_PREFIX = '<im_start><image><im_end>\n'
-# llava_v1: MedPLIB's stages II-IV. plain: LLaVA-1.5's projector pre-training (stage I, `preprocess_plain` in
-# LLaVA's train.py): the image then the caption and '\n', the question dropped, one turn.
+PLAIN_IMAGE = '<im_start><image><im_end>'
+# llava_v1: MedPLIB's stages II-IV. plain: LLaVA-1.5's projector pre-training (stage I).
 TEMPLATES = ('llava_v1', 'plain')
 
 
@@ -42,27 +56,23 @@ class Tokenized:
     labels: np.ndarray  # (T,) int32, IGNORE_INDEX except on assistant answers
     num_regions: int
     num_seg: int
+    # (round cursor, non-pad ids) when the reference's arithmetic disagrees: every label is then ignored
+    label_mismatch: tuple[int, int] | None = None
 
 
-def build_prompt(turns: Sequence[tuple[str, str]], system: str = SYSTEM_LLAVA_V1, template: str = 'llava_v1'
-                 ) -> tuple[str, list[tuple[int, int]]]:
-    """(question, answer) pairs -> prompt text and the character span of each answer (answer + `</s>`, or
-    caption + newline for `plain`)."""
+def build_prompt(turns: Sequence[tuple[str, str]], system: str = SYSTEM_LLAVA_V1, template: str = 'llava_v1') -> str:
+    """(question, answer) pairs -> the prompt text of `template`."""
     if template == 'plain':
         if len(turns) != 1:
             raise ConversationError(f'the plain template takes one (image, caption) turn, got {len(turns)}')
-        text = '<im_start><image><im_end>'
-        return text + turns[0][1] + '\n', [(len(text), len(text) + len(turns[0][1]) + 1)]
+        return PLAIN_IMAGE + turns[0][1] + '\n'
     if template != 'llava_v1':
         raise ValueError(f'conversation template {template!r}; known: {TEMPLATES}')
-    text = system + ' '
-    spans = []
+    text = system + SEP
     for question, answer in turns:
-        text += f'USER: {question} ASSISTANT: '
-        start = len(text)
-        text += f'{answer}</s>'
-        spans.append((start, len(text)))
-    return text, spans
+        for k, message in enumerate((question, answer)):
+            text += f'{ROLES[k]}: {message}{(SEP, SEP2)[k]}' if message else f'{ROLES[k]}:'
+    return text
 
 
 def with_image_prefix(question: str) -> str:
@@ -70,40 +80,67 @@ def with_image_prefix(question: str) -> str:
     return IMAGE_PREFIX + question.replace('<image>', '').strip()
 
 
-def tokenize_conversation(tokenizer: Any, ids: TokenIds, turns: Sequence[tuple[str, str]], *,
-                          num_image_tokens: int, max_length: int, source: str = 'conversation',
-                          template: str = 'llava_v1') -> Tokenized:
-    """Tokenises the template over `turns` (for llava_v1 the first question must already carry IMAGE_PREFIX)."""
-    text, spans = build_prompt(turns, template=template)
-    parts = text.split('<image>')
-    if len(parts) != 2:
-        raise ConversationError(f'{source}: expected exactly one <image>, found {len(parts) - 1}')
-    tokens: list[int] = []
-    labels: list[int] = []
-    offset = 0
-    for k, part in enumerate(parts):
-        enc = tokenizer(part, add_special_tokens=k == 0, return_offsets_mapping=True)
-        for tok, (s, e) in zip(enc['input_ids'], enc['offset_mapping']):
-            s, e = s + offset, e + offset
-            supervised = e > s and any(s < end and e > start for start, end in spans)
-            tokens.append(tok)
-            labels.append(tok if supervised else IGNORE_INDEX)
-        offset += len(part) + len('<image>')
-        if k == 0:
-            tokens += [IMAGE_TOKEN_INDEX] * num_image_tokens
-            labels += [IGNORE_INDEX] * num_image_tokens
-    # One region placeholder between each adjacent <region></region> pair.
-    out_ids, out_labels = [], []
-    for i, (tok, lab) in enumerate(zip(tokens, labels)):
-        out_ids.append(tok)
-        out_labels.append(lab)
-        if tok == ids.region_start and i + 1 < len(tokens) and tokens[i + 1] == ids.region_end:
-            out_ids.append(REGION_TOKEN_INDEX)
-            out_labels.append(IGNORE_INDEX)
-    if len(out_ids) > max_length:
-        raise SequenceTooLongError(f'{source}: {len(out_ids)} tokens (with {num_image_tokens} image tokens) exceed '
-                                f'max_length={max_length}')
-    input_ids = np.asarray(out_ids, np.int32)
-    return Tokenized(input_ids=input_ids, labels=np.asarray(out_labels, np.int32),
-                     num_regions=int((input_ids == REGION_TOKEN_INDEX).sum()),
-                     num_seg=int((input_ids == ids.seg).sum()))
+def image_token_ids(tokenizer: MedPLIBTokenizer, text: str) -> list[int]:
+    """The reference's `tokenizer_image_token`: one IMAGE_TOKEN_INDEX per `<image>`, one REGION_TOKEN_INDEX
+    between each adjacent `<region>` `</region>` pair."""
+    ids: list[int] = []
+    for k, chunk in enumerate(text.split('<image>')):
+        enc = tokenizer.encode(chunk)
+        ids += enc if k == 0 else [IMAGE_TOKEN_INDEX, *enc[1:]]
+    start, end = tokenizer.ids.region_start, tokenizer.ids.region_end
+    out: list[int] = []
+    for i, t in enumerate(ids):
+        out.append(t)
+        if t == start and i + 1 < len(ids) and ids[i + 1] == end:
+            out.append(REGION_TOKEN_INDEX)
+    return out
+
+
+def _v1_labels(tokenizer: MedPLIBTokenizer, prompt: str, ids: list[int]) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """preprocess_v1's label arithmetic (module doc); numpy slices behave as the reference's torch slices."""
+    labels = np.asarray(ids, np.int64)
+    total = int((labels != tokenizer.ids.pad).sum())
+    sep = SEP + ROLES[1] + ': '
+    cur = 1
+    labels[:cur] = IGNORE_INDEX
+    for rnd in prompt.split(SEP2):
+        if rnd == '':
+            break
+        parts = rnd.split(sep)
+        if len(parts) != 2:
+            break
+        instruction = len(image_token_ids(tokenizer, parts[0] + sep)) - 2
+        labels[cur:cur + instruction] = IGNORE_INDEX
+        cur += len(image_token_ids(tokenizer, rnd))
+    labels[cur:] = IGNORE_INDEX
+    if cur != total:
+        labels[:] = IGNORE_INDEX
+        return labels, (cur, total)
+    return labels, None
+
+
+def tokenize_conversation(tokenizer: MedPLIBTokenizer, turns: Sequence[tuple[str, str]], *, num_image_tokens: int,
+                          max_length: int, source: str = 'conversation', template: str = 'llava_v1') -> Tokenized:
+    """Ids and labels of `template` over `turns` (for llava_v1 the first question must already carry
+    IMAGE_PREFIX), with the image placeholder repeated `num_image_tokens` times (1: the reference's own layout)."""
+    prompt = build_prompt(turns, template=template)
+    if prompt.count('<image>') != 1:
+        raise ConversationError(f'{source}: expected exactly one <image>, found {prompt.count("<image>")}')
+    ids = image_token_ids(tokenizer, prompt)
+    if template == 'plain':  # preprocess_plain: the image part's tokens ignored
+        labels, mismatch = np.asarray(ids, np.int64), None
+        labels[:len(image_token_ids(tokenizer, PLAIN_IMAGE))] = IGNORE_INDEX
+    else:
+        labels, mismatch = _v1_labels(tokenizer, prompt, ids)
+    ids = np.asarray(ids, np.int64)
+    labels[ids < 0] = IGNORE_INDEX  # placeholders are never targets
+    image = int(np.argmax(ids == IMAGE_TOKEN_INDEX))
+    repeat = np.ones(len(ids), np.int64)
+    repeat[image] = num_image_tokens
+    ids, labels = np.repeat(ids, repeat), np.repeat(labels, repeat)
+    if len(ids) > max_length:
+        raise SequenceTooLongError(f'{source}: {len(ids)} tokens (with {num_image_tokens} image tokens) exceed '
+                                   f'max_length={max_length}')
+    return Tokenized(input_ids=ids.astype(np.int32), labels=labels.astype(np.int32),
+                     num_regions=int((ids == REGION_TOKEN_INDEX).sum()),
+                     num_seg=int((ids == tokenizer.ids.seg).sum()), label_mismatch=mismatch)

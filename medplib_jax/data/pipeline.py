@@ -19,8 +19,10 @@ which shuffling makes representative).
 Deliberate differences from the reference's dataset: a region that vanishes on the 24x24 grid is a skip (the
 reference keeps the sample with every label ignored, which trains nothing), `<SEG>` tokens must match `<mask>`
 references one for one (the reference pairs them by order across the batch), and over-long records are skipped
-instead of truncated. With several processes each picks its length bucket from its own rows;
-`medplib_jax.train.inputs.global_batch` pads them to the longest before forming global arrays.
+instead of truncated. A "tokenization mismatch" (data/conversation.py) is kept with every label ignored, as in
+the reference, and logged (an error with `strict`; `check-data` counts these rows). With several processes each
+picks its length bucket from its own rows; `medplib_jax.train.inputs.global_batch` pads them to the longest before
+forming global arrays.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from medplib_jax.data.images import (CLIP_SIZE, SAM_SIZE, ImageError, clip_canva
 from medplib_jax.data.records import (REASONS, Record, RecordError, decode_record, duplicate_error, duplicate_ids,
                                       load_record, record_id, split_records, where_of)
 from medplib_jax.data.regions import GRID, RegionError, RegionPrompt, regions_to_grids
-from medplib_jax.data.tokenizer import TokenIds, load_tokenizer, tiny_tokenizer
+from medplib_jax.data.tokenizer import MedPLIBTokenizer, load_tokenizer, tiny_tokenizer
 
 # Batch key holding the skipped records' (reason, message) pairs; the DataIterator logs and removes it (host-only).
 MESSAGES_KEY = '_skip_messages'
@@ -256,9 +258,9 @@ class Preprocessor:
     returned as `Skipped(reason)`. Picklable: it runs in grain's worker processes.
     """
 
-    def __init__(self, sources: Sequence[SourceInfo], tokenizer: Any, ids: TokenIds, cfg: DataConfig,
+    def __init__(self, sources: Sequence[SourceInfo], tokenizer: MedPLIBTokenizer, cfg: DataConfig,
                  shapes: ModelShapes, image_cache: Any = None):
-        self.sources, self.tokenizer, self.ids, self.cfg, self.shapes = sources, tokenizer, ids, cfg, shapes
+        self.sources, self.tokenizer, self.cfg, self.shapes = sources, tokenizer, cfg, shapes
         self.image_cache = image_cache
 
     def __call__(self, element: RawElement | _Padding, rng: np.random.Generator) -> dict | Skipped | _Padding:
@@ -300,13 +302,19 @@ class Preprocessor:
                                   f'than the 14-pixel step)', 'region')
         turns = [(with_image_prefix(rec.turns[0][0]), rec.turns[0][1]), *rec.turns[1:]]
         try:
-            tok = tokenize_conversation(self.tokenizer, self.ids, turns, num_image_tokens=shapes.num_image_tokens,
+            tok = tokenize_conversation(self.tokenizer, turns, num_image_tokens=shapes.num_image_tokens,
                                         max_length=self.cfg.max_length, source=f'{rec.where}: field conversations',
                                         template=self.cfg.template)
         except SequenceTooLongError as e:
             raise RecordError(str(e), 'too_long') from None
         except ConversationError as e:
             raise RecordError(str(e)) from None
+        if tok.label_mismatch:  # kept with every label ignored, as in the reference (check-data counts these rows)
+            message = (f'{rec.where}: field conversations: tokenization mismatch (rounds {tok.label_mismatch[0]} vs '
+                       f'{tok.label_mismatch[1]} tokens), every label ignored')
+            if self.cfg.strict:
+                raise RecordError(message)
+            logging.warning('%s', message)
         if tok.num_seg != len(masks):  # prompts and ground truths pair by order (facts 12.28)
             raise RecordError(f'{rec.where}: field conversations: {tok.num_seg} <SEG> tokens for {len(masks)} '
                               f'<mask> references')
@@ -527,13 +535,14 @@ def skip_counts(skip_reason: np.ndarray) -> dict[str, int]:
     return {r: int(counts[i + 1]) for i, r in enumerate(REASONS)}
 
 
-def build_tokenizer(cfg: DataConfig, shapes: ModelShapes) -> tuple[Any, TokenIds]:
+def build_tokenizer(cfg: DataConfig, shapes: ModelShapes) -> MedPLIBTokenizer:
     """The configured tokenizer ('tiny' = the offline test tokenizer), checked against the model's ids."""
-    tokenizer, ids = tiny_tokenizer() if cfg.tokenizer == 'tiny' else load_tokenizer(cfg.tokenizer)
+    tokenizer = tiny_tokenizer() if cfg.tokenizer == 'tiny' else load_tokenizer(cfg.tokenizer)
+    ids = tokenizer.ids
     if (ids.seg, ids.vocab_size) != (shapes.seg_token_id, shapes.vocab_size):
         raise ValueError(f'config.data.tokenizer={cfg.tokenizer!r} gives <SEG> {ids.seg} and vocab {ids.vocab_size}; '
                          f'the model has seg_token_id {shapes.seg_token_id} and vocab_size {shapes.vocab_size}')
-    return tokenizer, ids
+    return tokenizer
 
 
 def _seed(seed: int, k: int) -> int:
@@ -552,7 +561,7 @@ def build_dataset(cfg: DataConfig, shapes: ModelShapes, *, seed: int, train: boo
     if cfg.batch_size % shard.shard_count:
         raise ValueError(f'config.data.batch_size={cfg.batch_size} is not divisible by the {shard.shard_count} '
                          f'data processes')
-    tokenizer, ids = build_tokenizer(cfg, shapes)
+    tokenizer = build_tokenizer(cfg, shapes)
     names = list(cfg.datasets)
     sources = open_sources(cfg)
     parts = [grain.MapDataset.source(s) for s in sources]
@@ -569,7 +578,8 @@ def build_dataset(cfg: DataConfig, shapes: ModelShapes, *, seed: int, train: boo
     if cfg.image_cache:
         from medplib_jax.data.image_cache import ImageCache
         cache = ImageCache(cfg.image_cache)
-    ds = ds.random_map(Preprocessor([s.info for s in sources], tokenizer, ids, cfg, shapes, cache), seed=_seed(seed, len(names)))
+    ds = ds.random_map(Preprocessor([s.info for s in sources], tokenizer, cfg, shapes, cache),
+                       seed=_seed(seed, len(names)))
     local = cfg.batch_size // shard.shard_count
     ds = EvenShard(ds, shard.shard_index, shard.shard_count, local)
     ds = ds.batch(local, drop_remainder=False, batch_fn=Collator(local, cfg, shapes))

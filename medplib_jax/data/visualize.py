@@ -7,7 +7,7 @@ Skipped rows say why; padding rows are left out.
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -16,6 +16,7 @@ from medplib_jax.constants import IGNORE_INDEX
 from medplib_jax.data.images import CLIP_MEAN, CLIP_SIZE, CLIP_STD
 from medplib_jax.data.records import REASONS
 from medplib_jax.data.regions import GRID
+from medplib_jax.data.tokenizer import MedPLIBTokenizer
 
 PANEL = 224
 TEXT_WIDTH = 460
@@ -40,7 +41,8 @@ def clip_image(pixels: np.ndarray) -> np.ndarray:
     return np.clip((pixels * np.float32(CLIP_STD) + np.float32(CLIP_MEAN)) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def row_text(tokenizer: Any, input_ids: np.ndarray, labels: np.ndarray, token_mask: np.ndarray) -> tuple[str, str]:
+def row_text(tokenizer: MedPLIBTokenizer, input_ids: np.ndarray, labels: np.ndarray,
+             token_mask: np.ndarray) -> tuple[str, str]:
     """(prompt after the system text, supervised answer) decoded from one row; placeholders and padding left out."""
     real = (input_ids >= 0) & token_mask
     prompt = tokenizer.decode(input_ids[real & (labels == IGNORE_INDEX)].tolist())
@@ -48,7 +50,7 @@ def row_text(tokenizer: Any, input_ids: np.ndarray, labels: np.ndarray, token_ma
     return prompt[prompt.find('USER:'):] if 'USER:' in prompt else prompt, answer
 
 
-def render_batch(batch: Mapping[str, np.ndarray], tokenizer: Any, path: str, *,
+def render_batch(batch: Mapping[str, np.ndarray], tokenizer: MedPLIBTokenizer, path: str, *,
                  predicted: Sequence[np.ndarray | None] | None = None,
                  predicted_text: Sequence[str | None] | None = None, max_rows: int = 8) -> str:
     """Draws up to `max_rows` non-padding rows of `batch` to a PNG at `path`; `predicted[i]` is an optional
