@@ -262,7 +262,7 @@ def test_gradients_reach_router_and_lora(np_rng):
     assert np.abs(np.asarray(grads['experts']['down_proj']['lora_A'])).max() > 0
 
 
-def test_padding_is_routed_by_default_and_excluded_with_route_padding_false(np_rng):
+def test_padding_routing_modes(np_rng):
     s, e = 20, 2
     logits = jnp.asarray(np_rng.normal(size=(s, e)), jnp.float32)
     noise = jnp.asarray(np_rng.uniform(size=(s, e)), jnp.float32)
@@ -281,14 +281,47 @@ def test_padding_is_routed_by_default_and_excluded_with_route_padding_false(np_r
     np.testing.assert_allclose(np.asarray(combine_u), r_combine, atol=1e-6)
     assert abs(float(aux) - r_aux) <= 1e-6
 
-    # the layer wires the token mask only with route_padding=False
+    # the layer: lengths 6 and 3 in a bucket of 10, one routing group of 2 sequences
     x = jnp.asarray(np_rng.normal(size=(2, 10, 8)), jnp.float32)
-    mask = jnp.asarray(np.arange(10)[None] < np.array([10, 3])[:, None])
-    for route_padding, n_routed in ((True, 20), (False, 13)):
+    mask = jnp.asarray(np.arange(10)[None] < np.array([6, 3])[:, None])
+    for route_padding, n_routed in (('all', 20), ('micro_batch', 12), ('none', 9)):
         layer = MoEFFN(MoEConfig(mode='dense', route_padding=route_padding, group_size=2), 12, LoRAConfig())
         variables = nn.unbox(layer.init(jax.random.key(0), x, mask, False))
         _, state = layer.apply(variables, x, mask, False, mutable=['intermediates'])
-        assert int(state['intermediates']['moe_expert_counts'][0].sum()) == n_routed
+        assert int(state['intermediates']['moe_expert_counts'][0].sum()) == n_routed, route_padding
+
+
+@pytest.mark.parametrize('k', [1, 2])
+def test_bucket_padding_routes_as_the_reference_padded_micro_batch(np_rng, k):
+    """The reference pads a micro-batch only to its longest sequence and routes all of it. A batch padded further
+    (to a length bucket) with route_padding='micro_batch' gives, on those positions, exactly the outputs, aux loss,
+    expert counts and keep / drop decisions of the reference's shorter batch routed whole (training, capacity
+    factor 0.5 / k: tokens are dropped, with the same gate noise per token)."""
+    group, bucket, lengths = 4, 16, np.array([11, 5, 9, 3])
+    longest = int(lengths.max())
+    x = np_rng.normal(size=(8, bucket, 8)).astype(np.float32)
+    mask = np.arange(bucket)[None] < np.concatenate([lengths, lengths[::-1]])[:, None]
+    noise = _noise(np_rng, (2, group * bucket, 2), k)
+    layer = MoEFFN(MoEConfig(mode='dense', top_k=k, capacity_factor=0.5 / k, group_size=group), 12,
+                   LoRAConfig(rank=2, alpha=4.0, dropout=0.0, targets=('gate_proj', 'up_proj', 'down_proj')))
+    variables = nn.unbox(layer.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(mask), False))
+
+    def run(inputs, token_mask, gate_noise, route_padding):
+        layer_ = layer.clone(moe=dataclasses.replace(layer.moe, route_padding=route_padding))
+        y, state = layer_.apply(variables, jnp.asarray(inputs), jnp.asarray(token_mask), True,
+                                jnp.asarray(gate_noise), mutable=['intermediates'])
+        return np.asarray(y), {name: np.asarray(v[0]) for name, v in state['intermediates'].items()}
+
+    y, m = run(x, mask, noise, 'micro_batch')
+    # the reference's batch: each group cut at its own longest sequence (both groups have the same longest here)
+    cut_noise = noise.reshape(2, group, bucket, 2)[:, :, :longest].reshape(2, group * longest, 2)
+    y_ref, m_ref = run(x[:, :longest], mask[:, :longest], cut_noise, 'all')
+    np.testing.assert_allclose(y[:, :longest], y_ref, rtol=0, atol=1e-6)
+    assert not y[:, longest:].any()  # bucket padding: not routed, nothing added
+    assert float(m['moe_drop_fraction']) > 0  # the test exercises dropping
+    for name in ('moe_aux_loss', 'moe_expert_counts', 'moe_drop_fraction'):
+        np.testing.assert_allclose(m[name], m_ref[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(m['moe_token_slots'][:, :longest], m_ref['moe_token_slots'])
 
 
 def test_eval_top1_touches_exactly_one_expert_per_token(np_rng):
@@ -348,6 +381,27 @@ def test_moe_model_on_8_devices_equals_1_device(np_rng, scan_layers):
     assert m['expert_counts'].shape == (2, 2)
 
 
+def test_moe_model_decodes_a_batch_of_one_with_the_kv_cache(np_rng):
+    """A batch of 1 (smaller than the training routing group of 4) decodes with the KV cache: prefill, then
+    one-token steps. With the evaluation capacity factor 2 and top-1 no token is dropped, so the steps' logits equal
+    a full forward over prompt + generated tokens, and every token gets its expert."""
+    from medplib_jax.infer.generate import greedy_generate, positions_from_mask
+    cfg = _moe_llama()
+    model = LlamaForCausalLM(cfg)
+    prompt = jnp.asarray(np_rng.integers(3, cfg.vocab_size, size=(1, 10)))
+    params = nn.unbox(model.init(jax.random.key(3), prompt))['params']
+    tokens, step_logits = greedy_generate(model, params, prompt, jnp.ones((1, 10), bool), 8)
+    full = jnp.concatenate([prompt, tokens], axis=1)
+    (logits, _), state = model.apply({'params': params}, full, positions=positions_from_mask(jnp.ones_like(full)),
+                                     mutable=['intermediates'])
+    ref = np.asarray(logits)[:, 9:-1]  # the logits that predicted each generated token
+    np.testing.assert_array_equal(ref.argmax(-1), np.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(step_logits), ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+    m = collect_moe_metrics(state['intermediates'])
+    assert float(m['drop_fraction'].max()) == 0.0 and np.all(np.asarray(m['token_slots']) == 1)
+    assert np.asarray(m['expert_counts']).sum(-1).tolist() == [18, 18]  # every token routed, in both layers
+
+
 def test_metrics_collected_per_layer_and_in_total(np_rng):
     cfg = dataclasses.replace(_moe_llama(), moe=MoEConfig(mode='sparse', group_size=4), num_layers=3)
     model = LlamaForCausalLM(cfg)
@@ -384,9 +438,14 @@ def test_config_validation():
         MoEConfig.from_dict({'capacity': 2})
     with pytest.raises(ValueError, match='nn.scan needs identical layers'):
         dataclasses.replace(_moe_llama(scan_layers=True), moe=MoEConfig(mode='sparse'))
+    with pytest.raises(ValueError, match="route_padding='yes'"):
+        MoEConfig(route_padding='yes')
     layer = MoEFFN(MoEConfig(mode='dense', group_size=4), 8, LoRAConfig())
     with pytest.raises(ValueError, match='group_size=4 does not divide the batch of 3'):
-        layer.init(jax.random.key(0), jnp.zeros((3, 2, 4)), None, False)
+        layer.init({'params': jax.random.key(0), 'moe': jax.random.key(1)}, jnp.zeros((3, 2, 4)), None, True)
+    # evaluation routes the largest divisor of the batch up to group_size: a batch of 3 routes one by one
+    variables = nn.unbox(layer.init(jax.random.key(0), jnp.zeros((3, 2, 4)), None, False))
+    assert layer.apply(variables, jnp.ones((3, 2, 4)), None, False).shape == (3, 2, 4)
 
 
 def test_stage_four_start_from_two_dense_stages(np_rng):

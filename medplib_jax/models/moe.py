@@ -8,6 +8,7 @@ combines with einsums over (group, expert, capacity) as in GShard / MaxText.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping
 
@@ -21,6 +22,12 @@ from medplib_jax.models.layers import constrain, torch_linear_init
 from medplib_jax.models.lora import LoRAConfig, projection
 
 MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
+# Which padding positions are routed (and count toward capacity and the aux loss means):
+# micro_batch: the reference's. It pads a micro-batch (a routing group) only to its own longest sequence and routes
+#   every position of that; length-bucket padding beyond the group's longest sequence is not routed, so a batch
+#   padded to a longer bucket routes exactly as the reference would.
+# all: every position, bucket padding included. none: no padding at all (real tokens only).
+ROUTE_PADDING = ('micro_batch', 'all', 'none')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +39,8 @@ class MoEConfig:
     capacity_factor: float = 1.5  # training
     eval_capacity_factor: float = 2.0  # evaluation: with 2 experts and top-1, nothing is dropped
     min_capacity: int = 0
-    group_size: int = 4  # sequences per routing group (the reference's stage-IV per-GPU micro-batch)
-    route_padding: bool = True  # reference: padding is routed and counts toward capacity
+    group_size: int = 4  # sequences per routing group in training (the reference's stage-IV per-GPU micro-batch)
+    route_padding: str = 'micro_batch'  # ROUTE_PADDING
     aux_loss_coef: float = 0.0  # stage-IV recipe; the reference's CLI default is 0.01
 
     def __post_init__(self):
@@ -46,6 +53,8 @@ class MoEConfig:
         if self.group_size < 1 or self.min_capacity < 0:
             raise ValueError(f'moe.group_size={self.group_size} must be >= 1, '
                              f'moe.min_capacity={self.min_capacity} >= 0')
+        if self.route_padding not in ROUTE_PADDING:
+            raise ValueError(f'moe.route_padding={self.route_padding!r}; known: {ROUTE_PADDING}')
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError('moe.capacity_factor and moe.eval_capacity_factor must be > 0')
 
@@ -195,14 +204,19 @@ class MoEFFN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, token_mask: jax.Array | None, train: bool,
                  noise: jax.Array | None = None) -> jax.Array:
-        """x (B, L, D); token_mask (B, L) or None; noise: optional explicit (B / group_size, group_size * L, E)
-        gate noise (else drawn from the 'moe' rng when the result depends on it)."""
+        """x (B, L, D); token_mask (B, L) or None (right padding: real tokens first); noise: optional explicit
+        (groups, group * L, E) gate noise (else drawn from the 'moe' rng when the result depends on it).
+
+        Routing groups: `moe.group_size` sequences in training; in evaluation the largest divisor of the batch up
+        to it (a batch of 1 decodes alone). With the evaluation capacity factor nothing is dropped (2 experts,
+        top-1, factor 2: capacity = the group's tokens), so the grouping then changes no output."""
         moe = self.moe
         b, length, d = x.shape
-        if b % moe.group_size:
+        group = moe.group_size if train else math.gcd(b, moe.group_size)
+        if b % group:
             raise ValueError(f'moe.group_size={moe.group_size} does not divide the batch of {b} sequences; set '
                              f'--config.model.moe.group_size to a divisor (routing groups are whole sequences)')
-        groups, s = b // moe.group_size, moe.group_size * length
+        groups, s = b // group, group * length
         xg = constrain(x.reshape(groups, s, d), ('activation_batch', 'activation_length', 'activation_embed'))
         logits = _Router(moe.num_experts, name='gate')(xg)
         cf = moe.capacity_factor if train else moe.eval_capacity_factor
@@ -211,9 +225,7 @@ class MoEFFN(nn.Module):
             key = self.make_rng('moe')
             shape = (groups, s, moe.num_experts)
             noise = jax.random.uniform(key, shape) if k == 1 else jax.random.gumbel(key, shape)
-        used = None
-        if not moe.route_padding:
-            used = (jnp.ones((b, length), bool) if token_mask is None else token_mask).reshape(groups, s)
+        used = None if token_mask is None else routed_positions(token_mask, group, moe.route_padding)
         gate_fn = lambda lg, nz, us: top_k_gating(lg, k=k, capacity_factor=cf, min_capacity=moe.min_capacity,
                                                   noise=nz, used_token=us)
         aux, combine, dispatch, counts = jax.vmap(gate_fn, in_axes=(0, None if noise is None else 0,
@@ -232,6 +244,19 @@ class MoEFFN(nn.Module):
         # to XLA unless read).
         self.sow('intermediates', 'moe_token_slots', dispatch.sum(axis=(-2, -1)).astype(jnp.int32).reshape(b, length))
         return y.reshape(b, length, d)
+
+
+def routed_positions(token_mask: jax.Array, group: int, route_padding: str) -> jax.Array | None:
+    """(B, L) token mask -> (B / group, group * L) positions to route (None: all of them), per ROUTE_PADDING."""
+    b, length = token_mask.shape
+    if route_padding == 'all':
+        return None
+    if route_padding == 'micro_batch':
+        ends = jnp.max(jnp.where(token_mask, jnp.arange(1, length + 1), 0), axis=-1)  # last real position + 1
+        longest = ends.reshape(b // group, group).max(axis=-1)
+        used = jnp.arange(length)[None, None, :] < longest[:, None, None]
+        return jnp.broadcast_to(used, (b // group, group, length)).reshape(b // group, group * length)
+    return token_mask.reshape(b // group, group * length)
 
 
 class _Router(nn.Module):
