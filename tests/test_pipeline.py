@@ -88,8 +88,8 @@ def test_round_trip_of_the_synthetic_set(synth):
                     sam_size=((4, 2), np.int32), image_size=((4, 2), np.int32),
                     region_grids=((4, 1, 24, 24), np.uint8), region_valid=((4, 1), bool),
                     seg_masks=((4, 1, 256, 256), np.uint8), seg_valid=((4, 1), bool), mask_size=((4, 2), np.int32),
-                    example_valid=((4,), bool), skip_reason=((4,), np.int32), dataset_index=((4,), np.int32),
-                    record_index=((4,), np.int32))
+                    example_valid=((4,), bool), skip_reason=((4,), np.int32), label_mismatch=((4,), bool),
+                    dataset_index=((4,), np.int32), record_index=((4,), np.int32))
     assert set(b) == set(expected)
     for key, (shape, dtype) in expected.items():
         assert b[key].dtype == dtype, key
@@ -546,6 +546,7 @@ def test_tokenization_mismatch_is_kept_with_labels_ignored(synth, tmp_path):
     (batch,), it = _all(cfg)
     assert batch['example_valid'][0] and sum(it.skipped.values()) == 0
     assert batch['token_mask'][0].sum() > 576 and (batch['labels'][0] == IGNORE_INDEX).all()
+    assert batch['label_mismatch'].tolist() == [True] and it.metrics()['data/label_mismatch'] == 1
     with pytest.raises(RecordError, match=r'mismatch\.json\[0\].*tokenization mismatch \(rounds 1 vs \d+ tokens\)'):
         _all(dataclasses.replace(cfg, strict=True))
 

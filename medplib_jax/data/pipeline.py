@@ -326,7 +326,8 @@ class Preprocessor:
                     sam_size=np.asarray(sam_size, np.int32), image_size=np.asarray((h, w), np.int32),
                     region_grids=grids, region_valid=region_valid, seg_masks=seg_masks,
                     seg_valid=np.arange(shapes.max_seg) < len(masks), mask_size=np.asarray(mask_size, np.int32),
-                    dataset_index=np.int32(element.dataset), record_index=np.int32(element.index))
+                    label_mismatch=np.bool_(bool(tok.label_mismatch)), dataset_index=np.int32(element.dataset),
+                    record_index=np.int32(element.index))
 
     def _image(self, rec: Record) -> tuple[np.ndarray, np.ndarray, tuple[int, int], tuple[int, int]]:
         """-> normalised CLIP (336, 336, 3) and SAM (256, 256, 3) inputs, SAM's (h', w'), original (H, W)."""
@@ -409,7 +410,8 @@ class Collator:
             region_valid=np.zeros((b, r), bool), seg_masks=np.zeros((b, s, c, c), np.uint8),
             seg_valid=np.zeros((b, s), bool), mask_size=np.zeros((b, 2), np.int32),
             example_valid=np.zeros((b,), bool), skip_reason=np.zeros((b,), np.int32),
-            dataset_index=np.full((b,), -1, np.int32), record_index=np.full((b,), -1, np.int32))
+            label_mismatch=np.zeros((b,), bool), dataset_index=np.full((b,), -1, np.int32),
+            record_index=np.full((b,), -1, np.int32))
         messages = []
         for i, row in enumerate(rows):
             if isinstance(row, dict):
@@ -417,7 +419,7 @@ class Collator:
                 out['input_ids'][i, :n], out['labels'][i, :n], out['token_mask'][i, :n] = \
                     row['input_ids'], row['labels'], True
                 for key in ('clip_pixels', 'sam_pixels', 'sam_size', 'image_size', 'region_grids', 'region_valid',
-                            'seg_masks', 'seg_valid', 'mask_size', 'dataset_index', 'record_index'):
+                            'seg_masks', 'seg_valid', 'mask_size', 'label_mismatch', 'dataset_index', 'record_index'):
                     out[key][i] = row[key]
                 out['example_valid'][i] = True
             elif isinstance(row, Skipped):
@@ -496,6 +498,7 @@ class DataIterator(grain.DatasetIterator):
         self._max_fraction, self._check_after = max_skip_fraction, check_after
         self.skipped = {r: 0 for r in REASONS}
         self.records_seen = 0
+        self.label_mismatches = 0  # kept rows whose labels are all ignored (the reference's tokenization mismatch)
         self.first_messages: dict[str, str] = {}  # the first message of each reason (diagnostics, not state)
 
     def __next__(self) -> dict[str, Any]:
@@ -507,6 +510,7 @@ class DataIterator(grain.DatasetIterator):
         for code in codes[codes > 0]:
             self.skipped[REASONS[code - 1]] += 1
         self.records_seen += int(np.asarray(batch['example_valid']).sum()) + int((codes > 0).sum())
+        self.label_mismatches += int(np.asarray(batch['label_mismatch']).sum())
         bad = sum(self.skipped.values())
         if self.records_seen >= self._check_after and bad > self._max_fraction * self.records_seen:
             top = max(self.skipped, key=self.skipped.get)
@@ -517,16 +521,20 @@ class DataIterator(grain.DatasetIterator):
         return batch
 
     def metrics(self) -> dict[str, int]:
-        """Running totals for the training log: `data/records_seen` and `data/skipped/<reason>` (this process)."""
-        return {'data/records_seen': self.records_seen, **{f'data/skipped/{r}': n for r, n in self.skipped.items()}}
+        """Running totals for the training log: `data/records_seen`, `data/skipped/<reason>` and
+        `data/label_mismatch` (kept rows that train nothing) (this process)."""
+        return {'data/records_seen': self.records_seen, **{f'data/skipped/{r}': n for r, n in self.skipped.items()},
+                'data/label_mismatch': self.label_mismatches}
 
     def get_state(self) -> dict[str, Any]:
-        return {'parent': self._parent.get_state(), 'skipped': dict(self.skipped), 'records_seen': self.records_seen}
+        return {'parent': self._parent.get_state(), 'skipped': dict(self.skipped), 'records_seen': self.records_seen,
+                'label_mismatches': self.label_mismatches}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state['parent'])
         self.skipped = {r: int(state['skipped'].get(r, 0)) for r in REASONS}
         self.records_seen = int(state['records_seen'])
+        self.label_mismatches = int(state.get('label_mismatches', 0))  # absent from states saved before it existed
 
 
 def skip_counts(skip_reason: np.ndarray) -> dict[str, int]:
