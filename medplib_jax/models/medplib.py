@@ -157,7 +157,22 @@ class MedPLIBForCausalLM(LlamaForCausalLM):
         Returns logits (B, T, V) fp32, hidden (B, T, D) final-norm states, and with `compute_masks`:
         seg_valid (B, S), mask_logits (B, S, 64, 64), iou (B, S) for the first S = max_seg `<SEG>` tokens.
         """
-        m = self.mcfg
+        embeds = self.embed_multimodal(input_ids, clip_pixels, region_grids)
+        logits, hidden = self(inputs_embeds=embeds, token_mask=token_mask, train=train)
+        out = {'logits': logits, 'hidden': hidden}
+        if compute_masks:
+            if sam_pixels is None:
+                raise ValueError('MedPLIB forward: compute_masks needs sam_pixels')
+            positions, valid = seg_positions(input_ids, self.mcfg.seg_token_id, self.mcfg.max_seg)
+            seg_hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (B, S, D)
+            masks, iou = self.seg_masks(seg_hidden, sam_pixels)
+            out.update(seg_valid=valid, mask_logits=masks, iou=iou)
+        return out
+
+    def embed_multimodal(self, input_ids: jax.Array, clip_pixels: jax.Array,
+                         region_grids: jax.Array | None = None) -> jax.Array:
+        """The LLM's input embeddings (B, T, D): token embeddings with the projected CLIP tokens at the image
+        placeholders and the region features at the region placeholders (training and decoding's prefill)."""
         image_tokens, raw_feats = self.model.encode_images(clip_pixels)
         regions = None
         if region_grids is not None and region_grids.shape[1] > 0:
@@ -166,17 +181,13 @@ class MedPLIBForCausalLM(LlamaForCausalLM):
         act = ('activation_batch', 'activation_length', 'activation_embed')
         image_tokens = constrain(image_tokens, act)
         regions = None if regions is None else constrain(regions, act)
-        embeds = constrain(merge_embeddings(self.model.embed(embeddable_ids(input_ids)), input_ids, image_tokens,
-                                            regions), act)
-        logits, hidden = self(inputs_embeds=embeds, token_mask=token_mask, train=train)
-        out = {'logits': logits, 'hidden': hidden}
-        if compute_masks:
-            if sam_pixels is None:
-                raise ValueError('MedPLIB forward: compute_masks needs sam_pixels')
-            positions, valid = seg_positions(input_ids, m.seg_token_id, m.max_seg)
-            seg_hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (B, S, D)
-            prompts = self.model.text_hidden_fcs(seg_hidden)
-            image_embeddings = jax.lax.stop_gradient(self.model.visual_model.embed_image(sam_pixels))
-            masks, iou = self.model.visual_model(image_embeddings, prompts)
-            out.update(seg_valid=valid, mask_logits=masks.astype(jnp.float32), iou=iou.astype(jnp.float32))
-        return out
+        return constrain(merge_embeddings(self.model.embed(embeddable_ids(input_ids)), input_ids, image_tokens,
+                                          regions), act)
+
+    def seg_masks(self, seg_hidden: jax.Array, sam_pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Final-norm states before `<SEG>` (B, S, D) + SAM inputs (B, 256, 256, 3) -> (64x64 mask logits
+        (B, S, 64, 64), IoU predictions (B, S)), fp32: T-projector, frozen SAM image encoder, mask decoder."""
+        prompts = self.model.text_hidden_fcs(seg_hidden)
+        image_embeddings = jax.lax.stop_gradient(self.model.visual_model.embed_image(sam_pixels))
+        masks, iou = self.model.visual_model(image_embeddings, prompts)
+        return masks.astype(jnp.float32), iou.astype(jnp.float32)
