@@ -2,3 +2,4 @@
 IGNORE_INDEX = -100  # label of an unsupervised position
 IMAGE_TOKEN_INDEX = -200  # one per image token slot (the reference has one per image, expanded in the model)
 REGION_TOKEN_INDEX = -300  # one between each <region> </region> pair
+MASK_THRESHOLD = 0.1  # sigmoid threshold of a predicted mask (the reference's, not 0.5; logit about -2.197)

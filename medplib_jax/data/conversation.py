@@ -34,6 +34,11 @@ from medplib_jax.data.tokenizer import MedPLIBTokenizer
 
 SYSTEM_LLAVA_V1 = ('A chat between a curious human and an artificial intelligence assistant. The assistant gives '
                    "helpful, detailed, and polite answers to the human's questions.")
+# The reference's evaluation (model/eval/vqa_infer.py) selects conv_templates['v1'], whose system text says "user"
+# where training's says "human" (facts 12.4): an option for reproducing its numbers, not the default.
+SYSTEM_VICUNA_V1 = ('A chat between a curious user and an artificial intelligence assistant. The assistant gives '
+                    "helpful, detailed, and polite answers to the user's questions.")
+SYSTEMS = {'train': SYSTEM_LLAVA_V1, 'reference_eval': SYSTEM_VICUNA_V1}
 ROLES = ('USER', 'ASSISTANT')
 SEP, SEP2 = ' ', '</s>'
 IMAGE_PREFIX = '<im_start><image><im_end>\n'
@@ -117,6 +122,21 @@ def _v1_labels(tokenizer: MedPLIBTokenizer, prompt: str, ids: list[int]) -> tupl
         labels[:] = IGNORE_INDEX
         return labels, (cur, total)
     return labels, None
+
+
+def prompt_ids(tokenizer: MedPLIBTokenizer, turns: Sequence[tuple[str, str]], question: str, *,
+               num_image_tokens: int, system: str = SYSTEM_LLAVA_V1) -> np.ndarray:
+    """The prompt a model answers: earlier (question, answer) turns, then `question` and `ASSISTANT:` (the
+    reference's `append_message(roles[1], None)`), ids as in training (the image placeholder repeated
+    `num_image_tokens` times). Built from the conversation itself, never by cutting a tokenised answer at its last
+    colon as the reference's vqa_infer.py does (which leaks answers holding a colon, facts 12.5)."""
+    turns = list(turns) + [(question, '')]
+    turns[0] = (with_image_prefix(turns[0][0]), turns[0][1])
+    ids = np.asarray(image_token_ids(tokenizer, build_prompt(turns, system=system)), np.int64)
+    if (ids == IMAGE_TOKEN_INDEX).sum() != 1:
+        raise ConversationError(f'prompt: expected exactly one <image>, found {int((ids == IMAGE_TOKEN_INDEX).sum())}')
+    repeat = np.where(ids == IMAGE_TOKEN_INDEX, num_image_tokens, 1)
+    return np.repeat(ids, repeat).astype(np.int32)
 
 
 def tokenize_conversation(tokenizer: MedPLIBTokenizer, turns: Sequence[tuple[str, str]], *, num_image_tokens: int,

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medplib_jax.constants import MASK_THRESHOLD  # the reference's sigmoid threshold (facts 9.1, 12.17)
+
 # ---------------------------------------------------------------------------------------------------------------
 # Answer normalisation (MedPLIB model/eval/glossary.py: normalize_word, itself LLaVA-Med's / the VQA challenge's)
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,9 +228,6 @@ def answer_kind(answer_type: str) -> str:
 # Segmentation (vqa_infer.py: validate_seg, calculate_iou)
 # ---------------------------------------------------------------------------------------------------------------
 
-# The reference's threshold on sigmoid(logits) (facts 9.1, 12.17). models/masks.py `binarize` uses the same value
-# in JAX; this module stays importable without JAX.
-MASK_THRESHOLD = 0.1
 
 
 def binarize_logits(logits: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:

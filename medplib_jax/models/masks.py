@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from medplib_jax.constants import MASK_THRESHOLD
+
 SAM_SIZE = 256
 LOW_RES = 64
 POSTPROCESS_MODES = ('reference', 'aligned')
@@ -96,6 +98,6 @@ def postprocess_masks(low_res: jax.Array, input_size: tuple[int, int], original_
     return out.reshape(lead + (h, w))
 
 
-def binarize(logits: jax.Array, threshold: float = 0.1) -> jax.Array:
+def binarize(logits: jax.Array, threshold: float = MASK_THRESHOLD) -> jax.Array:
     """The reference thresholds the sigmoid at 0.1 (logit about -2.197), not 0.5."""
     return jax.nn.sigmoid(logits) > threshold

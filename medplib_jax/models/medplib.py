@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from medplib_jax.config_fields import known_fields
+from medplib_jax.constants import MASK_THRESHOLD
 from medplib_jax.models.clip import CLIPVisionConfig, CLIPVisionTower, MultimodalProjector
 from medplib_jax.models.layers import constrain, dense, dtype_of, torch_linear_bias_init, torch_linear_init
 from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
@@ -41,13 +42,18 @@ class MedPLIBConfig:
     max_regions: int = 1
     max_region_points: int = 512
     postprocess: str = 'reference'  # or 'aligned' (see models/sam.py)
-    mask_threshold: float = 0.1
+    mask_threshold: float = MASK_THRESHOLD
 
     def __post_init__(self):
         if self.postprocess not in POSTPROCESS_MODES:
             raise ValueError(f'medplib.postprocess={self.postprocess!r}; known: {POSTPROCESS_MODES}')
         if self.max_seg < 1 or self.max_regions < 0:
             raise ValueError(f'medplib.max_seg={self.max_seg} must be >= 1, max_regions={self.max_regions} >= 0')
+
+    @property
+    def num_image_tokens(self) -> int:
+        """CLIP patch tokens per image (576 at 336 / 14)."""
+        return (self.vision.image_size // self.vision.patch_size) ** 2
 
     @classmethod
     def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'MedPLIBConfig':

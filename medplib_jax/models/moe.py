@@ -243,6 +243,8 @@ class MoEFFN(nn.Module):
         # Per token, how many of its k choices got a buffer slot: the keep / drop decisions themselves (dead code
         # to XLA unless read).
         self.sow('intermediates', 'moe_token_slots', dispatch.sum(axis=(-2, -1)).astype(jnp.int32).reshape(b, length))
+        # Per token, its first-choice expert (the one top-1 routing uses when the token is kept).
+        self.sow('intermediates', 'moe_token_expert', jnp.argmax(logits, axis=-1).astype(jnp.int32).reshape(b, length))
         return y.reshape(b, length, d)
 
 
@@ -279,7 +281,7 @@ def collect_moe_metrics(intermediates: Mapping[str, Any]) -> dict[str, jax.Array
 
     Returns `aux_loss` (sum over MoE layers: what the loss adds, times moe.aux_loss_coef),
     `aux_loss_per_layer` (L,), `expert_counts` (L, E), `drop_fraction` (L,), `token_slots` (L, B, T): kept
-    choices per token. Empty dict for a dense model.
+    choices per token, `token_expert` (L, B, T): each token's first-choice expert. Empty dict for a dense model.
     """
     per_name: dict[str, list[tuple[int, jax.Array]]] = {}
     for path, value in jax.tree_util.tree_flatten_with_path(
@@ -298,7 +300,7 @@ def collect_moe_metrics(intermediates: Mapping[str, Any]) -> dict[str, jax.Array
     stacked = {n: jnp.stack([v for _, v in sorted(items, key=lambda t: t[0])]) for n, items in per_name.items()}
     return {'aux_loss': stacked['moe_aux_loss'].sum(), 'aux_loss_per_layer': stacked['moe_aux_loss'],
             'expert_counts': stacked['moe_expert_counts'], 'drop_fraction': stacked['moe_drop_fraction'],
-            'token_slots': stacked['moe_token_slots']}
+            'token_slots': stacked['moe_token_slots'], 'token_expert': stacked['moe_token_expert']}
 
 
 def experts_from_dense(ffns: list[Mapping[str, Any]]) -> dict:

@@ -1,0 +1,95 @@
+"""The predict API on the tiny MoE MedPLIB, restored from a params directory as evaluators restore one: answers,
+the `<SEG>` mask at the original image size equal to the training path's mask for the same state, the routing of
+every generated token, and one-line errors for requests that do not fit."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.common import get_config
+from medplib_jax import checkpoint
+from medplib_jax.data.conversation import prompt_ids
+from medplib_jax.data.images import sam_preprocess
+from medplib_jax.data.regions import RegionPrompt
+from medplib_jax.infer.generate import generate
+from medplib_jax.infer.predict import PredictError, Predictor, Request
+from medplib_jax.models.masks import binarize, postprocess_masks
+from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
+
+SIZE = (300, 484)  # not square: the reference's crop quirk and the resize both matter
+
+
+@pytest.fixture(scope='module')
+def predictor(tmp_path_factory):
+    config = get_config('moe=dense')
+    mcfg = MedPLIBConfig.from_model_config(config.model)
+    model = MedPLIBForCausalLM(mcfg.llm, mcfg=mcfg)
+    ids = jnp.zeros((1, 600), jnp.int32).at[0, 10:586].set(-200)
+    params = nn.unbox(model.init(jax.random.key(0), ids, jnp.zeros((1, 336, 336, 3)), jnp.zeros((1, 256, 256, 3)),
+                                 jnp.zeros((1, 1, 24, 24), jnp.uint8), method=MedPLIBForCausalLM.forward))['params']
+    path = checkpoint.save_params(str(tmp_path_factory.mktemp('ckpt') / 'params'), params,
+                                  {'config': config.to_dict(), 'stage': 'IV'})
+    return Predictor.from_params_dir(path, max_new_tokens=6)
+
+
+@pytest.fixture
+def image(np_rng):
+    return np_rng.integers(0, 256, size=SIZE + (3,), dtype=np.uint8)
+
+
+def test_answers_masks_and_routing(predictor, image):
+    p = predictor.predict(image, 'What is shown?', routing=True)
+    assert isinstance(p.text, str) and 1 <= len(p.tokens) <= 6 and not p.has_seg and p.mask is None
+    moe_layers = len(predictor.mcfg.llm.moe_layers)
+    assert p.routing.shape == (moe_layers, len(p.tokens))
+    assert set(np.unique(p.routing)) <= {0, 1}  # evaluation capacity factor 2: no token dropped
+    always = predictor.predict(image, 'What is shown?', mask='always')  # the reference's fallback state
+    assert always.tokens == p.tokens and always.mask.shape == SIZE and always.mask.dtype == bool
+    assert always.mask_logits.shape == SIZE and np.isfinite(always.mask_logits).all()
+
+
+def test_grounding_mask_equals_the_training_paths_mask(predictor, image):
+    """`<SEG>` forced by teacher forcing: the training forward over prompt + `<SEG>` gives the mask of the state
+    before `<SEG>` (the prompt's last); decoding whose first token is treated as `<SEG>` yields that same state,
+    and the predict path's mask at the original size equals the training path's."""
+    mcfg, tok = predictor.mcfg, predictor.tokenizer
+    ids = prompt_ids(tok, [], 'Please segment the lesion.', num_image_tokens=mcfg.num_image_tokens)
+    inputs = predictor._inputs(Request(image, 'Please segment the lesion.'))
+    np.testing.assert_array_equal(inputs['ids'], ids)
+    sam, sam_size = sam_preprocess(image)
+    clip = jnp.asarray(inputs['clip'])[None]
+    forced = jnp.asarray(np.append(ids, mcfg.seg_token_id))[None]
+    train = predictor.model.apply({'params': predictor.params}, forced, clip, jnp.asarray(sam)[None],
+                                  jnp.asarray(inputs['grids'])[None], method=MedPLIBForCausalLM.forward)
+    assert bool(train['seg_valid'][0, 0])
+    want = np.asarray(postprocess_masks(train['mask_logits'][0, 0], sam_size, SIZE, mcfg.postprocess))
+
+    first = generate(predictor.model, predictor.params, {'input_ids': jnp.asarray(ids)[None],
+                                                          'token_mask': jnp.ones((1, len(ids)), bool),
+                                                          'clip_pixels': clip,
+                                                          'region_grids': jnp.asarray(inputs['grids'])[None]},
+                     max_new_tokens=3, eos_id=-1)
+    token0 = int(first['tokens'][0, 0])
+    out = generate(predictor.model, predictor.params, {'input_ids': jnp.asarray(ids)[None],
+                                                        'token_mask': jnp.ones((1, len(ids)), bool),
+                                                        'clip_pixels': clip,
+                                                        'region_grids': jnp.asarray(inputs['grids'])[None]},
+                   max_new_tokens=3, eos_id=-1, seg_id=token0)
+    got = predictor.mask_logits(np.asarray(out['seg_hidden'][0]), sam, sam_size, SIZE)
+    assert got.shape == SIZE
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+    np.testing.assert_array_equal(np.asarray(binarize(got)), np.asarray(binarize(want)))
+
+
+def test_requests_that_do_not_fit_are_one_line_errors(predictor, image):
+    with pytest.raises(PredictError, match='marks 1 regions with <region></region> but 0 region prompts'):
+        predictor.predict(image, 'What is at <region></region>?')
+    with pytest.raises(PredictError, match=r'predict: region point \(900, 10\)'):
+        predictor.predict(image, 'What is at <region></region>?', [RegionPrompt('point', (900, 10))])
+    with pytest.raises(PredictError, match=r'\(H, W, 3\) uint8'):
+        predictor.predict(image[..., 0], 'What is shown?')
+    with pytest.raises(FileNotFoundError, match='no parameters here'):
+        Predictor.from_params_dir('/nonexistent/run')
+    region = predictor.predict(image, 'What is at <region></region>?', [RegionPrompt('box', (40, 30, 200, 150))])
+    assert isinstance(region.text, str)
