@@ -30,7 +30,7 @@ def _panel(image: np.ndarray) -> Image.Image:
     return canvas
 
 
-def _tint(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.45) -> np.ndarray:
+def tint(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.45) -> np.ndarray:
     out = image.astype(np.float32)
     out[mask > 0] = (1 - alpha) * out[mask > 0] + alpha * np.float32(colour)
     return out.astype(np.uint8)
@@ -72,15 +72,15 @@ def render_batch(batch: Mapping[str, np.ndarray], tokenizer: MedPLIBTokenizer, p
         cell = CLIP_SIZE // GRID
         for k in np.nonzero(batch['region_valid'][i])[0]:
             grid = np.kron(batch['region_grids'][i, k], np.ones((cell, cell), np.uint8))
-            image = _tint(image, grid, (0, 220, 0))
+            image = tint(image, grid, (0, 220, 0))
         sheet.paste(_panel(image), (8, y))
         h, w = (int(v) for v in batch['mask_size'][i])
         for k in np.nonzero(batch['seg_valid'][i])[0]:
-            sheet.paste(_panel(_tint(np.full((h, w, 3), 40, np.uint8), batch['seg_masks'][i, k, :h, :w],
+            sheet.paste(_panel(tint(np.full((h, w, 3), 40, np.uint8), batch['seg_masks'][i, k, :h, :w],
                                      (230, 40, 40), 1.0)), (16 + PANEL, y))
         pred = predicted[i] if predicted is not None else None
         if pred is not None:
-            sheet.paste(_panel(_tint(np.full(pred.shape + (3,), 40, np.uint8), pred, (60, 110, 250), 1.0)),
+            sheet.paste(_panel(tint(np.full(pred.shape + (3,), 40, np.uint8), pred, (60, 110, 250), 1.0)),
                         (24 + 2 * PANEL, y))
         question, answer = row_text(tokenizer, *(np.asarray(batch[k][i]) for k in ('input_ids', 'labels',
                                                                                   'token_mask')))
