@@ -62,6 +62,24 @@ class Prediction:
     routing: np.ndarray | None = None
 
 
+def params_config(path: str) -> dict[str, Any]:
+    """The config a params directory was written with (its JSON's `config`), as the parameters are: a hand-off
+    (`final_params`, `medplib-jax export`; `merged_lora` in the JSON) has its LoRA folded into the kernels, so its
+    model has no adapters (`model.lora.rank` 0) whatever rank the run trained with."""
+    meta_path = path + '.json'
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        config = dict(meta['config'])
+        config['model'] = dict(config['model'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FileNotFoundError(f'{meta_path}: the params directory\'s metadata with its config is missing or '
+                                f'unreadable ({type(e).__name__}: {e})') from None
+    if meta.get('merged_lora'):
+        config['model']['lora'] = {**dict(config['model'].get('lora') or {}), 'rank': 0}
+    return config
+
+
 class PredictError(ValueError):
     """A request that cannot be answered (bad image, regions that do not fit the question); one line."""
 
@@ -93,13 +111,7 @@ class Predictor:
         onto this machine's first device."""
         from medplib_jax import checkpoint
         path = checkpoint.resolve_params_dir(path, 'predict')
-        meta_path = path + '.json'
-        try:
-            with open(meta_path) as f:
-                config = json.load(f)['config']
-        except (OSError, ValueError, KeyError) as e:
-            raise FileNotFoundError(f'{meta_path}: the params directory\'s metadata with its config is missing or '
-                                    f'unreadable ({type(e).__name__}: {e})') from None
+        config = params_config(path)
         mcfg = MedPLIBConfig.from_model_config(config['model'])
         if tokenizer is None:
             source = config.get('data', {}).get('tokenizer', 'tiny')
