@@ -126,8 +126,12 @@ def test_stage4_start_reproduces_stage2_and_stage3_models(env, tmp_path, np_rng)
 
     out = {e: _forward(model4, params4, host, forced(e)) for e in (0, 1)}
     ref2, ref3 = _forward(dense, stage2, host), _forward(dense, stage3, host)
-    _close(out[1]['logits'], ref2['logits'], 'expert 1 vs stage II logits')
-    _close(out[0]['logits'], ref3['logits'], 'expert 0 vs stage III logits')
+    # Real tokens only: the reference does not route bucket padding (route_padding='micro_batch'), so the MoE
+    # model's FFN adds nothing there while the dense model's does; no loss reads those positions.
+    real = np.asarray(host['token_mask'], bool)
+    assert 0 < real.sum() < real.size
+    _close(out[1]['logits'][real], ref2['logits'][real], 'expert 1 vs stage II logits')
+    _close(out[0]['logits'][real], ref3['logits'][real], 'expert 0 vs stage III logits')
     for key in ('mask_logits', 'iou'):  # mask decoder and T-projector came from stage III
         _close(out[0][key], ref3[key], f'expert 0 vs stage III {key}')
     assert not np.allclose(ref2['logits'], ref3['logits'], atol=1e-3)  # the two experts really differ
