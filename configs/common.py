@@ -13,6 +13,7 @@ import ml_collections as mlc
 from medplib_jax.checkpoint import CheckpointConfig
 from medplib_jax.data.pipeline import DataConfig
 from medplib_jax.data.synthetic import FILES as DEMO_FILES  # the synthetic set's files by kind
+from medplib_jax.eval.evaluators import EvalSettings
 from medplib_jax.models.lora import LoRAConfig
 from medplib_jax.models.medplib import MedPLIBConfig
 from medplib_jax.models.moe import MoEConfig
@@ -323,3 +324,32 @@ def held_out(files: dict[str, str] | tuple[str, ...], demo: bool, max_batches: i
     return mlc.ConfigDict(dict(kind='held_out_loss', max_batches=max_batches,
                                datasets=mlc.ConfigDict({k: dataset(v) for k, v in files.items()})))
 
+
+
+# The paper's evaluators (medplib_jax/eval/evaluators.py) over the reference's test files (facts 8.1: the
+# `_rand200` / `_rand500` subsets exist too) or the synthetic set's test split (`make-demo-data`).
+PAPER_EVAL_FILES = {
+    'mecovqa': {'omnimedvqa': 'OmniMedVQA_OA.json', 'mecovqa_c': 'MeCoVQA_Complex_VQA_test.json',
+                'mecovqa_r': 'MeCoVQA_Region_VQA_test.json', 'mecovqa_g': 'MeCoVQA_Grounding_test.json'},
+    'demo': {'omnimedvqa': DEMO_FILES['closed'].format(split='test'),
+             'mecovqa_c': DEMO_FILES['complex'].format(split='test'),
+             'mecovqa_r': DEMO_FILES['region'].format(split='test'),
+             'mecovqa_g': DEMO_FILES['grounding'].format(split='test')},
+}
+
+
+def evaluator(kind: str, path: str, **settings) -> mlc.ConfigDict:
+    """One of the paper's evaluators over one records file, every EvalSettings field present (so each can be
+    overridden: `--config.evals.mecovqa_g.max_records=100`)."""
+    cfg = _fields(EvalSettings, **settings)
+    cfg.kind = kind
+    cfg.datasets = mlc.ConfigDict({kind: dataset(path)})
+    return cfg
+
+
+def paper_evals(preset: str = 'demo', **settings) -> mlc.ConfigDict:
+    """Table 1's and Table 2's evaluators by name (omnimedvqa, mecovqa_c, mecovqa_r, mecovqa_g) over the
+    `mecovqa` test files or the synthetic `demo` ones; `settings` go to each (e.g. max_records=200)."""
+    if preset not in PAPER_EVAL_FILES:
+        raise ValueError(f'config arg data={preset!r}: known: {", ".join(PAPER_EVAL_FILES)}')
+    return mlc.ConfigDict({kind: evaluator(kind, path, **settings) for kind, path in PAPER_EVAL_FILES[preset].items()})

@@ -4,7 +4,8 @@ Only the mlp2x_gelu projector trains, on image-caption pairs with LLaVA's `plain
 newline), lr 1e-3, 1 epoch, global batch 128 (the stage-II script's projector path says bs128). The reference used
 LLaVA-Med's `llava_med_alignment_500k`; `model=tiny` uses the synthetic set's complex-VQA answers as captions.
 Start (LLaVA-1.5's pre-training): Vicuna-7B-v1.5 with CLIP and SAM-Med2D, converted to an Orbax params directory
-(`{runs}/vicuna-7b-v1.5` by default), and a fresh projector; random for `model=tiny`.
+(`{runs}/vicuna-7b-v1.5` by default, `medplib-jax convert llama`), and a fresh projector (the region adapter and
+T-projector, in no converted checkpoint, start fresh too); random for `model=tiny`.
 
     medplib-jax train --config=configs/stage1.py --workdir=runs/stage1 --config.data.root=/data/llava_med
 """
@@ -22,7 +23,10 @@ def get_config(arg=None):
     cfg.train.weights = dict(ce=1.0, bce=0.0, dice=0.0, iou=0.0, focal=0.0)  # captions only
     # The first stage starts from converted weights (an Orbax params directory) or, for tests, random.
     if not (tiny or a.init == 'random'):
+        # `medplib-jax convert llama --src vicuna-7b-v1.5 --clip ... --sam-med2d ...` writes it (README).
         cfg.train.init.params = '{runs}/vicuna-7b-v1.5'
-        cfg.train.init.fresh = (TRAINABLE['projector'],)  # LLaVA's pre-training starts the projector anew
+        # LLaVA's pre-training starts the projector anew; the region adapter and T-projector, which no converted
+        # checkpoint has, start at their initialisation (stage I does not train them).
+        cfg.train.init.fresh = (TRAINABLE['projector'], TRAINABLE['region_fea_adapter'], TRAINABLE['text_hidden_fcs'])
     cfg.train.log_every = 10 if tiny else 50
     return apply_hw(cfg, a.hw, a.remat)  # hw= preset: mesh, micro-batch, remat (configs/common.py)

@@ -6,8 +6,9 @@ lm_head, embed_tokens, both layer norms of every layer, the projector. Not train
 final norm, the region adapter (facts 12.6), the mask decoder and T-projector (no masks in its data).
 Loss weights ce 1, bce 1, dice 5 (iou 2 / focal 2 are defaults with nothing to act on).
 Start (facts 4.1): LLaVA-v1.5-7B (its LLM and CLIP, with SAM-Med2D) converted to an Orbax params directory
-(`{runs}/llava-v1.5-7b`), with the projector of stage I (the reference's --pretrain_mm_mlp_adapter). `model=tiny`
-starts from the whole stage-I run (there is no tiny LLaVA).
+(`{runs}/llava-v1.5-7b`, `medplib-jax convert llama`), with the projector of stage I (the reference's
+--pretrain_mm_mlp_adapter) and a fresh region adapter and T-projector. `model=tiny` starts from the whole stage-I
+run (there is no tiny LLaVA).
 """
 from configs.common import LORA, TRAINABLE, apply_hw, held_out, lora_config, stage_config
 
@@ -27,8 +28,11 @@ def get_config(arg=None):
     cfg.train.weights = dict(ce=1.0, bce=1.0, dice=5.0, iou=2.0, focal=2.0)
     if a.init != 'random':
         cfg.train.init.params = '{runs}/stage1' if tiny else '{runs}/llava-v1.5-7b'
-        if not tiny:
+        if not tiny:  # `medplib-jax convert llama --src llava-v1.5-7b --clip ... --sam-med2d ...` (README)
             cfg.train.init.load = (f'{TRAINABLE["projector"]}={{runs}}/stage1',)
+            # Not in LLaVA-v1.5-7B: the reference starts both fresh here (the region adapter from HF's missing-weight
+            # init, the T-projector re-created: facts 7.1, 12.6).
+            cfg.train.init.fresh = (TRAINABLE['region_fea_adapter'], TRAINABLE['text_hidden_fcs'])
     cfg.train.eval_every = 0 if tiny else 400
     cfg.train.log_every = 10 if tiny else 50
     # The reference runs --no_eval; its validation file is MeCoVQA_Complex_VQA_test_rand200.json.

@@ -12,28 +12,51 @@ import configs
 
 _CONFIGS = os.path.dirname(configs.__file__)
 # The demo's default is its own multi-stage config; every other command starts from the base config.
-_DEFAULT_CONFIG = {'demo': os.path.join(_CONFIGS, 'demo.py')}
+# `convert` reads the architecture from the checkpoint where it can; CLIP / SAM-Med2D sizes default to the 7B's.
+_DEFAULT_CONFIG = {'demo': os.path.join(_CONFIGS, 'demo.py'),
+                   'convert': os.path.join(_CONFIGS, 'common.py') + ':model=7b'}
 _BASE_CONFIG = os.path.join(_CONFIGS, 'common.py')
 
 # Commands that later issues fill in; each names where it will come from.
 _PENDING = {
     'eval': 'evaluation (OmniMedVQA, MeCoVQA-C/R/G metrics) is not implemented yet',
-    'chat': 'interactive inference (VQA, region prompts, grounding) is not implemented yet',
-    'convert': 'checkpoint conversion to Orbax is not implemented yet; the HF key tables are in '
-               'medplib_jax.convert (llama, clip)',
 }
 # command -> its positional arguments
 ARGS = {'demo': (), 'train': (), 'sweep': (), 'export': (), 'compile-check': (), 'make-demo-data': ('OUT',),
-        'check-data': (), 'build-image-cache': (), 'to-array-record': ('SRC', 'DST')}
+        'check-data': (), 'build-image-cache': (), 'to-array-record': ('SRC', 'DST'), 'convert': ('PART',),
+        'chat': ('[QUESTION]',), 'serve': ()}  # [X]: optional
+CONVERT_PARTS = ('medplib', 'llama', 'clip', 'sam-med2d')
 COMMANDS = (*ARGS, *_PENDING)
 flags.DEFINE_integer('num_images', 60, 'make-demo-data: number of synthetic images (each gives 6 records)')
 flags.DEFINE_string('picture', '', 'check-data: draw the first batch to this PNG')
 flags.DEFINE_string('workdir', '', 'train / sweep / demo: the run directory (logs, TensorBoard, final params)')
 flags.DEFINE_bool('print-launch', False, 'sweep: print one launch line per point instead of running them')
 flags.DEFINE_list('points', [], 'sweep: run only these points (names from the config\'s sweep())')
-flags.DEFINE_string('out', '', 'export: the params directory to write')
+flags.DEFINE_string('out', '', 'export / convert: the params directory to write; chat: the overlay PNG (default '
+                    '<image name>_overlay.png in the current directory)')
+flags.DEFINE_string('src', '', 'convert: the checkpoint to convert (an HF directory; sam-med2d: the .pth file)')
+flags.DEFINE_string('sam-med2d', '', 'convert medplib / llama: sam-med2d_b.pth (medplib: only for what the '
+                    'directory lacks; llama: adds SAM-Med2D to the stage starting point)')
+flags.DEFINE_string('clip', '', 'convert llama: an HF CLIP directory to add (openai/clip-vit-large-patch14-336)')
 flags.DEFINE_string('dtype', '', 'export: cast floating parameters to this dtype (e.g. bfloat16; default: as saved)')
 flags.DEFINE_integer('step', 0, 'export: the checkpoint step (default: the latest)')
+# chat / serve (medplib_jax/chat.py, serve.py)
+flags.DEFINE_string('checkpoint', '', 'chat / serve: a run directory (its final_params) or a params directory')
+flags.DEFINE_string('image', '', 'chat: PNG, JPEG, DICOM (.dcm) or NIfTI (.nii, .nii.gz) image to ask about')
+flags.DEFINE_string('point', None, 'chat: region prompt x,y (pixels; a 41x41 square as the reference demo draws)')
+flags.DEFINE_string('box', None, 'chat: region prompt x0,y0,x1,y1 (inclusive pixel corners)')
+flags.DEFINE_string('mask', None, 'chat: region prompt, a mask PNG of the image\'s size (non-zero = inside)')
+flags.DEFINE_integer('slice', None, 'chat: NIfTI slice along the last axis (default: the middle one)')
+flags.DEFINE_string('window', None, 'chat: DICOM window centre,width (default: the file\'s, else a preset)')
+flags.DEFINE_bool('routing', False, 'chat: print each answer token\'s expert per MoE layer')
+flags.DEFINE_enum('mask_mode', 'auto', ['auto', 'always', 'never'], 'chat / serve: a mask when the answer holds '
+                  '<SEG> (auto), always (the reference evaluation\'s fallback state without one) or never')
+flags.DEFINE_integer('max_new_tokens', None, 'chat / serve: answer length limit (default: the predict API\'s, 512)')
+flags.DEFINE_float('temperature', None, 'chat / serve: sampling temperature (chat default 0: greedy; serve: the '
+                   'reference demo\'s 0.2)')
+flags.DEFINE_integer('port', 7860, 'serve: the localhost port')
+flags.DEFINE_integer('shortest_edge', None, 'serve: resize uploads to this shortest edge first (default 336, as '
+                     'the reference demo; 0 keeps the upload\'s size)')
 flags.DEFINE_string('topology', '', 'compile-check: a TPU topology (v5p-64, v5p-256, v4-128, ...) or gpu:8xH100')
 # Multi-host (medplib_jax/distributed.py, launch/): TPU pods, SLURM and mpirun are detected; the flags are for an
 # explicit cluster. Every process runs the same command line.
@@ -51,7 +74,8 @@ flags.DEFINE_list('local_device_ids', [], 'multi-host: the local devices this pr
 def _main(argv: list[str]) -> int:
     command = argv[1] if len(argv) > 1 else None
     args = argv[2:]
-    if command not in COMMANDS or len(args) != len(ARGS.get(command, ())):
+    wanted = ARGS.get(command, ())
+    if command not in COMMANDS or not len([a for a in wanted if a[0] != '[']) <= len(args) <= len(wanted):
         got = ' '.join(argv[1:]) or 'nothing'
         usage = ', '.join(' '.join((c, *a)) for c, a in ARGS.items())
         raise app.UsageError(f'expected one command of {", ".join(COMMANDS)} ({usage}); got {got}')
@@ -69,12 +93,14 @@ def _main(argv: list[str]) -> int:
         except ValueError as e:  # a bad multi-host flag: one line naming it
             print(f'medplib-jax {command}: {e}', file=sys.stderr)
             return 2
+    from medplib_jax.convert.common import MissingExtraError
     from medplib_jax.data.pipeline import TooManySkipsError
     from medplib_jax.train.loop import TrainingError
     config = flags.FLAGS.config
     try:
         _run(command, args, config)
-    except (ValueError, FileNotFoundError, FileExistsError, TooManySkipsError, TrainingError) as e:  # bad config or data: one line
+    except (ValueError, FileNotFoundError, FileExistsError, TooManySkipsError, TrainingError,
+            MissingExtraError) as e:  # bad config or data: one line
         if os.environ.get('MEDPLIB_DEBUG'):  # MEDPLIB_DEBUG=1 for the traceback
             raise
         print(f'medplib-jax {command}: {str(e).splitlines()[0]}', file=sys.stderr)
@@ -124,6 +150,10 @@ def _run(command: str, args: list[str], config) -> None:
             raise ValueError('compile-check: set --topology= (v5p-64, v5p-256, v4-128, ... or gpu:8xH100)')
         if not run_compile_check(flags.FLAGS['config'].config_filename, config, flags.FLAGS.topology):
             raise SystemExit(1)
+    elif command == 'convert':
+        _convert(args[0], config)
+    elif command in ('chat', 'serve'):
+        _chat_or_serve(command, args)
     elif command == 'to-array-record':
         from medplib_jax.data.pipeline import write_array_record
         print(f'{args[1]}: {write_array_record(*args)} records')
@@ -132,6 +162,47 @@ def _run(command: str, args: list[str], config) -> None:
         if 'stages' not in config or 'demo' not in config:
             raise ValueError('demo: --config must be a multi-stage demo config such as configs/demo.py')
         run_demo(config, flags.FLAGS.workdir)
+
+
+def _convert(part: str, config) -> None:
+    """`medplib-jax convert PART --src=... --out=...` (medplib_jax/convert/release.py, parts.py)."""
+    F = flags.FLAGS
+    if part not in CONVERT_PARTS:
+        raise ValueError(f'convert: PART must be one of {", ".join(CONVERT_PARTS)}; got {part!r}')
+    if not (F.src and F.out):
+        raise ValueError(f'convert {part}: set --src=CHECKPOINT and --out=DIR (the params directory to write)')
+    sam, clip = F['sam-med2d'].value, F.clip
+    if (sam and part not in ('medplib', 'llama')) or (clip and part != 'llama'):
+        raise ValueError(f'convert {part}: --sam-med2d goes with medplib / llama, --clip with llama')
+    explicit = set(F['config'].override_values)  # --config.* flags: must agree with the checkpoint's config.json
+    if part == 'medplib':
+        from medplib_jax.convert.release import convert_release
+        convert_release(F.src, F.out, config, sam_med2d=sam or None, explicit=explicit)
+    elif part == 'llama':
+        from medplib_jax.convert.parts import convert_llama
+        convert_llama(F.src, F.out, config, clip=clip or None, sam_med2d=sam or None, explicit=explicit)
+    elif part == 'clip':
+        from medplib_jax.convert.parts import convert_clip
+        convert_clip(F.src, F.out, config, explicit=explicit)
+    else:
+        from medplib_jax.convert.parts import convert_sam_med2d
+        convert_sam_med2d(F.src, F.out, config)
+
+
+def _chat_or_serve(command: str, args: list[str]) -> None:
+    """`medplib-jax chat --checkpoint=DIR --image=FILE [QUESTION]` (medplib_jax/chat.py) and `medplib-jax serve
+    --checkpoint=DIR [--port=7860]` (medplib_jax/serve.py)."""
+    F = flags.FLAGS
+    options = dict(mask_mode=F.mask_mode, max_new_tokens=F.max_new_tokens, temperature=F.temperature)
+    if command == 'chat':
+        from medplib_jax.chat import run_chat
+        status = run_chat(F.checkpoint, F.image, args[0] if args else None, point=F.point, box=F.box, mask=F.mask,
+                          slice_index=F.slice, window=F.window, out=F.out or None, routing=F.routing, **options)
+        if status:
+            raise SystemExit(status)
+    else:
+        from medplib_jax.serve import serve
+        serve(F.checkpoint, port=F.port, shortest_edge=F.shortest_edge, **options)
 
 
 def _define_config_flag(argv: list[str]) -> None:

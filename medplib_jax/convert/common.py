@@ -4,6 +4,7 @@ Templates use `{i}`-style placeholders for integers, e.g.
 `('model.layers.{i}.self_attn.q_proj.weight', 'model/layers_{i}/self_attn/q_proj/kernel', LINEAR)`.
 The same table runs both ways (HF -> ours, ours -> HF). Every source key must match a rule or an explicit
 ignore pattern and every expected parameter must be filled, else one error lists all missing and unexpected keys.
+A target may end in `[{e}]`: the source tensor is entry e of a stacked leading axis (MoE experts, `locate`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class Layout:
     name: str
     forward: Callable[[np.ndarray], np.ndarray]
     inverse: Callable[[np.ndarray], np.ndarray]
+
+    def shape(self, source_shape: Sequence[int]) -> tuple[int, ...]:
+        """The converted shape of a source tensor of `source_shape`, without allocating it (a zero-stride view)."""
+        return tuple(self.forward(np.broadcast_to(np.zeros((), np.int8), tuple(source_shape))).shape)
 
 
 IDENTITY = Layout('identity', lambda x: x, lambda x: x)
@@ -69,6 +74,22 @@ class KeyTable:
                 return target.format(**m.groupdict()), layout
         return None
 
+    def locate(self, key: str) -> tuple[str, tuple[int, ...], Layout] | None:
+        """Source key -> (our path, index into its stacked leading axes, layout), or None when no rule matches."""
+        hit = self._match(key, 'to_ours')
+        if hit is None:
+            return None
+        target, layout = hit
+        path, index = _split_index(target)
+        return path, index, layout
+
+    def source_key(self, path: str, index: tuple[int, ...] = ()) -> tuple[str, Layout] | None:
+        """Our path (+ stacked index) -> (source key, layout), or None when no rule names it."""
+        return self._match(path + ''.join(f'[{i}]' for i in index), 'to_source')
+
+    def ignored(self, key: str) -> bool:
+        return any(re.search(p, key) for p in self.ignore)
+
     def to_ours(self, state_dict: Mapping[str, Any], expected: Mapping[str, Any], *, source: str = 'checkpoint',
                 dtype: Any = None) -> dict:
         """Source flat dict -> our nested param tree. `expected`: our (abstract) param tree giving the shapes."""
@@ -78,7 +99,7 @@ class KeyTable:
         for key, value in state_dict.items():
             hit = self._match(key, 'to_ours')
             if hit is None:
-                if not any(re.search(p, key) for p in self.ignore):
+                if not self.ignored(key):
                     unexpected.append(key)
                 continue
             path, layout = hit
@@ -109,6 +130,19 @@ class KeyTable:
         if unmapped:
             raise ConversionError(f'params: {len(unmapped)} parameters have no source key: {unmapped}')
         return out
+
+
+def _split_index(target: str) -> tuple[str, tuple[int, ...]]:
+    m = re.fullmatch(r'(.*?)((?:\[\d+\])*)', target)
+    return m.group(1), tuple(int(i) for i in re.findall(r'\[(\d+)\]', m.group(2)))
+
+
+def prefixed(table: KeyTable, source_prefix: str, path_prefix: str) -> KeyTable:
+    """`table` for a component nested in a bigger checkpoint: every source key under `source_prefix`, every path
+    under `path_prefix` (e.g. the CLIP tower inside MedPLIB: `model.vision_tower.vision_tower.vision_model.` ->
+    `model/vision_tower/`)."""
+    return KeyTable(rules=[(source_prefix + src, path_prefix + dst, layout) for src, dst, layout in table.rules],
+                    ignore=table.ignore)
 
 
 def _report(source: str, missing: list[str], unexpected: list[str], shape_errors: list[str]) -> str:
@@ -169,12 +203,25 @@ def _checkpoint_files(directory: str) -> list[str]:
     raise FileNotFoundError(f'{directory}: no model.safetensors, pytorch_model.bin or shard index found')
 
 
-def _load_torch_file(f: str, wanted: set[str] | None) -> dict[str, np.ndarray]:
+CONVERT_EXTRA = 'pip install "medplib-jax[convert]"'
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def require_torch(what: str) -> Any:
+    """torch, imported only when a PyTorch file is read; without it one line naming the `convert` extra."""
     try:
         import torch
-    except ImportError as e:  # torch is only a test extra
-        raise ImportError(f'{f}: reading PyTorch .bin checkpoints needs torch (pip install torch==2.13.0), '
-                          f'or convert it to safetensors first') from e
+    except ImportError:
+        raise MissingExtraError(f'{what}: reading PyTorch .bin / .pth checkpoints needs torch: {CONVERT_EXTRA} '
+                                f'(torch==2.13.0, the CPU build)') from None
+    return torch
+
+
+def _load_torch_file(f: str, wanted: set[str] | None) -> dict[str, np.ndarray]:
+    torch = require_torch(f)
     import ml_dtypes
     sd = torch.load(f, map_location='cpu', weights_only=True)
     if 'model' in sd and isinstance(sd['model'], Mapping):  # e.g. sam-med2d_b.pth: {'model': state_dict}
