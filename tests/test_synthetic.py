@@ -11,7 +11,7 @@ from medplib_jax.data.conversation import tokenize_conversation
 from medplib_jax.data.images import load_image, load_mask
 from medplib_jax.data.records import read_records
 from medplib_jax.data.regions import regions_to_grids
-from medplib_jax.data.synthetic import FILES, make_demo_data
+from medplib_jax.data.synthetic import CLASS_IDS, FILES, LOOKS, MODALITIES, MODALITY_OPTIONS, make_demo_data
 from medplib_jax.data.tokenizer import tiny_tokenizer
 
 
@@ -41,7 +41,11 @@ def test_generated_set_parses_with_zero_errors_and_is_usable(tmp_path):
             assert out.label_mismatch is None and (out.labels != IGNORE_INDEX).any()
     assert kinds == {'vqa', 'region', 'grounding'}
     closed = read_records(str(tmp_path / FILES['closed'].format(split='train')), str(tmp_path))[0]
-    assert closed and all(r.options == ('yes', 'no') and r.answer_type == 'closed' for r in closed)
+    assert closed and all(sorted(r.options) == sorted(MODALITY_OPTIONS) and r.answer_type == 'closed'
+                          for r in closed)
+    for r in closed:  # the answer is the image's modality, named among the options in the question
+        assert r.turns[0][1] == MODALITY_OPTIONS[list(MODALITIES).index(r.modality_type.replace('-', '_'))]
+        assert f'Options: {", ".join(r.options)}' in r.turns[0][0]
     assert modalities == {'ct', 'mr', 'x', 'dermoscopy'}
     assert all(name.format(split='train') in counts for name in FILES.values())
 
@@ -63,3 +67,27 @@ def test_cli_make_demo_data(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert 'MeCoVQA_Grounding_train.json' in res.stdout
     assert (tmp_path / 'd' / 'images').is_dir()
+
+
+def test_each_class_has_its_own_look_and_shapes_do_not_overlap(tmp_path):
+    """What a question names can be found by looking: the pixels under each mask have their class's intensity
+    (tissue + LOOKS offset, up to the noise), and no two masks of an image share a pixel."""
+    make_demo_data(str(tmp_path), num_images=12, seed=4)
+    records, _ = read_records(str(tmp_path / FILES['grounding'].format(split='train')), str(tmp_path))
+    assert records
+    for rec in records:
+        image = load_image(rec.image)[..., 0].astype(float)
+        modality = next(m for m in MODALITIES if os.path.basename(rec.image).startswith(MODALITIES[m][0]))
+        stem = os.path.splitext(os.path.basename(rec.image))[0]
+        files = sorted(f for f in os.listdir(tmp_path / 'masks') if f.startswith(stem + '--'))
+        union = np.zeros(image.shape, int)
+        for f in files:
+            mask = load_mask(str(tmp_path / 'masks' / f), image.shape) > 0
+            union += mask
+            cls = int(f.rsplit('--', 1)[1].split('_')[0])
+            name = next(n for n in MODALITIES[modality][3] if CLASS_IDS[n] == cls)
+            tissue = MODALITIES[modality][2]
+            expected = tissue + LOOKS[modality, name][0]
+            if modality != 'x_ray':  # its vertical gradient shifts every pixel by up to 20
+                assert abs(np.median(image[mask]) - min(255, max(0, expected))) < 8, (f, name)
+        assert union.max() == 1

@@ -1,10 +1,10 @@
 """Synthetic MeCoVQA-like data: real PNG images and masks and JSON files in the reference's formats (facts 8).
 
 Each image is a "modality" (CT-, MR-, X-ray- or dermoscopy-like intensity statistics and texture) holding one to
-three labelled shapes (organs / lesions). From it come a complex-VQA record (MeCoVQA-C), region-VQA records
-(MeCoVQA-R: a mask file, and this project's `box:` / `point:` extension), a grounding record (MeCoVQA-G:
-`<SEG><mask>PATH</mask>`) and a closed question whose answer follows from the image (OmniMedVQA-style). File names
-follow SA-Med2D: `images/<modality>_<sub>--<dataset>--<case>--<slice>.png`, masks
+three labelled shapes (organs / lesions) that do not overlap, each class with its own look (LOOKS). From it come
+a complex-VQA record (MeCoVQA-C), region-VQA records (MeCoVQA-R: a mask file, and this project's `box:` / `point:`
+extension), a grounding record (MeCoVQA-G: `<SEG><mask>PATH</mask>`) and a closed question whose answer follows
+from the image (OmniMedVQA-style: the modality, four options). File names follow SA-Med2D: `images/<modality>_<sub>--<dataset>--<case>--<slice>.png`, masks
 `masks/<image stem>--<class id>_<instance>.png` with 0/255 values. Seeded and deterministic.
 """
 from __future__ import annotations
@@ -24,6 +24,19 @@ MODALITIES = {
     'x_ray': ('x_ray', 60, 170, ('lung', 'heart', 'nodule')),
     'dermoscopy': ('dermoscopy_00', 200, 150, ('lesion', 'nevus')),
 }
+# (modality, class) -> (intensity offset from the tissue, ellipse or rectangle, size as a fraction of the image's
+# side (min, max)). Each class looks the same in every image, as an organ does: what a question names can be
+# found by looking (with random looks, "segment the liver" among two alike shapes would be a coin toss).
+LOOKS = {
+    ('ct', 'liver'): (90, True, (0.25, 0.34)), ('ct', 'kidney'): (45, True, (0.12, 0.18)),
+    ('ct', 'spleen'): (-55, False, (0.15, 0.24)), ('ct', 'tumor'): (140, True, (0.10, 0.15)),
+    ('mr', 'brain'): (-70, True, (0.26, 0.34)), ('mr', 'ventricle'): (-110, False, (0.10, 0.16)),
+    ('mr', 'lesion'): (105, True, (0.10, 0.18)),
+    ('x_ray', 'lung'): (-95, True, (0.22, 0.32)), ('x_ray', 'heart'): (60, False, (0.15, 0.22)),
+    ('x_ray', 'nodule'): (-45, True, (0.09, 0.14)),
+    ('dermoscopy', 'lesion'): (-95, True, (0.18, 0.30)), ('dermoscopy', 'nevus'): (-45, False, (0.10, 0.16)),
+}
+MODALITY_OPTIONS = ('CT', 'MR', 'X-ray', 'dermoscopy')  # the closed question's choices (chance 1 / 4)
 SIZES = ((192, 192), (160, 256), (256, 176))  # square and non-square, small enough for CPU
 CLASS_IDS = {name: i + 1 for i, name in enumerate(sorted({c for m in MODALITIES.values() for c in m[3]}))}
 FILES = {'complex': 'MeCoVQA_Complex_VQA_{split}.json', 'region': 'MeCoVQA_Region_VQA_{split}.json',
@@ -48,15 +61,23 @@ def _draw_image(modality: str, size: tuple[int, int], rng: np.random.Generator) 
     img[body] = tissue
     shapes, masks = [], []
     names = rng.choice(classes, size=int(rng.integers(1, min(3, len(classes)) + 1)), replace=False)
+    taken = np.zeros((h, w), bool)
     for name in names:
-        bw, bh = int(rng.integers(w // 8, w // 3)), int(rng.integers(h // 8, h // 3))
-        x0, y0 = int(rng.integers(w // 6, w - w // 6 - bw)), int(rng.integers(h // 6, h - h // 6 - bh))
-        shape = Shape(str(name), (x0, y0, x0 + bw, y0 + bh), bool(rng.integers(2)), bool(rng.integers(2)))
+        offset, ellipse, (lo, hi) = LOOKS[modality, str(name)]
+        for _ in range(50):  # shapes do not overlap: each mask is exactly what shows its class
+            bw, bh = (int(round(side * rng.uniform(lo, hi))) for side in (w, h))
+            x0, y0 = int(rng.integers(w // 8, w - w // 8 - bw)), int(rng.integers(h // 8, h - h // 8 - bh))
+            if not taken[max(0, y0 - 3):y0 + bh + 4, max(0, x0 - 3):x0 + bw + 4].any():
+                break
+        else:
+            continue
+        shape = Shape(str(name), (x0, y0, x0 + bw, y0 + bh), ellipse, offset > 0)
         canvas = Image.new('L', (w, h), 0)
         draw = ImageDraw.Draw(canvas)
         (draw.ellipse if shape.ellipse else draw.rectangle)(shape.box, fill=255)
         mask = np.asarray(canvas)
-        img[mask > 0] = tissue + (70 if shape.bright else -50)
+        img[mask > 0] = tissue + offset
+        taken[y0:y0 + bh + 1, x0:x0 + bw + 1] = True
         shapes.append(shape)
         masks.append(mask)
     smooth = 2 if modality == 'mr' else 1
@@ -124,12 +145,12 @@ def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction:
         records['grounding'][split].append({
             'id': f'g{i}', 'image': image, 'conversations': conv(
                 f'<image>\nCould you segment out the {s.name} in this image?', f'<SEG><mask>{mp}</mask>')})
-        asked = str(rng.choice(MODALITIES[modality][3]))
+        options = [str(o) for o in rng.permutation(MODALITY_OPTIONS)]  # OmniMedVQA-style: answer = option text
+        answer = MODALITY_OPTIONS[modalities.index(modality)]
         records['closed'][split].append({
             'id': f'o{i}', 'image': image, 'answer_type': 'closed', 'modality_type': modality_text,
-            'options': ['yes', 'no'],
-            'conversations': conv(f'<image>\nIs there a {asked} in this image? Options: yes, no',
-                                  'yes' if asked in names else 'no')})
+            'options': options,
+            'conversations': conv(f'<image>\nWhich imaging modality is this? Options: {", ".join(options)}', answer)})
     counts = {}
     for kind, splits in records.items():
         for split, recs in splits.items():
