@@ -13,17 +13,15 @@ import configs
 _CONFIGS = os.path.dirname(configs.__file__)
 # The demo's default is its own multi-stage config; every other command starts from the base config.
 # `convert` reads the architecture from the checkpoint where it can; CLIP / SAM-Med2D sizes default to the 7B's.
-_DEFAULT_CONFIG = {'demo': os.path.join(_CONFIGS, 'demo.py'),
+_DEFAULT_CONFIG = {'demo': os.path.join(_CONFIGS, 'demo.py'), 'eval': os.path.join(_CONFIGS, 'eval.py'),
                    'convert': os.path.join(_CONFIGS, 'common.py') + ':model=7b'}
 _BASE_CONFIG = os.path.join(_CONFIGS, 'common.py')
 
 # Commands that later issues fill in; each names where it will come from.
-_PENDING = {
-    'eval': 'evaluation (OmniMedVQA, MeCoVQA-C/R/G metrics) is not implemented yet',
-}
+_PENDING: dict[str, str] = {}
 # command -> its positional arguments
 ARGS = {'demo': (), 'train': (), 'sweep': (), 'export': (), 'compile-check': (), 'make-demo-data': ('OUT',),
-        'check-data': (), 'build-image-cache': (), 'to-array-record': ('SRC', 'DST'), 'convert': ('PART',),
+        'check-data': (), 'build-image-cache': (), 'to-array-record': ('SRC', 'DST'), 'convert': ('PART',), 'eval': (),
         'chat': ('[QUESTION]',), 'serve': ()}  # [X]: optional
 CONVERT_PARTS = ('medplib', 'llama', 'clip', 'sam-med2d')
 COMMANDS = (*ARGS, *_PENDING)
@@ -57,6 +55,11 @@ flags.DEFINE_float('temperature', None, 'chat / serve: sampling temperature (cha
 flags.DEFINE_integer('port', 7860, 'serve: the localhost port')
 flags.DEFINE_integer('shortest_edge', None, 'serve: resize uploads to this shortest edge first (default 336, as '
                      'the reference demo; 0 keeps the upload\'s size)')
+# eval (medplib_jax/eval/command.py); --checkpoint and --out are shared with chat / serve / export
+flags.DEFINE_list('evals', [], 'eval: the evaluators to run, names in config.evals (default: all of them: '
+                  'omnimedvqa, mecovqa_c, mecovqa_r, mecovqa_g)')
+flags.DEFINE_integer('num_pictures', 8, 'eval: overlay / routing pictures of the first N samples per evaluator')
+flags.DEFINE_string('rescore', '', 'eval: recompute the metrics of this predictions.jsonl (no model) into --out')
 flags.DEFINE_string('topology', '', 'compile-check: a TPU topology (v5p-64, v5p-256, v4-128, ...) or gpu:8xH100')
 # Multi-host (medplib_jax/distributed.py, launch/): TPU pods, SLURM and mpirun are detected; the flags are for an
 # explicit cluster. Every process runs the same command line.
@@ -84,7 +87,7 @@ def _main(argv: list[str]) -> int:
         return 2
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax and grain narrate every save at INFO
-    if command in ('train', 'sweep', 'demo', 'export'):
+    if command in ('train', 'sweep', 'demo', 'export', 'eval'):
         from medplib_jax import distributed
         F = flags.FLAGS
         try:  # first, before anything touches jax devices
@@ -150,6 +153,8 @@ def _run(command: str, args: list[str], config) -> None:
             raise ValueError('compile-check: set --topology= (v5p-64, v5p-256, v4-128, ... or gpu:8xH100)')
         if not run_compile_check(flags.FLAGS['config'].config_filename, config, flags.FLAGS.topology):
             raise SystemExit(1)
+    elif command == 'eval':
+        _eval(config)
     elif command == 'convert':
         _convert(args[0], config)
     elif command in ('chat', 'serve'):
@@ -187,6 +192,19 @@ def _convert(part: str, config) -> None:
     else:
         from medplib_jax.convert.parts import convert_sam_med2d
         convert_sam_med2d(F.src, F.out, config)
+
+
+def _eval(config) -> None:
+    """`medplib-jax eval --checkpoint=DIR [--evals=a,b] [--out=DIR]` or `--rescore=predictions.jsonl`."""
+    F = flags.FLAGS
+    from medplib_jax.eval import command
+    if F.rescore:
+        command.rescore(F.rescore, out=F.out)
+    elif not F.checkpoint:
+        raise ValueError('set --checkpoint=DIR (a run directory or a params directory) or '
+                         '--rescore=predictions.jsonl')
+    else:
+        command.run_eval(F.checkpoint, config, names=F.evals, out=F.out, num_pictures=F.num_pictures)
 
 
 def _chat_or_serve(command: str, args: list[str]) -> None:

@@ -61,7 +61,7 @@ def run_eval(checkpoint: str, config: mlc.ConfigDict, *, names: Sequence[str] = 
              num_pictures: int = 8, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the evaluators on the checkpoint and writes the outputs (process 0); returns metrics.json's content."""
     path, evaluators = build(checkpoint, config, names, log)
-    out = out or os.path.join(path, 'eval')
+    out = out or os.path.join(checkpoint, 'eval')  # a run directory's eval/, beside its final_params
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     params = ckpt.unflatten(ckpt.restore_params(path, lambda _k, _s: one))
     results = []
