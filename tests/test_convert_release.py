@@ -35,7 +35,7 @@ from medplib_jax.convert.parts import convert_clip, convert_llama, convert_sam_m
 from medplib_jax.convert.release import check_model_config, convert_release, model_shapes
 from medplib_jax.convert.sam import decoder_to_ours, decoder_to_source, image_encoder_to_ours, \
     image_encoder_to_source, split_components
-from medplib_jax.convert.sources import CheckpointSource
+from medplib_jax.convert.sources import CheckpointSource, Entry
 from medplib_jax.infer.predict import params_config
 from medplib_jax.models.clip import CLIPVisionConfig
 from medplib_jax.models.llama import LlamaConfig
@@ -429,3 +429,89 @@ def test_per_part_converters_round_trip(release, tmp_path, np_rng):
 
 def _sam_file(path):
     return {k: v.numpy() for k, v in torch.load(path, weights_only=True)['model'].items()}
+
+
+def _release_7b_keys():
+    """The released MedPLIB-7b-2e's keys and shapes as facts 10.2 lists them (no values): LLaMA-2-7B with 32
+    two-expert MoE layers, CLIP ViT-L/14-336 (names from transformers' CLIPVisionModel on the meta device), the
+    projector, region adapter, T-projector and SAM-Med2D ViT-B (12 heads of 64; windows 14, global 2, 5, 8, 11 at
+    16 x 16; mask_downscaling 1 -> 4 -> 16 -> 256)."""
+    from transformers import CLIPVisionConfig as HFCLIPVisionConfig, CLIPVisionModel
+    L, D, F, V = 32, 4096, 11008, 32267
+    keys = {'model.embed_tokens.weight': (V, D), 'lm_head.weight': (V, D), 'model.norm.weight': (D,)}
+    for i in range(L):
+        p = f'model.layers.{i}.'
+        keys.update({p + f'self_attn.{x}_proj.weight': (D, D) for x in 'qkvo'})
+        keys.update({p + 'self_attn.rotary_emb.inv_freq': (64,), p + 'input_layernorm.weight': (D,),
+                     p + 'post_attention_layernorm.weight': (D,), p + 'mlp.deepspeed_moe.gate.wg.weight': (2, D)})
+        for e in (0, 1):
+            x = f'{p}mlp.deepspeed_moe.experts.deepspeed_experts.{e}.'
+            keys.update({x + 'gate_proj.weight': (F, D), x + 'up_proj.weight': (F, D), x + 'down_proj.weight': (D, F)})
+    with torch.device('meta'):
+        clip = CLIPVisionModel(HFCLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                  num_attention_heads=16, image_size=336, patch_size=14))
+    keys.update({VISION + k.removeprefix('vision_model.'): tuple(v.shape) for k, v in clip.state_dict().items()
+                 if 'position_ids' not in k})
+    keys.update({'model.mm_projector.0.weight': (D, 1024), 'model.mm_projector.0.bias': (D,),
+                 'model.mm_projector.2.weight': (D, D), 'model.mm_projector.2.bias': (D,),
+                 'model.region_fea_adapter.weight': (D, 1024), 'model.region_fea_adapter.bias': (D,),
+                 'model.text_hidden_fcs.0.0.weight': (D, D), 'model.text_hidden_fcs.0.0.bias': (D,),
+                 'model.text_hidden_fcs.0.2.weight': (256, D), 'model.text_hidden_fcs.0.2.bias': (256,)})
+    sam = _med2d_keys(depth=12, dim=768, mlp=3072, out=256, grid=16, window=14, global_idx=(2, 5, 8, 11), emb=256,
+                      dec_mlp=2048)
+    sam = {k: ((v[0], 64) if k.endswith(('rel_pos_h', 'rel_pos_w')) else v) for k, v in sam.items()}
+    ds = 'prompt_encoder.mask_downscaling.'
+    sam.update({ds + '0.weight': (4, 1, 2, 2), ds + '0.bias': (4,), ds + '1.weight': (4,), ds + '1.bias': (4,),
+                ds + '3.weight': (16, 4, 2, 2), ds + '3.bias': (16,), ds + '4.weight': (16,), ds + '4.bias': (16,),
+                ds + '6.weight': (256, 16, 1, 1), ds + '6.bias': (256,)})
+    keys.update({'model.visual_model.' + k: v for k, v in sam.items()})
+    return keys
+
+
+VISION = 'model.vision_tower.vision_tower.vision_model.'
+
+
+class _HeaderOnlySource(CheckpointSource):
+    """Names and shapes without files: what `plan_conversion` reads (it reads no tensor)."""
+
+    def __init__(self, shapes):
+        self.path = self.label = 'MedPLIB-7b-2e (facts 10.2)'
+        self.prefix, self.notes = '', []
+        self.entries = {k: Entry('pytorch_model.bin', k, s, 'bfloat16', i) for i, (k, s) in enumerate(shapes.items())}
+
+
+def test_the_7b_release_key_list_fits_the_7b_model(tmp_path):
+    """The command's default config (`configs/common.py:model=7b`, whose SAM-Med2D blocks hold only overrides)
+    takes facts 10.2's config.json, and every released key plans onto the 7B model (both layouts): 0 missing,
+    0 unexpected, 0 mis-shaped, about 11.7 B parameters (facts 10.1)."""
+    import math
+    from medplib_jax.convert.hf_config import apply_settings
+    from medplib_jax.convert.release import MEDPLIB_TABLE, check_unread_fields, release_settings
+    from medplib_jax.convert.stream import plan_conversion
+    L = 32
+    hf = dict(release_config_json(), vocab_size=32267, hidden_size=4096, intermediate_size=11008, num_hidden_layers=L,
+              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, mm_hidden_size=1024,
+              out_dim=256, moe=dict(MOE, capacity_factor=1.5, min_capacity=0, moe_layers_idx=list(range(L)),
+                                    num_experts=[2] * L))
+    source = _HeaderOnlySource(_release_7b_keys())
+    for scan in (False, True):
+        config = get_config('model=7b')
+        config.model.scan_layers = scan
+        apply_settings(config, release_settings(hf, config, 'config.json'), (), 'config.json')
+        check_unread_fields(hf, config, 'config.json')
+        assert config.model.medplib.seg_token_id == 32000 and config.model.sam_decoder.embed_dim == 256
+        assert (config.model.moe.mode, config.model.moe.capacity_factor, config.model.moe.min_capacity) == \
+            ('dense', 1.5, 0)
+        plan = plan_conversion(model_shapes(config.model), [source], MEDPLIB_TABLE, label=source.label)
+        assert {s.key for slots in plan.slots.values() for s in slots} == \
+            {k for k in source.keys() if not k.endswith('rotary_emb.inv_freq')}
+        n = sum(math.prod(s) for s, _ in plan.targets.values())
+        assert 11.6e9 < n < 11.8e9, n
+    # A later run's config whose SAM-Med2D block is model=7b's `{}` (the same sizes by default) is no conflict.
+    (tmp_path / 'converted.json').write_text(json.dumps({'config': config.to_dict()}, default=list))
+    later = config.model.copy_and_resolve_references()
+    later.sam_decoder = type(later.sam_decoder)()
+    check_model_config(str(tmp_path / 'converted'), later)
+    later.sam_encoder.out_chans = 128
+    with pytest.raises(ValueError, match=r'model\.sam_encoder\.out_chans: 256 \(converted\) vs 128'):
+        check_model_config(str(tmp_path / 'converted'), later)

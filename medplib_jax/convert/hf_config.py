@@ -133,6 +133,9 @@ def _set(config: Any, field: str, value: Any) -> None:
     node = config
     for part in parents:
         node = node[part]
+    if last not in node:  # a block that holds only overrides (model=7b's sam_encoder / sam_decoder: {})
+        node[last] = value
+        return
     old = node[last]
     if isinstance(old, bool) or not isinstance(old, (int, float, str)) or isinstance(value, type(old)):
         node[last] = value

@@ -11,6 +11,7 @@ not from defaults; SAM-Med2D's weights from the directory where it has them, els
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Collection
 
@@ -29,6 +30,7 @@ from medplib_jax.convert.sam import SAM_MED2D_IMAGE_ENCODER, SAM_MED2D_MASK_DECO
 from medplib_jax.convert.sources import CheckpointSource
 from medplib_jax.convert.stream import convert_to_params_dir
 from medplib_jax.convert.writer import GROUP_BYTES
+from medplib_jax.models.sam_encoder import SamImageEncoderConfig
 
 VISION_PREFIX = 'model.vision_tower.vision_tower.'  # + a CLIPVisionModel's own `vision_model.*` keys
 SAM_PREFIX = 'model.visual_model.'  # + sam-med2d_b.pth's own `image_encoder.*` / `prompt_encoder.*` / `mask_decoder.*`
@@ -97,12 +99,24 @@ def check_model_config(params_dir: str, model_cfg: Any) -> None:
         recorded = json.load(f)['config']['model']
     free = {'dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'moe.group_size', 'moe.route_padding',
             'moe.capacity_factor', 'moe.eval_capacity_factor', 'moe.min_capacity', 'moe.aux_loss_coef', 'lora'}
-    ours = _dotted(model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg))
-    theirs = _dotted(recorded)
+    ours = _dotted(_complete(model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)))
+    theirs = _dotted(_complete(recorded))
     differ = [f'model.{k}: {theirs.get(k)!r} (converted) vs {ours.get(k)!r}' for k in sorted(set(ours) | set(theirs))
               if not any(k == f or k.startswith(f + '.') for f in free) and _norm(ours.get(k)) != _norm(theirs.get(k))]
     if differ:
         raise ValueError(f'{params_dir}: converted with another model config: ' + '; '.join(differ))
+
+
+def _complete(model: dict[str, Any]) -> dict[str, Any]:
+    """SAM-Med2D's blocks hold only overrides of their dataclasses' defaults (`{}` at model=7b): compare the sizes
+    they stand for."""
+    from medplib_jax.models.sam_decoder import SamDecoderConfig
+    out = dict(model)
+    for name, cls in (('sam_encoder', SamImageEncoderConfig), ('sam_decoder', SamDecoderConfig)):
+        if name in out:
+            full = dataclasses.asdict(cls.from_dict(out[name]))
+            out[name] = {k: v for k, v in full.items() if k not in ('dtype', 'param_dtype')}
+    return out
 
 
 def _dotted(tree: Any) -> dict[str, Any]:
@@ -132,9 +146,9 @@ def check_unread_fields(hf: dict[str, Any], config: Any, where: str) -> None:
         problems.append(f'mm_hidden_size={hf["mm_hidden_size"]} but config.model.vision.hidden_size='
                         f'{config.model.vision.hidden_size} (the vision tower\'s sizes are not in config.json: '
                         f'pick them with --config=configs/common.py:model=7b or --config.model.vision.*)')
-    if 'out_dim' in hf and hf['out_dim'] != config.model.sam_encoder.out_chans:
-        problems.append(f'out_dim={hf["out_dim"]} but config.model.sam_encoder.out_chans='
-                        f'{config.model.sam_encoder.out_chans}')
+    out_chans = SamImageEncoderConfig.from_dict(config.model.sam_encoder).out_chans  # {} at model=7b: defaults
+    if 'out_dim' in hf and hf['out_dim'] != out_chans:
+        problems.append(f'out_dim={hf["out_dim"]} but config.model.sam_encoder.out_chans={out_chans}')
     if problems:
         raise ConfigConflictError(f'{where}: ' + '; '.join(problems))
 
