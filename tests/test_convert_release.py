@@ -338,26 +338,29 @@ def test_cli_convert_reads_flags_and_reports_conflicts_in_one_line(release, tmp_
 
 
 def test_per_part_converters_round_trip(release, tmp_path, np_rng):
-    # A LLaVA-style directory: LLaMA + projector in sharded safetensors with an index (vocab 309: MedPLIB adds 267).
+    # A LLaVA-style directory: LLaMA + projector + the CLIP tower it holds as a module, in sharded safetensors with
+    # an index (vocab 309: MedPLIB adds 267).
     hf = tiny_hf_llama(seed=int(np_rng.integers(1 << 30)), vocab_size=309)
     sd = state_dict_numpy(hf)
     proj = {'model.mm_projector.0.weight': np_rng.normal(size=(64, 32)).astype(np.float32),
             'model.mm_projector.0.bias': np_rng.normal(size=64).astype(np.float32),
             'model.mm_projector.2.weight': np_rng.normal(size=(64, 64)).astype(np.float32),
             'model.mm_projector.2.bias': np_rng.normal(size=64).astype(np.float32)}
+    clip_hf = tiny_hf_clip(seed=int(np_rng.integers(1 << 30)), image_size=336, num_layers=2)
+    clip_hf.save_pretrained(tmp_path / 'clip')
+    clip_sd = {k.removeprefix('vision_model.'): v for k, v in state_dict_numpy(clip_hf).items()}
+    tower = {f'model.vision_tower.vision_tower.vision_model.{k}': v for k, v in clip_sd.items()}
     llava = tmp_path / 'llava-v1.5-7b'
     hf.save_pretrained(llava, max_shard_size='40KB')
     from safetensors.numpy import save_file
-    save_file(proj, llava / 'mm_projector.safetensors')
+    save_file({**proj, **tower}, llava / 'mm_projector.safetensors')
     index = json.loads((llava / 'model.safetensors.index.json').read_text())
-    index['weight_map'].update({k: 'mm_projector.safetensors' for k in proj})
-    index['metadata']['total_size'] += sum(v.nbytes for v in proj.values())
+    index['weight_map'].update({k: 'mm_projector.safetensors' for k in {**proj, **tower}})
+    index['metadata']['total_size'] += sum(v.nbytes for v in {**proj, **tower}.values())
     (llava / 'model.safetensors.index.json').write_text(json.dumps(index))
     cfg_json = json.loads((llava / 'config.json').read_text())
     (llava / 'config.json').write_text(json.dumps({**cfg_json, 'mm_hidden_size': 32, 'mm_projector_type': 'mlp2x_gelu',
                                                    'mm_vision_select_layer': -2}))
-    clip_hf = tiny_hf_clip(seed=int(np_rng.integers(1 << 30)), image_size=336, num_layers=2)
-    clip_hf.save_pretrained(tmp_path / 'clip')
     sam_path = str(release['root'] / 'sam-med2d_b.pth')
 
     config = tiny_config()
@@ -365,6 +368,7 @@ def test_per_part_converters_round_trip(release, tmp_path, np_rng):
                         progress=False)
     got = restored(out)
     tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in got.items()})
+    assert json.loads((tmp_path / 'start.json').read_text())['conflicts'] == {}  # the directory's CLIP = --clip's
     assert config.model.llm.vocab_size == 576 and config.model.medplib.seg_token_id == 309
     assert config.model.llm.intermediate_size == 160 and config.model.llm.num_layers == 3  # from config.json
     assert config.model.vision.num_layers == 2  # from the CLIP directory's config.json
@@ -381,8 +385,7 @@ def test_per_part_converters_round_trip(release, tmp_path, np_rng):
     assert new_rows.shape == (267, 64) and abs(new_rows.std() - 0.02) < 0.002 and abs(new_rows.mean()) < 0.002
     # projector, CLIP, SAM-Med2D: exact round trips to their own keys
     for ours, theirs in ((projector_params_to_hf(tree['model']['mm_projector']), strip_prefix(proj, 'model.mm_projector.')),
-                         (clip_params_to_hf(tree['model']['vision_tower']),
-                          {k.removeprefix('vision_model.'): v for k, v in state_dict_numpy(clip_hf).items()}),
+                         (clip_params_to_hf(tree['model']['vision_tower']), clip_sd),
                          (image_encoder_to_source(tree['model']['visual_model']['image_encoder']),
                           split_components(_sam_file(sam_path))['image_encoder'])):
         assert set(ours) == set(theirs)
@@ -397,6 +400,14 @@ def test_per_part_converters_round_trip(release, tmp_path, np_rng):
         init = get_stage_config('model=7b').train.init
         patterns = list(init.fresh) + [entry.split('=', 1)[0] for entry in init.load]
         assert all(any(re.fullmatch(p, k) for p in patterns) or ADAPTER_LEAF.fullmatch(k) for k in lacking | extra)
+
+    # Without --clip the directory's own tower is taken (config.json alone: the CLIP sizes from the config)
+    config = tiny_config(**{'model.vision.num_layers': 2})
+    alone = restored(convert_llama(str(llava), str(tmp_path / 'alone'), config, progress=False))
+    assert {k.split('/')[1] for k in alone if k.startswith('model/')} == \
+        {'embed_tokens', 'norm', 'mm_projector', 'vision_tower'} | {f'layers_{i}' for i in range(3)}
+    for k in alone:
+        np.testing.assert_array_equal(alone[k], got[k], err_msg=k)
 
     # convert clip: a full CLIPModel directory (its text tower left out); convert sam-med2d
     from transformers import CLIPConfig, CLIPModel

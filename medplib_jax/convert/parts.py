@@ -4,7 +4,8 @@ Each writes a params directory holding its part under the MedPLIB model's own pa
 `config.train.init.params` or an `init.load` source:
 
 - `convert llama --src DIR`: a LLaVA-v1.5-7B or Vicuna-7B-v1.5 HF directory -> the LLM (`model/embed_tokens`,
-  `model/layers_i`, `model/norm`, `lm_head`) and, when the directory has one, the projector (`model/mm_projector`).
+  `model/layers_i`, `model/norm`, `lm_head`) and, when the directory has them, the projector (`model/mm_projector`)
+  and the CLIP tower (`model/vision_tower`).
   MedPLIB adds 267 tokens to LLaVA's 32000 (facts 1.1): the embedding and lm_head rows beyond the checkpoint's
   vocabulary are drawn N(0, initializer_range) as transformers 4.31's `resize_token_embeddings` does.
   With `--clip DIR --sam-med2d FILE` it also writes CLIP and SAM-Med2D: the stage starting points
@@ -79,10 +80,15 @@ def convert_llama(src: str, out: str, config: Any, *, clip: str | None = None, s
     check_unread_fields(hf, config, where)
     record_tokenizer(config, src, explicit)
     sources = [CheckpointSource(src)]
-    parts = ['llm'] + (['projector'] if any(k.startswith('model.mm_projector.') for k in sources[0].keys()) else [])
+    # LLaVA's save_pretrained keeps the projector and, as modules of the model, the CLIP tower it trained with
+    # (`model.vision_tower.vision_tower.*`): both are taken when present; --clip then only fills what is absent.
+    held = {part for part, prefix in (('projector', 'model.mm_projector.'), ('vision_tower', VISION_PREFIX))
+            if any(k.startswith(prefix) for k in sources[0].keys())}
+    parts = ['llm'] + [p for p in ('projector', 'vision_tower') if p in held]
     if clip:
         sources.append(_clip_source(clip))
-        parts.append('vision_tower')
+        if 'vision_tower' not in held:
+            parts.append('vision_tower')
     if sam_med2d:
         sources.append(CheckpointSource(sam_med2d, prefix=SAM_PREFIX))
         parts.append('visual_model')
