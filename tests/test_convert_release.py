@@ -309,6 +309,11 @@ def test_config_conflicts_and_the_missing_extra_are_one_line(release, tmp_path, 
     assert '--config.model.moe.top_k=2 disagrees with moe.top_k_experts=1' in msg
     assert '--config.model.llm.intermediate_size=128 disagrees with intermediate_size=96' in msg
     # without the flags the same config takes the checkpoint's values (checked in the fixture's conversion)
+    # The command's default config (model=7b: CLIP-L sizes, which config.json does not hold) on this tiny release:
+    # the vision width config.json implies is the one line, not a KeyError from the 7B's SAM-Med2D blocks.
+    with pytest.raises(ConfigConflictError, match=r'mm_hidden_size=32 but config\.model\.vision\.hidden_size=1024'):
+        convert_release(src, str(tmp_path / 'out'), get_config('model=7b'))
+    assert not (tmp_path / 'out').exists()
     monkeypatch.setitem(sys.modules, 'torch', None)
     with pytest.raises(MissingExtraError, match=r'pip install "medplib-jax\[convert\]"'):
         require_torch('x.bin')
