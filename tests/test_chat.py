@@ -6,60 +6,33 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from configs.common import get_config
-from medplib_jax import checkpoint
 from medplib_jax.chat import (ChatError, build_predictor, numbers, overlay_paths, region_from_flags,
                               routing_line, token_texts, with_region_slots)
 from medplib_jax.data.images import load_dicom
 from medplib_jax.data.regions import RegionError, RegionPrompt
+from tiny_params import random_params_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 4
 CT_SMALL = 'CT_small.dcm'  # pydicom's own test data: a real 128x128 CT slice
 
 
-def random_params_dir(path: str, moe: str = 'dense') -> str:
-    """A tiny MedPLIB's parameter tree (shapes from `jax.eval_shape` of its init: seconds, not a compiled init),
-    filled with fresh random values: N(0, 0.02) weights, norm scales 1; written as a params directory."""
-    import flax.linen as nn
-    import jax.numpy as jnp
-    from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
-    config = get_config(f'moe={moe}')
-    mcfg = MedPLIBConfig.from_model_config(config.model)
-    model = MedPLIBForCausalLM(mcfg.llm, mcfg=mcfg)
-    ids = jnp.zeros((1, 600), jnp.int32).at[0, 10:586].set(-200)
-    shapes = jax.eval_shape(lambda k: nn.unbox(model.init(
-        k, ids, jnp.zeros((1, 336, 336, 3)), jnp.zeros((1, 256, 256, 3)), jnp.zeros((1, 1, 24, 24), jnp.uint8),
-        method=MedPLIBForCausalLM.forward))['params'], jax.random.key(0))
-    seed = int.from_bytes(os.urandom(4), 'little')
-    print(f'random params seed: {seed}')
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for key, s in checkpoint.flatten(shapes).items():
-        norm = key.endswith(('/scale', 'norm/weight'))
-        flat[key] = np.ones(s.shape, s.dtype) if norm else (0.02 * rng.standard_normal(s.shape)).astype(s.dtype)
-    return checkpoint.save_params(path, checkpoint.unflatten(flat), {'config': config.to_dict(), 'stage': 'IV'})
-
-
 def start_cli(*args, stdin=None, cwd=None):
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING='utf-8',
-               XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING='utf-8')
     proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax.cli', *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd or ROOT)
-    proc.stdin.write((stdin or '').encode())
-    proc.stdin.close()
-    return proc
+    return proc, (stdin or '').encode()
 
 
-def finish(proc):
+def finish(started):
     """(exit status, stdout, stderr), decoded without newline translation (answers may hold a lone '\\r')."""
-    proc.wait(timeout=600)
-    return proc.returncode, proc.stdout.read().decode(), proc.stderr.read().decode()
+    proc, stdin = started
+    stdout, stderr = proc.communicate(stdin, timeout=600)  # reads both pipes: a chatty stderr cannot block it
+    return proc.returncode, stdout.decode(), stderr.decode()
 
 
 def run_cli(*args, stdin=None, cwd=None):
