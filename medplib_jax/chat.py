@@ -125,6 +125,14 @@ def overlay_paths(out: str | None, image_path: str, index: int | None) -> tuple[
     return stem + (suffix or '.png'), stem + '_mask.png'
 
 
+def check_mask_mode(mask_mode: str) -> str:
+    """--mask_mode: one of the predict API's modes, else a one-line error."""
+    from medplib_jax.infer.predict import MASK_MODES
+    if mask_mode not in MASK_MODES:
+        raise ChatError(f'--mask_mode={mask_mode}: expected one of {", ".join(MASK_MODES)}')
+    return mask_mode
+
+
 def build_predictor(checkpoint: str, *, max_new_tokens: int | None = None, temperature: float | None = None):
     """The params directory's model (its own config) with the demo's region handling; greedy unless a temperature
     is given (then plain temperature sampling: the demo's worker ignores its top-p slider, facts 11)."""
@@ -154,13 +162,11 @@ def run_chat(checkpoint: str, image_path: str, question: str | None, *, point: s
     0, or 2 when an interactive question failed."""
     from medplib_jax import checkpoint as ckpt
     from medplib_jax.infer.overlay import overlay
-    from medplib_jax.infer.predict import MASK_MODES
     if not checkpoint:
         raise ChatError('set --checkpoint=DIR (a run directory or a params directory)')
     if not image_path:
         raise ChatError('set --image=FILE (PNG, JPEG, DICOM .dcm or NIfTI .nii / .nii.gz)')
-    if mask_mode not in MASK_MODES:
-        raise ChatError(f'--mask_mode={mask_mode}: expected one of {", ".join(MASK_MODES)}')
+    check_mask_mode(mask_mode)
     if question is not None and not question.strip():
         raise ChatError('the question is empty')
     ckpt.resolve_params_dir(checkpoint, '--checkpoint')  # a missing checkpoint: one line, before anything loads

@@ -47,8 +47,9 @@ flags.DEFINE_string('mask', None, 'chat: region prompt, a mask PNG of the image\
 flags.DEFINE_integer('slice', None, 'chat: NIfTI slice along the last axis (default: the middle one)')
 flags.DEFINE_string('window', None, 'chat: DICOM window centre,width (default: the file\'s, else a preset)')
 flags.DEFINE_bool('routing', False, 'chat: print each answer token\'s expert per MoE layer')
-flags.DEFINE_enum('mask_mode', 'auto', ['auto', 'always', 'never'], 'chat / serve: a mask when the answer holds '
-                  '<SEG> (auto), always (the reference evaluation\'s fallback state without one) or never')
+# a string checked by chat.py (a bad value is the commands' one-line error, exit 2, not absl's flag-parsing error)
+flags.DEFINE_string('mask_mode', 'auto', 'chat / serve: auto (a mask when the answer holds <SEG>), always (the '
+                    'reference evaluation\'s fallback state without one) or never')
 flags.DEFINE_integer('max_new_tokens', None, 'chat / serve: answer length limit (default: the predict API\'s, 512)')
 flags.DEFINE_float('temperature', None, 'chat / serve: sampling temperature (chat default 0: greedy; serve: the '
                    'reference demo\'s 0.2)')

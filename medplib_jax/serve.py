@@ -201,7 +201,7 @@ def serve(checkpoint: str, *, port: int = 7860, mask_mode: str = 'auto', shortes
           max_new_tokens: int | None = None, temperature: float | None = None, block: bool = True):
     """Loads the model once and serves the page on http://127.0.0.1:PORT (never other interfaces)."""
     from medplib_jax import checkpoint as ckpt
-    from medplib_jax.chat import ChatError
+    from medplib_jax.chat import ChatError, check_mask_mode
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
     try:
         import gradio  # noqa: F401
@@ -209,6 +209,7 @@ def serve(checkpoint: str, *, port: int = 7860, mask_mode: str = 'auto', shortes
         raise ChatError('serve needs gradio: pip install -e ".[serve]"') from None
     if not checkpoint:
         raise ChatError('set --checkpoint=DIR (a run directory or a params directory)')
+    check_mask_mode(mask_mode)
     if not 0 < port < 65536:
         raise ChatError(f'--port={port}: expected 1..65535')
     shortest_edge = DEMO_SHORTEST_EDGE if shortest_edge is None else shortest_edge

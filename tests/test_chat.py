@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medplib_jax.chat import (ChatError, build_predictor, numbers, overlay_paths, region_from_flags,
-                              routing_line, token_texts, with_region_slots)
+from medplib_jax.chat import (ChatError, build_predictor, check_mask_mode, numbers, overlay_paths,
+                              region_from_flags, routing_line, token_texts, with_region_slots)
 from medplib_jax.data.images import load_dicom
 from medplib_jax.data.regions import RegionError, RegionPrompt
 from tiny_params import random_params_dir
@@ -134,6 +134,8 @@ def test_flag_values_are_checked_before_the_model_loads(tmp_path):
     assert numbers('window', ' -100, 1500 ', 2) == (-100.0, 1500.0)
     with pytest.raises(ChatError, match='expected 2'):
         numbers('window', '1,nan', 2)
+    with pytest.raises(ChatError, match='--mask_mode=sometimes: expected one of auto, always, never'):
+        check_mask_mode('sometimes')
 
 
 def test_region_slots_follow_the_reference_demo():
