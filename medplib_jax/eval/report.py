@@ -110,9 +110,9 @@ def table2(results: Sequence[EvalResult]) -> list[str]:
     header = ['model', *[f'test {label}' if i < n_test else f'zero-shot {label}' for i, (label, _) in
                          enumerate(columns)]]
     lines = ['## Table 2: MeCoVQA-G (Dice)', '',
-             'Dice per modality (file-name prefix), the MeCoVQA-G test modalities (Der, CT, PET) and the zero-shot ones '
-             '(X-Ray, End, MR, US, FP) with their unweighted means over the modalities present. x100; "-": no such '
-             'records.', '']
+             'Dice per modality (file-name prefix), the MeCoVQA-G test modalities (Der, CT, PET) and the zero-shot '
+             'ones (X-Ray, End, MR, US, FP) with their unweighted means over the modalities present. x100; "-": no '
+             'such records.', '']
     lines += _table(header, [['MedPLIB (paper)', *map(_fmt, paper)],
                              ['this checkpoint', *[_fmt(g.metrics.get(key)) for _, key in columns]]])
     others = sorted(k[len('dice/'):] for k in g.metrics if k.startswith('dice/')
@@ -175,8 +175,6 @@ def read_predictions(path: str) -> list[dict[str, Any]]:
 def write_pictures(out: str, results: Sequence[EvalResult], decode_token) -> list[str]:
     """Overlays of the kept grounding samples (image, ground-truth contour, predicted mask, question, answer, Dice)
     and routing pictures of the kept samples of a MoE model -> their paths relative to `out`."""
-    from PIL import Image  # noqa: F401  (Pillow is what overlay draws with)
-
     from medplib_jax.infer.overlay import overlay, routing_image
     written = []
     for r in results:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from medplib_jax import checkpoint, sharding
 from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset
+from medplib_jax.eval import evaluators as _paper_evaluators  # noqa: F401  (registers omnimedvqa, mecovqa_c, _r, _g)
 from medplib_jax.eval.registry import EvalContext, build_evaluators
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.train import held_out  # noqa: F401  (registers the held_out_loss evaluator)
