@@ -256,6 +256,35 @@ def test_a_training_config_schedules_them_and_bad_settings_are_one_line(env):
             build_evaluators(EvalContext(cfg, None, None, (), log=lambda _: None))
 
 
+# One of two real JAX processes: gathers a JSON value of a different size in each (allgather_json pads the bytes).
+GATHER_WORKER = """
+import json, os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+from medplib_jax.eval.evaluators import allgather_json
+print(json.dumps(allgather_json({'process': pid, 'rows': ['é' * (5 + 40 * pid)]})))
+"""
+
+
+def test_allgather_json_across_two_real_processes():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, '-c', GATHER_WORKER, str(p), str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for p in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    expected = [{'process': p, 'rows': ['é' * (5 + 40 * p)]} for p in range(2)]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1]) == expected
+
+
 def _cli(*args):
     # This process's XLA_FLAGS and JAX compilation cache (tests/conftest.py): the command's programs are the ones
     # the fixture compiled
