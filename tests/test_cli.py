@@ -150,7 +150,7 @@ def test_data_commands(tmp_path):
     (('check-data', '--config.data.length_buckets=(900,800)'), 'medplib-jax check-data: config.data.length_buckets'),
     (('train', '--config=configs/stage2.py:model=tiny'), 'medplib-jax train: train: set --workdir=DIR'),
     (('train', '--config=configs/stage2.py:model=tiny,init=maybe'), 'config arg init'),
-    (('eval',), 'medplib-jax eval: evaluation (OmniMedVQA, MeCoVQA-C/R/G metrics) is not implemented yet.'),
+    (('eval',), 'medplib-jax eval: set --checkpoint=DIR (a run directory or a params directory) or --rescore='),
     (('fly',), 'expected one command of demo, train, sweep, export, compile-check, make-demo-data, check-data'),
 ])
 def test_errors_are_one_clear_line(args, message):
