@@ -294,11 +294,12 @@ def _cli(*args):
 
 
 def test_eval_command_writes_the_report_whose_numbers_are_the_evaluators(env, tmp_path):
+    run_dir = os.path.dirname(env['path'])  # a run directory: eval reads its final_params, writes its eval/
     out = tmp_path / 'eval'
     settings = [s for name in MAX_RECORDS for s in _settings(name)]
-    res = _cli(f'--checkpoint={os.path.dirname(env["path"])}', f'--config.data.root={env["root"]}', *settings,
-               '--num_pictures=2', f'--out={out}')
+    res = _cli(f'--checkpoint={run_dir}', f'--config.data.root={env["root"]}', *settings, '--num_pictures=2')
     assert res.returncode == 0, res.stderr[-3000:]
+    os.rename(os.path.join(run_dir, 'eval'), out)
     assert 'Traceback' not in res.stderr
     summary = json.loads((out / 'metrics.json').read_text())
     assert summary['checkpoint'] == env['path'] and summary['date']
