@@ -93,3 +93,28 @@ def test_requests_that_do_not_fit_are_one_line_errors(predictor, image):
         Predictor.from_params_dir('/nonexistent/run')
     region = predictor.predict(image, 'What is at <region></region>?', [RegionPrompt('box', (40, 30, 200, 150))])
     assert isinstance(region.text, str)
+
+
+def test_prompt_routing_is_the_routers_first_choice_at_every_prompt_position(predictor, image):
+    """Each prompt token's expert is the argmax of its router logits (captured from the router itself in a plain
+    forward pass over the prompt); nothing is dropped at the evaluation capacity factor."""
+    from medplib_jax.models.moe import _Router
+    ids, experts = predictor.prompt_routing(Request(image, 'Could you segment out the liver?'))
+    inputs = predictor._inputs(Request(image, 'Could you segment out the liver?'))
+    np.testing.assert_array_equal(ids, inputs['ids'])
+    captured = []
+
+    def capture(next_fn, args, kwargs, context):
+        out = next_fn(*args, **kwargs)
+        if isinstance(context.module, _Router) and context.method_name == '__call__':
+            captured.append(out)
+        return out
+
+    with nn.intercept_methods(capture):
+        predictor.model.apply({'params': predictor.params}, jnp.asarray(ids)[None], jnp.asarray(inputs['clip'])[None],
+                              region_grids=jnp.asarray(inputs['grids'])[None], compute_masks=False,
+                              method=MedPLIBForCausalLM.forward)
+    want = np.stack([np.asarray(c).reshape(-1, c.shape[-1])[:len(ids)].argmax(-1) for c in captured])
+    assert experts.shape == (len(predictor.mcfg.llm.moe_layers), len(ids)) == want.shape
+    np.testing.assert_array_equal(experts, want)
+    assert len(np.unique(experts)) == 2  # both experts in use: the comparison is not vacuous
