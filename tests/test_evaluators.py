@@ -301,6 +301,8 @@ def test_eval_command_writes_the_report_whose_numbers_are_the_evaluators(env, tm
     assert res.returncode == 0, res.stderr[-3000:]
     os.rename(os.path.join(run_dir, 'eval'), out)
     assert 'Traceback' not in res.stderr
+    assert 'eval mecovqa_g: 100%' in res.stderr  # the progress bar
+    assert re.search(r'eval mecovqa_g: 2 records \(0 skipped\) in [\d.]+s: mdice [\d.]+, miou [\d.]+', res.stdout)
     summary = json.loads((out / 'metrics.json').read_text())
     assert summary['checkpoint'] == env['path'] and summary['date']
     assert sorted(summary['evaluators']) == sorted(MAX_RECORDS)
