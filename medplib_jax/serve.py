@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import socket
 import threading
 from typing import Any
 
@@ -197,6 +198,20 @@ def build_app(predictor, *, mask_mode: str = 'auto', shortest_edge: int = DEMO_S
     return app, theme
 
 
+def check_port(port: int) -> int:
+    """--port: a free port on 127.0.0.1, checked before the model loads (gradio's own failure is a traceback)."""
+    from medplib_jax.chat import ChatError
+    if not 0 < port < 65536:
+        raise ChatError(f'--port={port}: expected 1..65535')
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's port is free
+        try:
+            s.bind(('127.0.0.1', port))
+        except OSError as e:
+            raise ChatError(f'--port={port}: 127.0.0.1:{port} is not free ({e.strerror})') from None
+    return port
+
+
 def serve(checkpoint: str, *, port: int = 7860, mask_mode: str = 'auto', shortest_edge: int | None = None,
           max_new_tokens: int | None = None, temperature: float | None = None, block: bool = True):
     """Loads the model once and serves the page on http://127.0.0.1:PORT (never other interfaces)."""
@@ -210,8 +225,7 @@ def serve(checkpoint: str, *, port: int = 7860, mask_mode: str = 'auto', shortes
     if not checkpoint:
         raise ChatError('set --checkpoint=DIR (a run directory or a params directory)')
     check_mask_mode(mask_mode)
-    if not 0 < port < 65536:
-        raise ChatError(f'--port={port}: expected 1..65535')
+    check_port(port)
     shortest_edge = DEMO_SHORTEST_EDGE if shortest_edge is None else shortest_edge
     if shortest_edge < 0:
         raise ChatError(f'--shortest_edge={shortest_edge}: expected 0 (keep the size) or a positive size')

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medplib_jax.chat import build_predictor
-from medplib_jax.serve import DEMO_TEMPERATURE, demo_resize, editor_arrays, respond, stroke_region
+from medplib_jax.chat import ChatError, build_predictor
+from medplib_jax.serve import DEMO_TEMPERATURE, check_port, demo_resize, editor_arrays, respond, stroke_region
 from tiny_params import random_params_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,3 +186,14 @@ def test_editor_value_and_the_demo_resize(np_rng):
     np.testing.assert_array_equal(demo_resize(wide, 336),
                                   np.asarray(Image.fromarray(wide).resize((1011, 336), Image.LANCZOS)))
     assert demo_resize(wide, 0) is wide
+
+
+def test_port_is_checked_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()  # another server on the port
+        port = taken.getsockname()[1]
+        with pytest.raises(ChatError, match=rf'--port={port}: 127.0.0.1:{port} is not free'):
+            check_port(port)
+    with pytest.raises(ChatError, match='--port=70000: expected 1..65535'):
+        check_port(70000)
