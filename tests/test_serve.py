@@ -2,8 +2,8 @@
 the server runs as a user starts it (a subprocess on a free localhost port) on a tiny randomly initialised MoE
 MedPLIB; the page gets a synthetic image uploaded, a box drawn with the mouse and a grounding question; the answer,
 the mask overlay, the routing picture and the region picture must appear. The page's answer and pictures are
-checked against `serve.respond` run in this process on the same request. Also the demo's stroke -> region rules
-and the upload resize, without a browser."""
+checked against `serve.respond` run in this process on the same request. Also, without a browser: the demo's stroke ->
+region rules, the upload resize, a DICOM upload and the port check."""
 import io
 import os
 import shutil
@@ -19,7 +19,9 @@ import pytest
 from PIL import Image
 
 from medplib_jax.chat import ChatError, build_predictor
-from medplib_jax.serve import DEMO_TEMPERATURE, check_port, demo_resize, editor_arrays, respond, stroke_region
+from medplib_jax.data.images import load_dicom
+from medplib_jax.serve import (DEMO_TEMPERATURE, check_port, demo_resize, editor_arrays, load_upload, respond,
+                               stroke_region)
 from tiny_params import random_params_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,6 +188,18 @@ def test_editor_value_and_the_demo_resize(np_rng):
     np.testing.assert_array_equal(demo_resize(wide, 336),
                                   np.asarray(Image.fromarray(wide).resize((1011, 336), Image.LANCZOS)))
     assert demo_resize(wide, 0) is wide
+
+
+def test_a_dicom_upload_fills_the_editor_with_its_default_window():
+    import pydicom.data
+    path = pydicom.data.get_testdata_file('CT_small.dcm', download=False)
+    value = load_upload(path)
+    want = load_dicom(path)  # the file's own window, else the modality preset
+    assert want.shape == (128, 128, 3)
+    np.testing.assert_array_equal(value['background'], want)
+    image, strokes = editor_arrays(value)
+    np.testing.assert_array_equal(image, want)
+    assert not strokes.any()
 
 
 def test_port_is_checked_before_the_model_loads():
