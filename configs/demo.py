@@ -8,7 +8,8 @@ run one after the other in `workdir/stage1` .. `workdir/stage4`:
     medplib-jax train --config=configs/demo.py --workdir=runs/demo      # the training alone (data must exist)
 
 arg keys: root (the synthetic data folder, shared by every stage: `--config.demo.root` moves them all), steps
-(optimizer steps per stage: one number, or four separated by ':').
+(optimizer steps per stage: one number, or four separated by ':'), images (synthetic images; 6 records each, every
+fifth image held out).
 """
 import importlib
 
@@ -26,7 +27,7 @@ DEMO_LR = {'stage1': 3e-3, 'stage2': 3e-3, 'stage3': 1e-2, 'stage4': 2e-3}
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, root='outputs/demo_data', steps='30:60:150:40')
+    a = parse_arg(arg, root='outputs/demo_data', steps='30:60:150:40', images=120)
     steps = [int(s) for s in a.steps.split(':')]
     if len(steps) == 1:
         steps *= 4
@@ -35,9 +36,14 @@ def get_config(arg=None):
     root = mlc.FieldReference(a.root)
     cfg = mlc.ConfigDict()
     # The demo command: writes `synthetic_images` images (x6 records) to `root` first (0 = use the data there),
-    # trains into `workdir` (or --workdir) and draws the trained model on held-out records to `picture`.
-    cfg.demo = mlc.ConfigDict(dict(root=root, synthetic_images=24, workdir='outputs/demo',
-                                   picture='outputs/demo/predictions.png'))
+    # trains into `workdir` (or --workdir), then evaluates the trained and the initialised model on the test split.
+    # eval: answer lengths per evaluator (the longest synthetic answer is about 40 tiny-tokenizer tokens; an
+    # untrained model rarely stops by itself), requests decoded together, records per evaluator (0: all), overlay
+    # pictures per evaluator, records per kind for the routing shares (0: all).
+    cfg.demo = mlc.ConfigDict(dict(
+        root=root, synthetic_images=a.images, workdir='outputs/demo',
+        eval=dict(max_new_tokens=dict(omnimedvqa=8, mecovqa_c=64, mecovqa_r=48, mecovqa_g=4), batch_size=8,
+                  max_records=0, pictures=4, routing_records=0)))
     cfg.stages = mlc.ConfigDict()
     for k, n in enumerate(steps, start=1):
         name = f'stage{k}'

@@ -1,46 +1,54 @@
 """The main job on the embedded default: the tiny MedPLIB trained through stages I to IV on synthetic MeCoVQA-like
-data on CPU, then shown on held-out records.
+data on CPU, then evaluated on held-out records against the same model at initialisation.
 
 1. Writes the synthetic set (complex VQA, region VQA with mask / box / point prompts, grounding with `<SEG>`,
    closed questions), train and test splits.
 2. Trains configs/demo.py: the four stage configs with `model=tiny`, shortened, each stage starting from the
    previous one's hand-off (stage IV builds its two experts from stages III and II), with progress bars, metrics
    in `workdir/stageN/metrics.jsonl` and TensorBoard events.
-3. Restores stage IV's final parameters and runs one held-out batch through the whole model: each answer as the
-   model predicts it token by token (teacher-forced), each `<SEG>` mask at its image's original size with its
-   Dice against the ground truth, and a picture of it all. Free-running generation and the paper's evaluators
-   arrive with the inference and evaluation issues.
+3. Restores stage IV's final parameters and runs the paper's evaluators (eval/evaluators.py, as `medplib-jax eval`
+   does) on the test split, and the same on the stage-IV model at initialisation (its own initialisers, the
+   config's seed, saved as `workdir/init_params`): `workdir/eval/{trained,init}/` hold each one's report.md,
+   metrics.json, predictions and pictures.
+4. Measures stage IV's routing: the share of grounding questions' tokens sent to the grounding expert (expert 0)
+   against VQA questions' tokens.
+5. Prints one table (trained beside untrained) and writes it with the routing to `workdir/report.md` and
+   `workdir/metrics.json`.
 """
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import time
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from medplib_jax import checkpoint, sharding
-from medplib_jax.constants import IGNORE_INDEX
-from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_tokenizer, make_iterator
-from medplib_jax.data.synthetic import make_demo_data
-from medplib_jax.data.visualize import render_batch
-from medplib_jax.models.masks import binarize, postprocess_masks
+from medplib_jax import checkpoint
+from medplib_jax.constants import IMAGE_TOKEN_INDEX
+from medplib_jax.data.pipeline import make_iterator
+from medplib_jax.data.records import read_records
+from medplib_jax.data.synthetic import FILES, make_demo_data
+from medplib_jax.eval.command import run_eval
+from medplib_jax.infer.predict import Predictor, Request
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
+from medplib_jax.train.handoff import init_fn
 from medplib_jax.train.loop import train
-from medplib_jax.train.step import MODEL_INPUTS
 
-
-def _dice(pred: np.ndarray, target: np.ndarray) -> float:
-    inter = float((pred & (target > 0)).sum())
-    return 2 * inter / max(float(pred.sum() + (target > 0).sum()), 1.0)
+# The table: (label, evaluator, metric, what the demo must reach (None: no bar)); metrics in percent.
+TABLE = (('closed-VQA accuracy (chance 25)', 'omnimedvqa', 'mean_accuracy', 90.0),
+         ('open-VQA recall (MeCoVQA-C)', 'mecovqa_c', 'open/recall', None),
+         ('region-VQA recall (MeCoVQA-R)', 'mecovqa_r', 'open/recall', None),
+         ('mDice (MeCoVQA-G)', 'mecovqa_g', 'mdice', 60.0))
+GROUNDING_EXPERT = 0  # expert 0 = stage III's FFN (facts 4.5)
 
 
 def run_demo(config: mlc.ConfigDict, workdir: str = '', log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs the demo (config: configs/demo.py); returns a summary (also logged)."""
+    """Runs the demo (config: configs/demo.py); returns metrics.json's content (also written and printed)."""
     demo = config.demo
     workdir = workdir or demo.workdir
     if demo.synthetic_images:
@@ -56,59 +64,104 @@ def run_demo(config: mlc.ConfigDict, workdir: str = '', log: Callable[[str], Non
         dice = (f', mask Dice loss {first["mask/dice"]:.3f} -> {last["mask/dice"]:.3f}'
                 if first['mask/dice'] is not None and last['mask/dice'] is not None else '')
         log(f'  {name}: text CE {first["loss/ce"]:.3f} -> {last["loss/ce"]:.3f}{dice} ({r.steps} steps)')
-    summary: dict[str, Any] = {'stages': {n: {'first': r.first, 'last': r.last, 'steps': r.steps}
-                                          for n, r in results.items()}}
-    summary.update(_show(config.stages[list(config.stages)[-1]], results[list(results)[-1]].final_params, demo, log))
+    last_name = list(config.stages)[-1]
+    if results[last_name].preempted or len(results) < len(config.stages):
+        log('demo: training was interrupted; run the same command again to resume it')
+        return {}
+    return evaluate(config, workdir, results[last_name].final_params, log)
+
+
+def evaluate(config: mlc.ConfigDict, workdir: str, trained: str, log: Callable[[str], None] = print
+             ) -> dict[str, Any]:
+    """Steps 3 to 5 on the last stage's hand-off `trained`; returns metrics.json's content."""
+    demo = config.demo
+    untrained = init_params_dir(config.stages[list(config.stages)[-1]], os.path.join(workdir, 'init_params'), log)
+    ecfg = eval_config(demo)
+    start = time.perf_counter()
+    scores = {}
+    for which, path in (('trained', trained), ('init', untrained)):
+        log(f'=== evaluating the {"trained" if which == "trained" else "untrained (initialised)"} model ===')
+        scores[which] = run_eval(path, ecfg, out=os.path.join(workdir, 'eval', which),
+                                 num_pictures=demo.eval.pictures, log=log)
+    routing = routing_fractions(trained, demo.root, demo.eval.routing_records)
+    log(f'evaluated in {time.perf_counter() - start:.0f}s')
+    summary = summarize(scores, routing, workdir)
+    for line in summary['table']:
+        log(line)
     return summary
 
 
-def _show(stage: mlc.ConfigDict, params_dir: str, demo: mlc.ConfigDict, log: Callable[[str], None]) -> dict:
-    """The trained model on one held-out batch: teacher-forced answers, masks with Dice, a picture."""
-    model_cfg = stage.model.copy_and_resolve_references()
-    model_cfg.lora.rank = 0  # the hand-off has its adapters merged
-    cfg = MedPLIBConfig.from_model_config(model_cfg)
-    model = MedPLIBForCausalLM(cfg.llm, mcfg=cfg)
-    mesh = sharding.make_mesh(stage.mesh)
-    data = stage.copy_and_resolve_references()
-    for spec in data.data.datasets.values():
-        spec.path = spec.path.replace('_train.', '_test.')
-    it = make_iterator(data, train=True)  # the test split, mixed: one row of each kind
+def init_params_dir(stage: mlc.ConfigDict, path: str, log: Callable[[str], None] = print) -> str:
+    """The stage's model (adapters merged away, as its hand-off) at initialisation: its own initialisers and the
+    config's seed, written as a params directory `medplib-jax eval` reads."""
+    cfg = stage.copy_and_resolve_references()
+    cfg.model.lora.rank = 0
+    mcfg = MedPLIBConfig.from_model_config(cfg.model)
+    model = MedPLIBForCausalLM(mcfg.llm, mcfg=mcfg)
+    it = make_iterator(cfg, train=False)  # one batch: the input shapes the initialisers are traced with
     try:
-        host = next(it)
+        example = next(it)
     finally:
         it.close()
-    params = checkpoint.restore_params(params_dir, lambda path, shape: jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec()))
-    params = checkpoint.unflatten(params)
-    fwd = jax.jit(lambda p, b: model.apply({'params': p}, **b, method=MedPLIBForCausalLM.forward))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(list(stage.logical_axis_rules)):
-        out = jax.device_get(fwd(params, {k: jnp.asarray(host[k]) for k in MODEL_INPUTS}))
-    tokenizer = build_tokenizer(DataConfig.from_config(data.data), ModelShapes.from_config(data.model))
-    said, masks, dice = [], [], {}
-    for i in range(len(host['example_valid'])):
-        labels = host['labels'][i]
-        answer = np.nonzero(labels[1:] != IGNORE_INDEX)[0]  # positions predicting a supervised token
-        predicted = out['logits'][i, answer].argmax(-1)
-        said.append(tokenizer.decode(predicted.tolist()) if host['example_valid'][i] else None)
-        if not host['seg_valid'][i, 0]:
-            masks.append(None)
-            continue
-        h, w = (int(v) for v in host['image_size'][i])
-        sam_h, sam_w = (int(v) for v in host['sam_size'][i])
-        mask = np.asarray(binarize(postprocess_masks(jnp.asarray(out['mask_logits'][i, 0]), (sam_h, sam_w), (h, w),
-                                                     cfg.postprocess), cfg.mask_threshold))
-        mh, mw = (int(v) for v in host['mask_size'][i])
-        if (mh, mw) == (h, w):
-            dice[i] = _dice(mask, host['seg_masks'][i, 0, :h, :w])
-        masks.append(mask)
-    for i, text in enumerate(said):
-        if text is not None:
-            truth = tokenizer.decode(host['labels'][i][host['labels'][i] != IGNORE_INDEX].tolist())
-            extra = f'; <SEG> mask Dice {dice[i]:.3f}' if i in dice else ''
-            log(f'held-out row {i}: answer {truth!r}, model (teacher-forced) {text!r}{extra}')
-    summary: dict[str, Any] = {'dice': dice, 'answers': said}
-    if demo.picture:
-        os.makedirs(os.path.dirname(demo.picture) or '.', exist_ok=True)
-        summary['picture'] = render_batch(host, tokenizer, demo.picture, predicted=masks, predicted_text=said)
-        log(f'picture of the held-out batch (inputs, regions, ground truth, predictions): {summary["picture"]}')
+    params = nn.unbox(jax.jit(init_fn(model, example, cfg.seed))()['params'])
+    meta = {'config': cfg.to_dict(), 'stage': 'init', 'merged_lora': False}
+    out = checkpoint.save_params(path, params, meta)
+    log(f'the stage-IV model at initialisation (seed {cfg.seed}): {out}')
+    return out
+
+
+def eval_config(demo: mlc.ConfigDict) -> mlc.ConfigDict:
+    """configs/eval.py over the demo's test split, with the demo's decoding limits."""
+    ecfg = importlib.import_module('configs.eval').get_config('data=demo')
+    ecfg.data.root = demo.root
+    for name, ev in ecfg.evals.items():
+        ev.max_new_tokens = int(demo.eval.max_new_tokens[name])
+        ev.batch_size = int(demo.eval.batch_size)
+        ev.max_records = int(demo.eval.max_records)
+    return ecfg
+
+
+def routing_fractions(params_dir: str, root: str, max_records: int = 0) -> dict[str, float]:
+    """Stage IV's routing of held-out questions: the share of question tokens (text after the image; every MoE
+    layer) that go to the grounding expert, for grounding questions and for VQA questions (closed and complex)."""
+    predictor = Predictor.from_params_dir(params_dir)
+    out = {}
+    for group, kinds in (('grounding', ('grounding',)), ('vqa', ('closed', 'complex'))):
+        hits = total = 0
+        for kind in kinds:
+            records, _ = read_records(os.path.join(root, FILES[kind].format(split='test')), root)
+            for rec in records[:max_records or None]:
+                ids, experts = predictor.prompt_routing(Request(rec.image, rec.turns[-1][0]))
+                text = np.arange(len(ids)) > np.nonzero(ids == IMAGE_TOKEN_INDEX)[0].max()
+                chosen = experts[:, text]
+                hits += int((chosen == GROUNDING_EXPERT).sum())
+                total += int((chosen >= 0).sum())
+        out[group] = 100.0 * hits / max(total, 1)
+    return out
+
+
+def summarize(scores: dict[str, dict], routing: dict[str, float], workdir: str) -> dict[str, Any]:
+    """The side-by-side table (markdown lines) -> workdir/report.md and metrics.json."""
+    def value(which, evaluator, metric):
+        return float(scores[which]['evaluators'][evaluator]['metrics'][metric])
+    rows, checks = [], {}
+    table = ['| held-out metric (%) | untrained | trained | demo bar |', '|---|---|---|---|']
+    for label, evaluator, metric, bar in TABLE:
+        init, trained = value('init', evaluator, metric), value('trained', evaluator, metric)
+        checks[label] = {'init': init, 'trained': trained, 'bar': bar,
+                         'met': bool(trained >= bar) if bar is not None else None}
+        table.append(f'| {label} | {init:.1f} | {trained:.1f} | {">= %g" % bar if bar is not None else ""} |')
+    table.append(f'| stage IV: grounding-question tokens to the grounding expert | | {routing["grounding"]:.1f} | '
+                 f'> VQA\'s |')
+    table.append(f'| stage IV: VQA-question tokens to the grounding expert | | {routing["vqa"]:.1f} | |')
+    summary = {'metrics': checks, 'routing': routing,
+               'routing_separates': bool(routing['grounding'] > routing['vqa']), 'table': table,
+               'eval': {w: os.path.join(workdir, 'eval', w) for w in scores}}
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'report.md'), 'w') as f:
+        f.write('# medplib-jax demo: the tiny MedPLIB after stages I-IV, on the held-out synthetic split\n\n')
+        f.write('\n'.join(table) + '\n\n')
+        f.write('Each evaluator\'s own report, predictions and pictures: `eval/trained/`, `eval/init/`.\n')
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
     return summary

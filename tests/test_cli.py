@@ -23,9 +23,10 @@ def _run(*args, devices=1):
 DEMO_STEPS = '3:4:4:3'
 
 
-def test_demo_trains_every_stage_logs_it_and_shows_the_trained_model(tmp_path):
-    res = _run('demo', f'--config=configs/demo.py:root={tmp_path}/data,steps={DEMO_STEPS}', f'--workdir={tmp_path}/runs',
-               f'--config.demo.picture={tmp_path}/pred.png', '--config.demo.synthetic_images=8')
+def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against_the_untrained(tmp_path):
+    res = _run('demo', f'--config=configs/demo.py:root={tmp_path}/data,steps={DEMO_STEPS},images=8',
+               f'--workdir={tmp_path}/runs', *(f'--config.demo.eval.max_new_tokens.{k}={n}' for k, n in
+                                               (('mecovqa_c', 6), ('mecovqa_r', 6), ('omnimedvqa', 4))))
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     assert 'synthetic MeCoVQA-like data: 48 records over 8 images' in out
@@ -33,10 +34,25 @@ def test_demo_trains_every_stage_logs_it_and_shows_the_trained_model(tmp_path):
         assert re.search(rf'stage {stage} done: loss [\d.]+ -> [\d.]+ over {steps} steps; hand-off', out), stage
     assert re.search(r'stage3: text CE [\d.]+ -> [\d.]+, mask Dice loss [\d.]+ -> [\d.]+ \(4 steps\)', out)
     assert 'init: 6 arrays (98,304 parameters) from init.experts' in out  # stage IV's experts from III and II
-    assert re.search(r"held-out row \d: answer '.+', model \(teacher-forced\) '.*'; <SEG> mask Dice [\d.]+", out)
     assert 'train step compiled for length' in out and 'memory per device: arguments' in out
-    with Image.open(tmp_path / 'pred.png') as im:
-        assert im.width > 600 and im.height > 3 * 200
+    # Evaluated: the trained and the initialised model by the paper's evaluators, side by side, and the routing.
+    runs = tmp_path / 'runs'
+    summary = json.loads((runs / 'metrics.json').read_text())
+    assert set(summary['metrics']) == {'closed-VQA accuracy (chance 25)', 'open-VQA recall (MeCoVQA-C)',
+                                       'region-VQA recall (MeCoVQA-R)', 'mDice (MeCoVQA-G)'}
+    for which in ('trained', 'init'):
+        scores = json.loads((runs / 'eval' / which / 'metrics.json').read_text())['evaluators']
+        assert set(scores) == {'omnimedvqa', 'mecovqa_c', 'mecovqa_r', 'mecovqa_g'}
+        for row in summary['metrics'].values():
+            assert 0.0 <= row[which] <= 100.0
+        assert summary['metrics']['mDice (MeCoVQA-G)'][which] == scores['mecovqa_g']['metrics']['mdice']
+        assert (runs / 'eval' / which / 'report.md').exists() and (runs / 'eval' / which / 'predictions.jsonl').exists()
+    assert list((runs / 'eval' / 'trained' / 'pictures').glob('*.png'))
+    assert 0.0 <= summary['routing']['grounding'] <= 100.0 and 0.0 <= summary['routing']['vqa'] <= 100.0
+    table = (runs / 'report.md').read_text()
+    assert '| held-out metric (%) | untrained | trained | demo bar |' in table and table.count('\n|') >= 7
+    assert all(line in out for line in summary['table'])  # the table is printed too
+    assert (runs / 'init_params.json').exists()
     assert 'Traceback' not in res.stderr
     # Every stage's logs: metrics.jsonl and TensorBoard events with the same losses, and its hand-off.
     for k, steps in enumerate(map(int, DEMO_STEPS.split(':')), start=1):
