@@ -23,10 +23,18 @@ def _run(*args, devices=1):
 DEMO_STEPS = '3:4:4:3'
 
 
-def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against_the_untrained(tmp_path):
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+    """The demo as a user runs it, shortened (steps, images, answer lengths): the same code path."""
+    tmp_path = tmp_path_factory.mktemp('demo')
     res = _run('demo', f'--config=configs/demo.py:root={tmp_path}/data,steps={DEMO_STEPS},images=8',
                f'--workdir={tmp_path}/runs', *(f'--config.demo.eval.max_new_tokens.{k}={n}' for k, n in
                                                (('mecovqa_c', 6), ('mecovqa_r', 6), ('omnimedvqa', 4))))
+    return tmp_path, res
+
+
+def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against_the_untrained(demo_run):
+    tmp_path, res = demo_run
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
     assert 'synthetic MeCoVQA-like data: 48 records over 8 images' in out
@@ -73,6 +81,35 @@ def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against
     last = [m for m in lines if 'loss' in m][-1]
     assert {'moe/drop_fraction/layer_0', 'moe/load/layer_1/expert_0', 'mask/dice'} <= set(last)
 
+
+
+@pytest.mark.parametrize('name', ['quickstart', 'evaluate_checkpoint'])
+def test_notebook_runs_on_the_demos_outputs(demo_run, name, monkeypatch):
+    """Both notebooks execute without error on the demo's checkpoint and data (nbclient, a real kernel)."""
+    import nbclient
+    import nbformat
+    tmp_path, res = demo_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    monkeypatch.setenv('MEDPLIB_DEMO_DIR', str(tmp_path / 'runs'))
+    monkeypatch.setenv('MEDPLIB_DEMO_DATA', str(tmp_path / 'data'))
+    monkeypatch.setenv('PYTHONPATH', ROOT)
+    notebook = nbformat.read(os.path.join(ROOT, 'notebooks', f'{name}.ipynb'), as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                            resources={'metadata': {'path': ROOT}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == 'error']
+    if name == 'quickstart':  # the overlay and the routing picture are shown inline
+        assert sum('image/png' in o.get('data', {}) for o in outputs) >= 2
+    else:
+        assert (tmp_path / 'runs' / 'notebook_eval' / 'report.md').exists()
+
+
+def test_notebooks_are_stored_without_outputs():
+    import nbformat
+    for name in ('quickstart', 'evaluate_checkpoint'):
+        notebook = nbformat.read(os.path.join(ROOT, 'notebooks', f'{name}.ipynb'), as_version=4)
+        code = [cell for cell in notebook.cells if cell.cell_type == 'code']
+        assert code and all(not cell.outputs and cell.execution_count is None for cell in code), name
 
 def _events(path):
     """Scalar summaries in a TensorBoard event file, read with the TFRecord framing and tensorboardX's protos."""
