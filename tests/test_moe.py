@@ -1,6 +1,8 @@
 """MoE gate and layer against a naive loop reference (DeepSpeed semantics as the facts state), hand-computed
-cases, the dense-mixture limit, gradients, padding routing, and mesh independence."""
+cases, the dense-mixture limit, gradients, padding routing, mesh independence, and the grouped dispatch against
+the einsum one."""
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -12,6 +14,7 @@ import pytest
 from configs.common import LOGICAL_AXIS_RULES
 from medplib_jax import sharding
 from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from medplib_jax.models.grouped import grouped_matmul, make_layout
 from medplib_jax.models.lora import LoRAConfig
 from medplib_jax.models.moe import (MoEConfig, MoEFFN, collect_moe_metrics, experts_from_dense,
                                     moe_llm_params_from_dense, top_k_gating)
@@ -473,3 +476,130 @@ def test_stage_four_start_from_two_dense_stages(np_rng):
     np.testing.assert_array_equal(params['lm_head']['kernel'], stage2['lm_head']['kernel'])
     logits, _ = LlamaForCausalLM(moe_cfg).apply({'params': params}, jnp.asarray(np_rng.integers(0, 64, (4, 5))))
     assert bool(jnp.isfinite(logits).all())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The grouped dispatch (moe.dispatch='grouped') against the einsum dispatch, the reference.
+def _two_dispatches(moe: MoEConfig, f: int, lora: LoRAConfig):
+    layer = MoEFFN(moe, f, lora)
+    return {d: layer.clone(moe=dataclasses.replace(moe, dispatch=d)) for d in ('einsum', 'grouped')}
+
+
+def _random_params(layer, x, mask, np_rng):
+    init = jax.jit(functools.partial(layer.init, train=True))
+    params = nn.unbox(init({'params': jax.random.key(0), 'moe': jax.random.key(1)}, x, mask))['params']
+    # perturb everything (LoRA B included, so the adapters take part)
+    return jax.tree.map(lambda p: p + 0.1 * jnp.asarray(np_rng.normal(size=p.shape), p.dtype), params)
+
+
+@pytest.mark.parametrize('k,cf', [(1, 0.5), (1, 1.5), (2, 0.5)])
+def test_grouped_dispatch_equals_einsum_outputs_gradients_and_decisions(np_rng, k, cf):
+    """3 experts, 2 routing groups, LoRA on every expert projection: outputs, gradients w.r.t. every parameter
+    and the input, aux loss, counts and the per-token keep / drop decisions agree (cf 0.5 drops tokens)."""
+    b, length, d, f = 4, 6, 16, 24
+    moe = MoEConfig(mode='dense', num_experts=3, top_k=k, capacity_factor=cf, group_size=2)
+    layers = _two_dispatches(moe, f, LoRAConfig(rank=4, alpha=8.0, dropout=0.0,
+                                                targets=('gate_proj', 'up_proj', 'down_proj')))
+    x = jnp.asarray(np_rng.normal(size=(b, length, d)), jnp.float32)
+    params = _random_params(layers['einsum'], x, None, np_rng)
+    noise = jnp.asarray(_noise(np_rng, (2, 12, 3), k))
+    target = jnp.asarray(np_rng.normal(size=x.shape), jnp.float32)
+
+    def loss(layer, p, inputs):
+        y, state = layer.apply({'params': p}, inputs, None, True, noise=noise, mutable=['intermediates'])
+        return jnp.sum((y - target) ** 2), (y, state['intermediates'])
+
+    out = {name: jax.jit(jax.value_and_grad(functools.partial(loss, layer), argnums=(0, 1), has_aux=True))(params, x)
+           for name, layer in layers.items()}
+    (_, (y_ref, m_ref)), g_ref = out['einsum']
+    (_, (y, m)), g = out['grouped']
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=1e-5 * float(np.abs(y_ref).max()))
+    for path, ref in jax.tree_util.tree_flatten_with_path(g_ref)[0]:
+        got = functools.reduce(lambda t, key: t[getattr(key, 'key', getattr(key, 'idx', None))], path, g)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0,
+                                   atol=1e-5 * max(1.0, float(np.abs(ref).max())), err_msg=str(path))
+    for name in ('moe_token_slots', 'moe_expert_counts', 'moe_drop_fraction'):
+        np.testing.assert_array_equal(np.asarray(m[name][0]), np.asarray(m_ref[name][0]), err_msg=name)
+    np.testing.assert_allclose(float(m['moe_aux_loss'][0]), float(m_ref['moe_aux_loss'][0]), rtol=1e-6)
+    assert (float(m_ref['moe_drop_fraction'][0]) > 0) == (cf < 1)  # the dropping cases drop
+
+
+def test_grouped_dispatch_with_bucket_padding_equals_einsum(np_rng):
+    """route_padding='micro_batch' on a batch padded to a longer bucket, capacity factor 0.5: the unrouted bucket
+    padding and the dropped tokens get exactly 0 in both dispatches, the rest agrees."""
+    lengths = np.array([11, 5, 9, 3, 7, 16, 2, 4])
+    x = jnp.asarray(np_rng.normal(size=(8, 16, 8)), jnp.float32)
+    mask = jnp.asarray(np.arange(16)[None] < lengths[:, None])
+    layers = _two_dispatches(MoEConfig(mode='dense', capacity_factor=0.5, group_size=4), 12,
+                             LoRAConfig(rank=2, alpha=4.0, dropout=0.0, targets=('gate_proj', 'down_proj')))
+    params = _random_params(layers['einsum'], x, mask, np_rng)
+    noise = jnp.asarray(_noise(np_rng, (2, 64, 2), 1))
+    res = {}
+    for name, layer in layers.items():
+        y, state = jax.jit(functools.partial(layer.apply, mutable=['intermediates']), static_argnums=3)(
+            {'params': params}, x, mask, True, noise)
+        res[name] = np.asarray(y), np.asarray(state['intermediates']['moe_token_slots'][0])
+    (y_ref, slots_ref), (y, slots) = res['einsum'], res['grouped']
+    np.testing.assert_array_equal(slots, slots_ref)
+    assert not slots[:4, 11:].any() and 0 < slots.sum() < mask.sum()  # bucket padding unrouted; tokens dropped
+    np.testing.assert_array_equal(y == 0, y_ref == 0)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(np.abs(y_ref).max()))
+
+
+def test_grouped_matmul_skips_an_empty_expert_and_matches_per_row_products(np_rng):
+    """Expert 1 gets no rows (its tiles are never visited); rows and weight gradients equal per-row products."""
+    expert = jnp.asarray([2, 0, 2, 2, 0, 2, 2, 0, 2, 2], jnp.int32)
+    keep = jnp.asarray([1, 1, 1, 0, 1, 1, 1, 1, 1, 0], bool)
+    layout, row = make_layout(expert, keep, 3, 10)
+    np.testing.assert_array_equal(np.diff(np.asarray(layout.tile_bounds), axis=1)[:, 0], [1, 0, 1])
+    kept_rows = np.asarray(row)[np.asarray(keep)]
+    num_rows = layout.row_expert.shape[0]
+    assert len(set(kept_rows.tolist())) == kept_rows.size and np.all(np.asarray(row)[~np.asarray(keep)] == num_rows)
+    x = jnp.asarray(np_rng.normal(size=(10, 5)), jnp.float32)
+    w = jnp.asarray(np_rng.normal(size=(3, 5, 4)), jnp.float32)
+    rows_in = jnp.zeros((num_rows, 5)).at[row].set(x, mode='drop')
+
+    def via_rows(w_, x_rows):
+        return jnp.take(grouped_matmul(x_rows, w_, layout), row, axis=0, mode='fill', fill_value=0)
+
+    def per_row(w_, x_rows):
+        return jnp.einsum('nd,ndf->nf', x_rows.at[row].get(mode='fill', fill_value=0), w_[expert]) * keep[:, None]
+
+    np.testing.assert_allclose(np.asarray(via_rows(w, rows_in)), np.asarray(per_row(w, rows_in)), atol=1e-6)
+    loss = lambda fn: jax.grad(lambda w_, r_: jnp.sum(jnp.sin(fn(w_, r_))), argnums=(0, 1))(w, rows_in)  # noqa: E731
+    for got, ref in zip(loss(via_rows), loss(per_row)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6)
+
+
+def test_grouped_dispatch_on_8_devices_equals_1_device(np_rng):
+    """The grouped dispatch in a 1-layer MoE model, mesh (data=4, fsdp=2) vs 1 device, training (tokens are
+    dropped): same logits and metrics."""
+    cfg = _moe_llama()
+    cfg = dataclasses.replace(cfg, num_layers=1, moe=dataclasses.replace(cfg.moe, dispatch='grouped'))
+    model = LlamaForCausalLM(cfg)
+    ids = jnp.asarray(np_rng.integers(0, cfg.vocab_size, size=(32, 8)))
+    boxed = model.init({'params': jax.random.key(0), 'moe': jax.random.key(1)}, ids, train=True)
+    params = nn.unbox(boxed)['params']
+
+    def run(p, i):
+        (logits, _), state = model.apply({'params': p}, i, train=True, rngs={'moe': jax.random.key(7)},
+                                     mutable=['intermediates'])
+        return logits, collect_moe_metrics(state['intermediates'])
+
+    ref_logits, ref_m = jax.jit(run)(jax.device_put(params, jax.devices()[0]), ids)
+    assert float(ref_m['drop_fraction'].max()) > 0
+    mesh = sharding.make_mesh(dict(data=4, fsdp=2, tensor=1))
+    shardings = sharding.param_shardings(boxed, mesh, LOGICAL_AXIS_RULES)['params']
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        logits, m = jax.jit(run)(sharding.shard_like(params, shardings),
+                                 jax.device_put(ids, sharding.data_sharding(mesh, 2)))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=0,
+                               atol=1e-5 * float(np.abs(ref_logits).max()))
+    for name in ('expert_counts', 'drop_fraction', 'token_slots'):
+        np.testing.assert_array_equal(np.asarray(m[name]), np.asarray(ref_m[name]), err_msg=name)
+
+
+def test_dispatch_is_validated():
+    with pytest.raises(ValueError, match="moe.dispatch='ragged'; known"):
+        MoEConfig(dispatch='ragged')
+    assert MoEConfig.from_dict({'dispatch': 'grouped'}).dispatch == 'grouped'

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from medplib_jax.config_fields import known_fields
+from medplib_jax.models.grouped import GroupedLayout, grouped_matmul
 from medplib_jax.models.layers import torch_linear_init
 
 
@@ -56,7 +57,8 @@ class LoRADense(nn.Module):
     """Bias-free Dense with an optional LoRA branch.
 
     Plain: kernel (in, out), lora_A (in, r), lora_B (r, out). With `stacked=E` every parameter gets a leading
-    expert axis (logical name `expert`) and the input is (E, ..., in): one projection per expert.
+    expert axis (logical name `expert`) and the input is (E, ..., in): one projection per expert, or, with a
+    `layout` (the MoE 'grouped' dispatch), (R, in) rows sorted by expert as the layout says. Same parameters.
     """
     features: int
     axes: tuple[str, str]
@@ -67,28 +69,35 @@ class LoRADense(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, layout: GroupedLayout | None = None) -> jax.Array:
+        if layout is not None and not self.stacked:
+            raise ValueError('LoRADense: a grouped layout needs stacked (per-expert) parameters')
         d_in = x.shape[-1]
         lead, lead_axes = ((self.stacked,), ('expert',)) if self.stacked else ((), ())
         kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, lead_axes + self.axes),
                             lead + (d_in, self.features), self.param_dtype)
         e = 'e' if self.stacked else ''
         x = x.astype(self.dtype)
+        base = (jnp.einsum(f'{e}...i,{e}io->{e}...o', x, kernel.astype(self.dtype)) if layout is None
+                else grouped_matmul(x, kernel.astype(self.dtype), layout))
         if self.lora.rank == 0:
-            return jnp.einsum(f'{e}...i,{e}io->{e}...o', x, kernel.astype(self.dtype))
+            return base
         r = self.lora.rank
         a = self.param('lora_A', nn.with_logical_partitioning(torch_linear_init, lead_axes + (self.axes[0], None)),
                        lead + (d_in, r), self.param_dtype)
         b = self.param('lora_B', nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                               lead_axes + (None, self.axes[1])),
                        lead + (r, self.features), self.param_dtype)
-        base = jnp.einsum(f'{e}...i,{e}io->{e}...o', x, kernel.astype(self.dtype))
         xd = x
         if train and self.lora.dropout > 0:
             keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.lora.dropout, x.shape)
             xd = jnp.where(keep, x / (1.0 - self.lora.dropout), 0).astype(self.dtype)
-        h = jnp.einsum(f'{e}...i,{e}ir->{e}...r', xd, a.astype(self.dtype))
-        branch = jnp.einsum(f'{e}...r,{e}ro->{e}...o', h, b.astype(self.dtype))
+        if layout is None:
+            h = jnp.einsum(f'{e}...i,{e}ir->{e}...r', xd, a.astype(self.dtype))
+            branch = jnp.einsum(f'{e}...r,{e}ro->{e}...o', h, b.astype(self.dtype))
+        else:  # every expert's adapter on every row, masked to the row's own: E x r columns cost little
+            h = jnp.einsum('ni,eir->ner', xd, a.astype(self.dtype)) * layout.row_mask(self.dtype)[:, :, None]
+            branch = jnp.einsum('ner,ero->no', h, b.astype(self.dtype))
         return base + (self.lora.scale * branch).astype(self.dtype)
 
 

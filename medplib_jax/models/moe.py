@@ -2,15 +2,20 @@
 
 `top_k_gating` reproduces DeepSpeed's `top1gating` / `top2gating` (as used by MedPLIB through deepspeed 0.13.1)
 on one group of S tokens. The layer groups `moe.group_size` sequences (not "the tokens on one device", as
-DeepSpeed does) so that capacity, dropping and the aux loss do not depend on the device mesh, then dispatches and
-combines with einsums over (group, expert, capacity) as in GShard / MaxText.
+DeepSpeed does) so that capacity, dropping and the aux loss do not depend on the device mesh. `moe.dispatch`
+picks how tokens reach the experts, from the same routing decisions:
+- 'einsum' (default, the reference): one-hot dispatch/combine einsums over (group, expert, capacity) as in
+  GShard / MaxText; the experts run on all E x C buffer slots, used or not.
+- 'grouped': the kept (token, choice) pairs of all groups are gathered into rows sorted by expert, the experts
+  run as a grouped matmul over the rows they actually got (models/grouped.py), and the rows are gathered back and
+  scaled by the combine weight. Top-1 and top-2 alike. Same parameters, same outputs (up to float rounding).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -18,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medplib_jax.config_fields import known_fields
+from medplib_jax.models.grouped import GroupedLayout, make_layout
 from medplib_jax.models.layers import constrain, torch_linear_init
 from medplib_jax.models.lora import LoRAConfig, projection
 
@@ -28,6 +34,7 @@ MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
 #   padded to a longer bucket routes exactly as the reference would.
 # all: every position, bucket padding included. none: no padding at all (real tokens only).
 ROUTE_PADDING = ('micro_batch', 'all', 'none')
+DISPATCH = ('einsum', 'grouped')  # see the module docstring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +49,7 @@ class MoEConfig:
     group_size: int = 4  # sequences per routing group in training (the reference's stage-IV per-GPU micro-batch)
     route_padding: str = 'micro_batch'  # ROUTE_PADDING
     aux_loss_coef: float = 0.0  # stage-IV recipe; the reference's CLI default is 0.01
+    dispatch: str = 'einsum'  # DISPATCH: how routed tokens reach the experts (same routing, same parameters)
 
     def __post_init__(self):
         if self.mode not in MOE_MODES:
@@ -55,6 +63,8 @@ class MoEConfig:
                              f'moe.min_capacity={self.min_capacity} >= 0')
         if self.route_padding not in ROUTE_PADDING:
             raise ValueError(f'moe.route_padding={self.route_padding!r}; known: {ROUTE_PADDING}')
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f'moe.dispatch={self.dispatch!r}; known: {DISPATCH}')
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError('moe.capacity_factor and moe.eval_capacity_factor must be > 0')
 
@@ -91,9 +101,42 @@ def _dynamic_capacity(n_used: jax.Array, num_experts: int, k: int, capacity_fact
     return jnp.maximum(c, min_capacity)
 
 
+class Routing(NamedTuple):
+    """One group's routing decisions per token and choice j < k (first choice, then second). A choice is kept
+    (DeepSpeed's dispatch mask) exactly where its weight is non-zero."""
+    aux_loss: jax.Array  # ()
+    counts: jax.Array  # (E,) first choices before dropping
+    expert: jax.Array  # (S, k) int32: the chosen expert
+    slot: jax.Array  # (S, k) int32: its buffer slot (0 when dropped)
+    weight: jax.Array  # (S, k) float32: combine weight, 0 when dropped or not routed
+
+
 def top_k_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_capacity: int,
                  noise: jax.Array | None = None, rng: jax.Array | None = None,
                  used_token: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """DeepSpeed top-1 / top-2 gating over one group of S tokens, as dense (S, E, C) tensors (see `route`).
+
+    Returns (aux_loss, combine_weights (S, E, C), dispatch_mask (S, E, C) bool, expert_counts (E,)).
+    """
+    r = route(logits, k=k, capacity_factor=capacity_factor, min_capacity=min_capacity, noise=noise, rng=rng,
+              used_token=used_token)
+    s, e = logits.shape
+    combine = dense_combine(r, e, capacity(s, e, k, capacity_factor, min_capacity))
+    return r.aux_loss, combine, combine != 0, r.counts
+
+
+def dense_combine(r: Routing, num_experts: int, cap: int) -> jax.Array:
+    """(S, E, C) combine weights: each kept choice's weight at (its expert, its slot)."""
+    out = 0.0
+    for j in range(r.expert.shape[1]):
+        per_expert = r.weight[:, j, None] * jax.nn.one_hot(r.expert[:, j], num_experts, dtype=jnp.float32)
+        out = out + per_expert[:, :, None] * jax.nn.one_hot(r.slot[:, j], cap, dtype=jnp.float32)[:, None, :]
+    return out
+
+
+def route(logits: jax.Array, *, k: int, capacity_factor: float, min_capacity: int,
+          noise: jax.Array | None = None, rng: jax.Array | None = None,
+          used_token: jax.Array | None = None) -> Routing:
     """DeepSpeed top-1 / top-2 gating over one group of S tokens.
 
     logits: (S, E) router logits (computed in fp32). noise: the (S, E) array DeepSpeed would draw, uniform [0, 1)
@@ -101,9 +144,9 @@ def top_k_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_capac
     None (and zeros when the result cannot depend on it). used_token: optional (S,) 0/1 mask; tokens with 0 are
     not routed, not counted toward capacity (capacity = ceil(n_used / E * cf * k)) nor in the aux loss means.
 
-    Returns (aux_loss, combine_weights (S, E, C), dispatch_mask (S, E, C) bool, expert_counts (E,)), with
-    DeepSpeed's conventions: top-1 combine weights are the unrenormalised gate probability; top-2 weights are
-    renormalised over the kept choices; counts are first choices before dropping; C is the static capacity.
+    Returns a `Routing` with DeepSpeed's conventions: top-1 combine weights are the unrenormalised gate
+    probability; top-2 weights are renormalised over the kept choices; counts are first choices before dropping;
+    slots index the static capacity C.
     """
     if k not in (1, 2):
         raise ValueError(f'top_k_gating: k={k}; only 1 and 2 are supported')
@@ -125,7 +168,8 @@ def top_k_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_capac
     n_used = used.sum()
     limit = cap if used_token is None else jnp.minimum(_dynamic_capacity(n_used, e, k, capacity_factor,
                                                                          min_capacity), cap)
-    first = jax.nn.one_hot(jnp.argmax(gates, axis=-1), e, dtype=jnp.int32)
+    expert1 = jnp.argmax(gates, axis=-1).astype(jnp.int32)
+    first = jax.nn.one_hot(expert1, e, dtype=jnp.int32)
     mask1 = first * used[:, None]
     counts = mask1.sum(axis=0)
 
@@ -144,12 +188,13 @@ def top_k_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_capac
         mask1 = mask1 * (rank < limit)
         loc1 = jnp.cumsum(mask1, axis=0) - 1  # buffer slot = order among the kept tokens, in token order
         loc1_s = jnp.sum(loc1 * mask1, axis=1)
-        gates1 = gates * mask1
-        combine = gates1[:, :, None] * jax.nn.one_hot(loc1_s, cap, dtype=jnp.float32)[:, None, :]
+        return Routing(aux, counts, expert1[:, None], loc1_s[:, None].astype(jnp.int32),
+                       jnp.sum(gates * mask1, axis=1)[:, None])
     else:
         aux = jnp.mean(me * ce) * e * e
         except1 = jnp.where(first > 0, -jnp.inf, logits + noise)  # Gumbel-max over the other experts
-        mask2 = jax.nn.one_hot(jnp.argmax(except1, axis=-1), e, dtype=jnp.int32) * used[:, None]
+        expert2 = jnp.argmax(except1, axis=-1).astype(jnp.int32)
+        mask2 = jax.nn.one_hot(expert2, e, dtype=jnp.int32) * used[:, None]
         loc1 = jnp.cumsum(mask1, axis=0) - 1
         # Second choices queue behind every first choice of that expert (dropped ones included).
         loc2 = jnp.cumsum(mask2, axis=0) - 1 + jnp.sum(mask1, axis=0, keepdims=True)
@@ -160,10 +205,9 @@ def top_k_gating(logits: jax.Array, *, k: int, capacity_factor: float, min_capac
         g1 = jnp.sum(gates * mask1, axis=1)
         g2 = jnp.sum(gates * mask2, axis=1)
         norm = jnp.maximum(g1 + g2, jnp.finfo(jnp.float32).eps)
-        g1, g2 = g1 / norm, g2 / norm
-        combine = ((g1[:, None] * mask1)[:, :, None] * jax.nn.one_hot(loc1_s, cap, dtype=jnp.float32)[:, None, :]
-                   + (g2[:, None] * mask2)[:, :, None] * jax.nn.one_hot(loc2_s, cap, dtype=jnp.float32)[:, None, :])
-    return aux, combine, combine != 0, counts
+        return Routing(aux, counts, jnp.stack([expert1, expert2], axis=1),
+                       jnp.stack([loc1_s, loc2_s], axis=1).astype(jnp.int32),
+                       jnp.stack([g1 / norm, g2 / norm], axis=1))
 
 
 class Experts(nn.Module):
@@ -175,18 +219,20 @@ class Experts(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """x: (E, G, C, D) -> (E, G, C, D)."""
+    def __call__(self, x: jax.Array, train: bool, layout: GroupedLayout | None = None) -> jax.Array:
+        """x: (E, G, C, D) -> (E, G, C, D); with a grouped `layout`: (R, D) rows sorted by expert -> (R, D)."""
         d = x.shape[-1]
 
         def proj(features, axes, name):
             return projection(features, axes, name, self.lora, stacked=self.num_experts, dtype=self.dtype,
                               param_dtype=self.param_dtype)
 
-        gate = proj(self.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x, train)
-        up = proj(self.intermediate_size, ('embed', 'mlp'), 'up_proj')(x, train)
-        h = constrain(nn.silu(gate) * up, ('expert', 'activation_batch', None, 'activation_mlp'))
-        return proj(d, ('mlp', 'embed'), 'down_proj')(h, train)
+        gate = proj(self.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x, train, layout)
+        up = proj(self.intermediate_size, ('embed', 'mlp'), 'up_proj')(x, train, layout)
+        h = nn.silu(gate) * up
+        if layout is None:
+            h = constrain(h, ('expert', 'activation_batch', None, 'activation_mlp'))
+        return proj(d, ('mlp', 'embed'), 'down_proj')(h, train, layout)
 
 
 class MoEFFN(nn.Module):
@@ -226,26 +272,50 @@ class MoEFFN(nn.Module):
             shape = (groups, s, moe.num_experts)
             noise = jax.random.uniform(key, shape) if k == 1 else jax.random.gumbel(key, shape)
         used = None if token_mask is None else routed_positions(token_mask, group, moe.route_padding)
-        gate_fn = lambda lg, nz, us: top_k_gating(lg, k=k, capacity_factor=cf, min_capacity=moe.min_capacity,
-                                                  noise=nz, used_token=us)
-        aux, combine, dispatch, counts = jax.vmap(gate_fn, in_axes=(0, None if noise is None else 0,
-                                                                    None if used is None else 0))(logits, noise, used)
-        expert_in = jnp.einsum('gsec,gsd->egcd', dispatch.astype(self.dtype), xg.astype(self.dtype))
-        expert_in = constrain(expert_in, ('expert', 'activation_batch', None, 'activation_embed'))
-        expert_out = Experts(self.intermediate_size, moe.num_experts, self.lora, self.dtype, self.param_dtype,
-                             name='experts')(expert_in, train)
-        y = jnp.einsum('gsec,egcd->gsd', combine.astype(self.dtype), expert_out)
+        gate_fn = lambda lg, nz, us: route(lg, k=k, capacity_factor=cf, min_capacity=moe.min_capacity, noise=nz,
+                                           used_token=us)
+        r = jax.vmap(gate_fn, in_axes=(0, None if noise is None else 0, None if used is None else 0))(
+            logits, noise, used)
+        experts = Experts(self.intermediate_size, moe.num_experts, self.lora, self.dtype, self.param_dtype,
+                          name='experts')
+        cap = capacity(s, moe.num_experts, k, cf, moe.min_capacity)
+        if moe.dispatch == 'grouped':
+            y = _grouped_dispatch(experts, xg.astype(self.dtype), r, min(k * s, moe.num_experts * cap), train)
+        else:
+            combine = jax.vmap(lambda r_: dense_combine(r_, moe.num_experts, cap))(r)
+            expert_in = jnp.einsum('gsec,gsd->egcd', (combine != 0).astype(self.dtype), xg.astype(self.dtype))
+            expert_in = constrain(expert_in, ('expert', 'activation_batch', None, 'activation_embed'))
+            y = jnp.einsum('gsec,egcd->gsd', combine.astype(self.dtype), experts(expert_in, train))
 
+        kept = r.weight != 0  # (groups, S, k): DeepSpeed's dispatch mask, per choice
         n_used = s * groups if used is None else used.sum()
-        self.sow('intermediates', 'moe_aux_loss', aux.mean())
-        self.sow('intermediates', 'moe_expert_counts', counts.sum(axis=0))
-        self.sow('intermediates', 'moe_drop_fraction', 1.0 - dispatch.sum() / jnp.maximum(k * n_used, 1))
+        self.sow('intermediates', 'moe_aux_loss', r.aux_loss.mean())
+        self.sow('intermediates', 'moe_expert_counts', r.counts.sum(axis=0))
+        self.sow('intermediates', 'moe_drop_fraction', 1.0 - kept.sum() / jnp.maximum(k * n_used, 1))
         # Per token, how many of its k choices got a buffer slot: the keep / drop decisions themselves (dead code
         # to XLA unless read).
-        self.sow('intermediates', 'moe_token_slots', dispatch.sum(axis=(-2, -1)).astype(jnp.int32).reshape(b, length))
+        self.sow('intermediates', 'moe_token_slots', kept.sum(axis=-1).astype(jnp.int32).reshape(b, length))
         # Per token, its first-choice expert (the one top-1 routing uses when the token is kept).
         self.sow('intermediates', 'moe_token_expert', jnp.argmax(logits, axis=-1).astype(jnp.int32).reshape(b, length))
         return y.reshape(b, length, d)
+
+
+def _grouped_dispatch(experts: Experts, xg: jax.Array, r: Routing, max_kept_per_group: int,
+                      train: bool) -> jax.Array:
+    """The 'grouped' dispatch: xg (G, S, D) and the groups' routing -> (G, S, D).
+
+    Every kept (token, choice) pair of every group becomes one row, rows sorted by expert; dropped choices get
+    no row (their gathers read the fill value 0). Rows of all groups share the experts' tiles."""
+    g, s, d = xg.shape
+    k = r.expert.shape[-1]
+    weight = r.weight.reshape(-1)  # entries (group, token, choice), flattened
+    layout, row = make_layout(r.expert.reshape(-1), weight != 0, experts.num_experts, g * max_kept_per_group)
+    token = jnp.arange(g * s * k, dtype=jnp.int32) // k
+    src = jnp.full(layout.row_expert.shape, g * s, jnp.int32).at[row].set(token, mode='drop')  # row -> token
+    rows_in = jnp.take(xg.reshape(g * s, d), src, axis=0, mode='fill', fill_value=0)
+    rows_out = experts(rows_in, train, layout)
+    y = jnp.take(rows_out, row, axis=0, mode='fill', fill_value=0) * weight.astype(rows_out.dtype)[:, None]
+    return y.reshape(g, s, k, d).sum(axis=2)
 
 
 def routed_positions(token_mask: jax.Array, group: int, route_padding: str) -> jax.Array | None:
