@@ -1,11 +1,12 @@
 """Shared blocks: PyTorch ConvTranspose2d layout and semantics, attention core masking."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from medplib_jax.convert.common import CONV_TRANSPOSE
-from medplib_jax.models.layers import ConvTranspose2d, dot_product_attention
+from medplib_jax.models.layers import ConvTranspose2d, causal_attention, dot_product_attention
 
 
 @pytest.mark.parametrize('kernel,stride,padding', [(4, 2, 1), (2, 2, 0)])
@@ -32,3 +33,23 @@ def test_attention_fully_masked_rows_stay_finite(np_rng):
     np.testing.assert_allclose(np.asarray(out[0, 1]), np.asarray(q[0, 0]), rtol=1e-6)  # attends to key 0 only
     with pytest.raises(ValueError, match='not a multiple'):
         dot_product_attention(jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)))
+
+
+@pytest.mark.parametrize('block', [4, 5, 16])
+def test_blocked_causal_attention_equals_the_full_mask(np_rng, block):
+    """Query blocks skip the upper triangle: same outputs and gradients as the (T, T) mask, including the
+    fully-masked rows of left padding (uniform over all keys) and right padding; GQA (4 query, 2 KV heads)."""
+    b, t = 3, 13
+    q = jnp.asarray(np_rng.normal(size=(b, t, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(np_rng.normal(size=(b, t, 2, 8)), jnp.float32) for _ in range(2))
+    mask = np.ones((b, t), bool)
+    mask[1, :6] = False   # left padding: rows 0-5 see no key
+    mask[2, 9:] = False   # right padding
+    mask = jnp.asarray(mask)
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
+    full = lambda q, k, v: causal_attention(q, k, v, mask, 0)  # noqa: E731
+    blocked = lambda q, k, v: causal_attention(q, k, v, mask, block)  # noqa: E731
+    np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-5, atol=1e-6)
+    for g_full, g_blocked in zip(jax.grad(loss(full), (0, 1, 2))(q, k, v),
+                                 jax.grad(loss(blocked), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_blocked, g_full, rtol=1e-5, atol=1e-6)

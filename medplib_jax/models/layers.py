@@ -89,6 +89,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, t, h, d)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array, block: int = 0) -> jax.Array:
+    """Causal self-attention over one sequence (key s visible to query t iff s <= t and token_mask[:, s]).
+
+    `block` > 0 splits the queries into blocks of `block` rows; block i [a, b) attends only keys [0, b), so the
+    fully-masked upper-triangle blocks are never computed (about half the score work and memory at long T). The
+    result equals `dot_product_attention` with the full (B, T, T) mask, fully-masked rows included (those get the
+    uniform average of all T values, as the full-width softmax over float32-min scores gives).
+    """
+    b, t, h, d = q.shape
+    if block <= 0 or block >= t:
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        return dot_product_attention(q, k, v, causal[None] & token_mask[:, None, :])
+    kv = k.shape[2]
+    uniform = jnp.repeat(jnp.mean(v, axis=1), h // kv, axis=1)[:, None]  # (B, 1, H, D)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        mask = (jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :])[None] & token_mask[:, None, :end]
+        out = dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask)
+        outs.append(jnp.where(mask.any(-1)[:, :, None, None], out, uniform.astype(out.dtype)))
+    return jnp.concatenate(outs, axis=1)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Activation sharding hint by logical names (a no-op outside a mesh/rules context)."""
     return nn.with_logical_constraint(x, tuple(axes))

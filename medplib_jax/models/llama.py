@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from medplib_jax.config_fields import known_fields
-from medplib_jax.models.layers import RMSNorm, constrain, dense, dot_product_attention, dtype_of
+from medplib_jax.models.layers import RMSNorm, causal_attention, constrain, dense, dot_product_attention, dtype_of
 from medplib_jax.models.lora import LoRAConfig, LoRADense, projection
 from medplib_jax.models.moe import MoEConfig, MoEFFN
 
@@ -45,6 +45,9 @@ class LlamaConfig:
     param_dtype: str = 'float32'
     scan_layers: bool = False
     remat_policy: str = 'none'
+    # Query block of the causal self-attention (layers.causal_attention): 0 = one (T, T) block; > 0 skips the
+    # masked upper-triangle blocks (same result; faster on CPU, see README "Performance").
+    attention_block: int = 0
     lora: LoRAConfig = LoRAConfig()
     moe: MoEConfig = MoEConfig()
 
@@ -130,10 +133,9 @@ class LlamaAttention(nn.Module):
             token_mask = jnp.ones((b, t), bool)
         if decode:
             k, v, mask = self._update_cache(k, v, token_mask)
+            out = dot_product_attention(q, k, v, mask)
         else:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & token_mask[:, None, :]
-        out = dot_product_attention(q, k, v, mask)
+            out = causal_attention(q, k, v, token_mask, cfg.attention_block)
         out = constrain(out, (BATCH, LENGTH, 'activation_heads', None)).reshape(b, t, cfg.num_heads * cfg.head_dim)
         return cfg.proj(cfg.hidden_size, ('heads', 'embed'), 'o_proj')(out, train)
 
