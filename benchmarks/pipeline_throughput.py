@@ -7,7 +7,14 @@ setting iterates `--batches` batches of `--batch_size` once to warm up (worker s
 the next `--batches` batches; the median of `--repeats` runs is reported. Results go to
 benchmarks/results/pipeline_throughput_<platform>.json with the machine description.
 
+Next to the measured rates it prints the records/s one host must deliver to keep the 7B stage-IV train step fed
+(configs/stage4.py: global batch 128): the step time is estimated from train/flops.py's FLOPs per step at the
+stated MFU (`--mfu`, default 0.4) of the chips' bf16 peak (train/flops.py PEAK_FLOPS), so
+records/s per host = global batch / step time / hosts. Shown for the shortest and the longest length bucket (the
+shortest gives the faster step, so the higher demand).
+
     python benchmarks/pipeline_throughput.py [--image_size 1024] [--batch_size 8] [--batches 6] [--repeats 3]
+        [--mfu 0.4] [--requirement_only]   # the latter: recompute the demand, keep the measured rows on file
 """
 from __future__ import annotations
 
@@ -53,6 +60,31 @@ def _records_per_second(cfg: DataConfig, shapes: ModelShapes, batches: int) -> f
         it.close()
 
 
+# target -> (device kind for the peak, chips, chips per host)
+TARGETS = {'v5p-64': ('TPU v5p', 32, 4), 'v5p-256': ('TPU v5p', 128, 4), '8xH100': ('NVIDIA H100', 8, 8)}
+
+
+def required_rates(mfu: float) -> list[dict]:
+    """Records/s per host the 7B stage-IV step consumes at `mfu`, per target and length bucket."""
+    from configs.stage4 import get_config as stage4
+    from medplib_jax.models.medplib import MedPLIBConfig
+    from medplib_jax.train import flops as flops_lib
+    cfg = stage4('model=7b')
+    mcfg = MedPLIBConfig.from_model_config(cfg.model)
+    batch = cfg.data.batch_size
+    rows = []
+    for target, (kind, chips, per_host) in TARGETS.items():
+        peak = flops_lib.peak_flops(kind)
+        for length in (min(cfg.data.length_buckets), max(cfg.data.length_buckets)):
+            f = flops_lib.step_flops(mcfg, batch, length).total
+            step_s = f / (chips * peak * mfu)
+            hosts = max(1, chips // per_host)
+            rows.append(dict(target=target, chips=chips, hosts=hosts, peak_flops_per_chip=peak, mfu=mfu,
+                             global_batch=batch, length=length, step_flops=f, step_s=step_s,
+                             records_per_s_per_host=batch / step_s / hosts))
+    return rows
+
+
 def _cpu_model() -> str:
     try:
         with open('/proc/cpuinfo') as f:
@@ -68,8 +100,25 @@ def main() -> None:
     parser.add_argument('--batches', type=int, default=6)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--num_images', type=int, default=48)
+    parser.add_argument('--mfu', type=float, default=0.4, help='MFU assumed for the 7B step time estimate')
+    parser.add_argument('--requirement_only', action='store_true',
+                        help='only recompute the required rates; keep the measured rows of the results file')
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    out = os.path.join(os.path.dirname(__file__), 'results', 'pipeline_throughput_cpu.json')
+    required = required_rates(args.mfu)
+    print('records/s per host the 7B stage-IV step consumes (global batch / estimated step time / hosts):')
+    for r in required:
+        print(f'  {r["target"]:8s} length {r["length"]:5d}: step {r["step_s"]:6.2f} s at MFU {r["mfu"]:.0%} -> '
+              f'{r["records_per_s_per_host"]:6.1f} records/s per host ({r["hosts"]} hosts)')
+    if args.requirement_only:
+        with open(out) as f:
+            result = json.load(f)
+        result['required'] = required
+        with open(out, 'w') as f:
+            json.dump(result, f, indent=2)
+        print(f'updated {out}')
+        return
 
     config = get_config()
     shapes = ModelShapes.from_config(config.model)
@@ -106,9 +155,8 @@ def main() -> None:
                          f'after {args.batches} warm-up batches; grounding + free-form region records of the '
                          f'synthetic set, images and masks scaled to {args.image_size} px longest side',
                   image_size=args.image_size, batch_size=args.batch_size, cpu_count=os.cpu_count(),
-                  machine=platform.machine(), processor=_cpu_model(), rows=rows)
+                  machine=platform.machine(), processor=_cpu_model(), rows=rows, required=required)
     os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
-    out = os.path.join(os.path.dirname(__file__), 'results', 'pipeline_throughput_cpu.json')
     with open(out, 'w') as f:
         json.dump(result, f, indent=2)
     print(f'wrote {out}')
