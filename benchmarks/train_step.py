@@ -62,6 +62,7 @@ def build_config(args):
         cfg.data.batch_size = args.batch or 1
         cfg.data.length_buckets = (args.length or 640,)
         cfg.train.grad_accum = 1
+        cfg.train.loss_group = 1
         cfg.model.moe.group_size = 1
         label = (f'configs/stage4.py:model=7b,init=random with llm.num_layers={args.llm_layers}, '
                  f'vision.num_layers={args.vision_layers + 1} (select_layer -2), sam_encoder.depth='
