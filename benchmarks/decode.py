@@ -135,8 +135,8 @@ def main() -> None:
                    roofline_share=tokens_per_s / roof['bound_tokens_per_s'])
         rows.append(row)
         print(f'batch {b}: prefill {t_prefill * 1e3:.1f} ms ({row["prefill_tokens_per_s"]:.0f} tokens/s); decode '
-              f'{per_step * 1e3:.2f} ms/step = {tokens_per_s:.0f} tokens/s; roofline {roof["bytes_per_step"] / 2**20:.2f} '
-              f'MiB/step -> bound {roof["bound_tokens_per_s"]:.0f} tokens/s, share {row["roofline_share"]:.1%}',
+              f'{per_step * 1e3:.2f} ms/step = {tokens_per_s:.0f} tokens/s; roofline '
+              f'{roof["bytes_per_step"] / 2**20:.2f} MiB/step -> bound {roof["bound_tokens_per_s"]:.0f} tokens/s, share {row["roofline_share"]:.1%}',
               flush=True)
     result = dict(benchmark='decode', date=datetime.date.today().isoformat(), command=' '.join(sys.argv),
                   platform=platform_name, device=str(jax.devices()[0].device_kind), cpu_count=os.cpu_count(),
