@@ -48,6 +48,8 @@ VARIANTS = {
     'block128': ('current', '', True, 'none', 128),
     'block256': ('current', '', True, 'none', 256),
     'block128_bias': ('bias', '', True, 'none', 128),
+    'hm128': ('headsmajor', '', True, 'none', 128),
+    'hm256': ('headsmajor', '', True, 'none', 256),
 }
 SINGLE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 
@@ -157,6 +159,30 @@ def _jax_worker(conn, argd, variant, hf_cfg, state) -> None:
         m = None if mask is None else jnp.broadcast_to(mask, (b, t, mask.shape[-1]))[:, None]
         return jax.nn.dot_product_attention(q, k, v, mask=m, implementation='xla')
 
+    def headsmajor_causal(q, k, v, token_mask, block=0):
+        """Blocked causal attention with q, k, v transposed to heads-major once (not per block)."""
+        b, t, h, d = q.shape
+        kv = k.shape[2]
+        qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+        kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, D)
+        uniform = jnp.mean(vh, axis=2)[:, :, None, None]  # (B, K, 1, 1, D)
+        block = block or t
+        outs = []
+        for start in range(0, t, block):
+            end = min(start + block, t)
+            mask = (jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :])[None] & token_mask[:, None, :end]
+            scores = jnp.einsum('bkgtd,bksd->bkgts', qh[:, :, :, start:end], kh[:, :, :end],
+                                preferred_element_type=jnp.float32)
+            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            out = jnp.einsum('bkgts,bksd->bkgtd', probs, vh[:, :, :end])
+            outs.append(jnp.where(mask.any(-1)[:, None, None, :, None], out, uniform.astype(out.dtype)))
+        out = jnp.concatenate(outs, axis=3)  # (B, K, G, T, D)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+    if attention == 'headsmajor':
+        llama_mod.causal_attention = headsmajor_causal
+        attention = 'current'
     layers.dot_product_attention = {'current': base_attention, 'einsum': einsum_attention,
                                        'bias': bias_attention, 'jaxnn': jaxnn_attention}[attention]
     cfg = llama_mod.LlamaConfig.from_hf(hf_cfg, remat_policy=remat, attention_block=block[0] if block else 0)
