@@ -16,6 +16,9 @@ Variants (`--variants`; attention / XLA flags / jit options):
   fastmath, xnnpack, onednn, vec512   current + --xla_cpu_enable_fast_math / _use_xnnpack / _use_onednn=true,
             --xla_cpu_prefer_vector_width=512
   nodonate  current without donating parameters and optimizer state;  remat  current with remat_policy 'full'
+  block64, block128, block256   current with llm.attention_block = 64 / 128 / 256 (layers.causal_attention: query
+            blocks that skip the masked upper triangle);  block128_bias  the same with the `bias` formulation
+  hm128, hm256   blocked attention with q, k, v transposed to heads-major once per layer (monkeypatched in)
 
     python benchmarks/vs_torch_cpu.py [--variants current,einsum] [--threads 1] [--rounds 6]
         [--layers 4 --hidden 256 --ffn 688 --heads 4 --vocab 8192 --batch 4 --length 512] [--xla_flags '...']
