@@ -234,6 +234,9 @@ def test_release_converts_as_the_per_part_converters_do(release, np_rng):
     assert meta['conflicts'] and all(k.startswith('model.visual_model.mask_decoder.') for k in meta['conflicts'])
     assert len(meta['conflicts']) == sum(k.startswith('mask_decoder.') for k in release['sam'])
     check_model_config(release['out'], config.model)
+    grouped = config.model.copy_and_resolve_references()
+    grouped.moe.dispatch = 'grouped'  # same parameters: the dispatch is free, like the routing settings
+    check_model_config(release['out'], grouped)
     with pytest.raises(ValueError, match=r'model\.llm\.intermediate_size: 96 \(converted\) vs 128'):
         check_model_config(release['out'], tiny_config().model)
 
