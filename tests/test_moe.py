@@ -492,7 +492,7 @@ def _random_params(layer, x, mask, np_rng):
     return jax.tree.map(lambda p: p + 0.1 * jnp.asarray(np_rng.normal(size=p.shape), p.dtype), params)
 
 
-@pytest.mark.parametrize('k,cf', [(1, 0.5), (1, 1.5), (2, 0.5)])
+@pytest.mark.parametrize('k,cf', [(1, 0.5), (2, 0.5)])
 def test_grouped_dispatch_equals_einsum_outputs_gradients_and_decisions(np_rng, k, cf):
     """3 experts, 2 routing groups, LoRA on every expert projection: outputs, gradients w.r.t. every parameter
     and the input, aux loss, counts and the per-token keep / drop decisions agree (cf 0.5 drops tokens)."""
@@ -521,7 +521,7 @@ def test_grouped_dispatch_equals_einsum_outputs_gradients_and_decisions(np_rng, 
     for name in ('moe_token_slots', 'moe_expert_counts', 'moe_drop_fraction'):
         np.testing.assert_array_equal(np.asarray(m[name][0]), np.asarray(m_ref[name][0]), err_msg=name)
     np.testing.assert_allclose(float(m['moe_aux_loss'][0]), float(m_ref['moe_aux_loss'][0]), rtol=1e-6)
-    assert cf > 1 or float(m_ref['moe_drop_fraction'][0]) > 0  # the cf 0.5 cases drop tokens
+    assert float(m_ref['moe_drop_fraction'][0]) > 0  # cf 0.5: at most half of the choices find a slot
 
 
 def test_grouped_dispatch_with_bucket_padding_equals_einsum(np_rng):
