@@ -11,14 +11,15 @@ from medplib_jax.data.conversation import tokenize_conversation
 from medplib_jax.data.images import load_image, load_mask
 from medplib_jax.data.records import read_records
 from medplib_jax.data.regions import regions_to_grids
-from medplib_jax.data.synthetic import CLASS_IDS, FILES, LOOKS, MODALITIES, MODALITY_OPTIONS, make_demo_data
-from medplib_jax.data.tokenizer import tiny_tokenizer
+from medplib_jax.data.synthetic import (CLASS_IDS, FILES, LOOKS, MODALITIES, MODALITY_OPTIONS, TOKENIZER,
+                                        demo_vocab_size, make_demo_data)
+from medplib_jax.data.tokenizer import TINY_BASE_VOCAB, TokenIds, load_tokenizer, tiny_tokenizer
 
 
 def test_generated_set_parses_with_zero_errors_and_is_usable(tmp_path):
     counts = make_demo_data(str(tmp_path), num_images=16, seed=3)
     assert sum(counts.values()) == 16 * 6
-    tok = tiny_tokenizer()
+    tok = load_tokenizer(str(tmp_path / TOKENIZER))  # the demo tokenizer written beside the data
     kinds, modalities = set(), set()
     for name in counts:
         records, skipped = read_records(str(tmp_path / name), str(tmp_path), strict=True)
@@ -48,6 +49,32 @@ def test_generated_set_parses_with_zero_errors_and_is_usable(tmp_path):
         assert f'Options: {", ".join(r.options)}' in r.turns[0][0]
     assert modalities == {'ct', 'mr', 'x', 'dermoscopy'}
     assert all(name.format(split='train') in counts for name in FILES.values())
+
+
+def test_demo_tokenizer_spells_every_word_of_the_set_as_one_piece(tmp_path):
+    """Every word in the records (and the conversation template around them) is one token of the demo tokenizer;
+    other text still encodes byte by byte as with the tiny tokenizer, and the added tokens follow its base vocab."""
+    import re
+
+    from medplib_jax.data.conversation import SYSTEMS, build_prompt
+    counts = make_demo_data(str(tmp_path), num_images=12, seed=5)
+    tok, tiny = load_tokenizer(str(tmp_path / TOKENIZER)), tiny_tokenizer()
+    assert tok.ids == TokenIds.for_base_vocab(demo_vocab_size() - 267) and len(tok) == demo_vocab_size()
+    assert tok.ids.seg > TINY_BASE_VOCAB and tiny.ids.vocab_size == 576
+    texts = [v['value'] for name in counts for rec in __import__('json').load(open(tmp_path / name))
+             for v in rec['conversations']]
+    texts.append(build_prompt([('Which imaging modality is this?', 'CT')], system=SYSTEMS['reference_eval']))
+    words = 0
+    for text in texts:
+        for word in re.findall(r"[A-Za-z][A-Za-z'-]*", re.sub(r'<[^>]*>[^<]*</[^>]*>|<[^>]*>', ' ', text)):
+            ids = tok.encode(word, bos=False)  # after a space: the dummy prefix gives it its `▁`
+            assert len(ids) == 1 and tok.decode(ids) == word, (word, ids)
+            ids = tok.encode('\n' + word, bos=False)  # at a line start: no `▁`
+            assert len(ids) == 3 and tok.decode(ids[-1:]) == word, (word, ids)
+            words += 1
+        assert tok.decode(tok.encode(text, bos=False)) == tiny.decode(tiny.encode(text, bos=False))
+    assert words > 500
+    assert tok.encode('7 Zq', bos=False) == tiny.encode('7 Zq', bos=False)  # no word pieces: bytes, as before
 
 
 def test_same_seed_same_files(tmp_path):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from medplib_jax.data.tokenizer import ADDED_TOKENS, tiny_base_vocab, tiny_model_proto
 
 # modality -> (file-name prefix, background, tissue, object classes)
 MODALITIES = {
@@ -39,6 +42,15 @@ LOOKS = {
 MODALITY_OPTIONS = ('CT', 'MR', 'X-ray', 'dermoscopy')  # the closed question's choices (chance 1 / 4)
 SIZES = ((192, 192), (160, 256), (256, 176))  # square and non-square, small enough for CPU
 CLASS_IDS = {name: i + 1 for i, name in enumerate(sorted({c for m in MODALITIES.values() for c in m[3]}))}
+# The records' texts ({...}: filled per record).
+COMPLEX_Q = '<image>\nWhat can you interpret from this image?'
+COMPLEX_A = 'This is a {modality} image showing the {names}.'  # names joined by ' and the '
+REGION_Q = '<image>\nCan you describe what is seen at the area <region>{ref}</region>?'
+REGION_A = 'The area shows the {name}, which appears {contrast} than the surrounding tissue.'
+CONTRASTS = ('brighter', 'darker')
+GROUNDING_Q = '<image>\nCould you segment out the {name} in this image?'
+CLOSED_Q = '<image>\nWhich imaging modality is this? Options: {options}'
+TOKENIZER = 'tokenizer'  # the demo tokenizer's folder under the data folder (`write_tokenizer`)
 FILES = {'complex': 'MeCoVQA_Complex_VQA_{split}.json', 'region': 'MeCoVQA_Region_VQA_{split}.json',
          'grounding': 'MeCoVQA_Grounding_{split}.json', 'closed': 'OmniMedVQA_closed_{split}.json'}
 
@@ -96,6 +108,32 @@ def _draw_image(modality: str, size: tuple[int, int], rng: np.random.Generator) 
 MARKER = '.medplib_synthetic'  # marks a folder this generator wrote, so it may write there again
 
 
+def vocabulary() -> tuple[str, ...]:
+    """Every word the records and the conversation template can hold (templates, system prompts, roles, class
+    and modality names, options), in a fixed order: the demo tokenizer's word pieces."""
+    from medplib_jax.data.conversation import ROLES, SYSTEMS
+    text = ' '.join([COMPLEX_Q, COMPLEX_A, REGION_Q, REGION_A, GROUNDING_Q, CLOSED_Q, *CONTRASTS, *ROLES,
+                     *SYSTEMS.values(), *MODALITY_OPTIONS, *(m.replace('_', '-') for m in MODALITIES),
+                     *(c for m in MODALITIES.values() for c in m[3])])
+    text = re.sub(r'<[^>]*>|\{[^}]*\}', ' ', text)  # tags and placeholders are not words
+    return tuple(dict.fromkeys(re.findall(r"[A-Za-z][A-Za-z'-]*", text)))
+
+
+def write_tokenizer(folder: str) -> str:
+    """Writes the demo tokenizer (the tiny tokenizer plus `vocabulary()` as whole-word pieces) as a LLaMA-style
+    tokenizer folder (`tokenizer.model`); returns the folder. With it an answer such as "dermoscopy" is one token
+    instead of ten, so the tiny model learns the synthetic answers in the demo's few hundred steps."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'tokenizer.model'), 'wb') as f:
+        f.write(tiny_model_proto(vocabulary()))
+    return folder
+
+
+def demo_vocab_size() -> int:
+    """The model vocab that fits the demo tokenizer (its base vocab + MedPLIB's 267 added tokens)."""
+    return tiny_base_vocab(vocabulary()) + len(ADDED_TOKENS)
+
+
 def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction: float = 0.2) -> dict[str, Any]:
     """Writes images, masks and the JSON files under `out`; returns {file name: record count}. Refuses to write
     into a folder holding any of its JSON names that it did not write (MeCoVQA's own files share two of them)."""
@@ -132,25 +170,24 @@ def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction:
         conv = lambda q, a: [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]  # noqa: E731
         records['complex'][split].append({
             'id': f'c{i}', 'image': image, 'answer_type': 'open', 'conversations': conv(
-                '<image>\nWhat can you interpret from this image?',
-                f'This is a {modality_text} image showing the {" and the ".join(names)}.')})
+                COMPLEX_Q, COMPLEX_A.format(modality=modality_text, names=' and the '.join(names)))})
         s, mp = shapes[0], mask_paths[0]
         x0, y0, x1, y1 = s.box
         for j, ref in enumerate((mp, f'box:{x0},{y0},{x1},{y1}', f'point:{(x0 + x1) // 2},{(y0 + y1) // 2}')):
             records['region'][split].append({
                 'id': f'r{i}_{j}', 'image': image, 'answer_type': 'open', 'conversations': conv(
-                    f'<image>\nCan you describe what is seen at the area <region>{ref}</region>?',
-                    f'The area shows the {s.name}, which appears {"brighter" if s.bright else "darker"} than the '
-                    f'surrounding tissue.')})
+                    REGION_Q.format(ref=ref),
+                    REGION_A.format(name=s.name, contrast=CONTRASTS[0] if s.bright else CONTRASTS[1]))})
         records['grounding'][split].append({
             'id': f'g{i}', 'image': image, 'conversations': conv(
-                f'<image>\nCould you segment out the {s.name} in this image?', f'<SEG><mask>{mp}</mask>')})
+                GROUNDING_Q.format(name=s.name), f'<SEG><mask>{mp}</mask>')})
         options = [str(o) for o in rng.permutation(MODALITY_OPTIONS)]  # OmniMedVQA-style: answer = option text
         answer = MODALITY_OPTIONS[modalities.index(modality)]
         records['closed'][split].append({
             'id': f'o{i}', 'image': image, 'answer_type': 'closed', 'modality_type': modality_text,
             'options': options,
-            'conversations': conv(f'<image>\nWhich imaging modality is this? Options: {", ".join(options)}', answer)})
+            'conversations': conv(CLOSED_Q.format(options=', '.join(options)), answer)})
+    write_tokenizer(os.path.join(out, TOKENIZER))
     counts = {}
     for kind, splits in records.items():
         for split, recs in splits.items():

@@ -167,10 +167,31 @@ TINY_PIECES = ('▁', 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'k', 'l', 'm'
 TINY_BASE_VOCAB = 3 + 256 + len(TINY_PIECES)  # 309: the tiny model's vocab is this + 267 = 576
 
 
-def tiny_model_proto() -> bytes:
+def word_pieces(words: Sequence[str]) -> list[str]:
+    """BPE pieces that make each of `words` one token, with or without a leading `▁` (after a space, or at the
+    start of a line / after an added token): every prefix of length >= 2 of both spellings, in first-seen order,
+    minus TINY_PIECES. Every merge inside a word then joins a prefix to its neighbour and yields the next prefix,
+    so SentencePiece's BPE ends on the whole word whatever order it merges in."""
+    have, out = set(TINY_PIECES), []
+    for word in words:
+        for spelled in ('▁' + word, word):
+            for i in range(2, len(spelled) + 1):
+                if spelled[:i] not in have:
+                    have.add(spelled[:i])
+                    out.append(spelled[:i])
+    return out
+
+
+def tiny_base_vocab(words: Sequence[str] = ()) -> int:
+    """The base vocab of `tiny_model_proto(words)` (the model's vocab is this + 267)."""
+    return TINY_BASE_VOCAB + len(word_pieces(words))
+
+
+def tiny_model_proto(words: Sequence[str] = ()) -> bytes:
     """A SentencePiece BPE model with LLaMA's layout and normaliser settings (unk/BOS/EOS, the 256 byte-fallback
     pieces, TINY_PIECES with merge priority in their order, dummy prefix, no whitespace folding, identity
-    normalisation), built in code: nothing is downloaded or trained."""
+    normalisation), built in code: nothing is downloaded or trained. `words`: whole words to add as single pieces
+    (`word_pieces`; the synthetic set's vocabulary for the demo tokenizer), after TINY_PIECES."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # needs protobuf; reading a model does not
     m = sp_pb2.ModelProto()
     piece = sp_pb2.ModelProto.SentencePiece
@@ -178,7 +199,7 @@ def tiny_model_proto() -> bytes:
         m.pieces.add(piece=text, score=0.0, type=kind)
     for b in range(256):
         m.pieces.add(piece=f'<0x{b:02X}>', score=0.0, type=piece.BYTE)
-    for k, text in enumerate(TINY_PIECES):
+    for k, text in enumerate((*TINY_PIECES, *word_pieces(words))):
         m.pieces.add(piece=text, score=-float(k), type=piece.NORMAL)
     t = m.trainer_spec
     t.model_type, t.vocab_size, t.byte_fallback = sp_pb2.TrainerSpec.BPE, len(m.pieces), True
