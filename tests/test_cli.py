@@ -37,7 +37,7 @@ def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against
     tmp_path, res = demo_run
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    assert 'synthetic MeCoVQA-like data: 48 records over 8 images' in out
+    assert 'synthetic MeCoVQA-like data: 53 records over 8 images' in out
     for stage, steps in zip(('I', 'II', 'III', 'IV'), DEMO_STEPS.split(':')):
         assert re.search(rf'stage {stage} done: loss [\d.]+ -> [\d.]+ over {steps} steps; hand-off', out), stage
     assert re.search(r'stage3: text CE [\d.]+ -> [\d.]+, mask Dice loss [\d.]+ -> [\d.]+ \(4 steps\)', out)

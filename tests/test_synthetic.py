@@ -18,7 +18,9 @@ from medplib_jax.data.tokenizer import TINY_BASE_VOCAB, TokenIds, load_tokenizer
 
 def test_generated_set_parses_with_zero_errors_and_is_usable(tmp_path):
     counts = make_demo_data(str(tmp_path), num_images=16, seed=3)
-    assert sum(counts.values()) == 16 * 6
+    # per image: complex, three region prompts, closed, and one grounding question per shape (1 to 3 shapes)
+    grounding = sum(counts[FILES['grounding'].format(split=s)] for s in ('train', 'test'))
+    assert 16 <= grounding <= 48 and sum(counts.values()) == 16 * 5 + grounding
     tok = load_tokenizer(str(tmp_path / TOKENIZER))  # the demo tokenizer written beside the data
     kinds, modalities = set(), set()
     for name in counts:

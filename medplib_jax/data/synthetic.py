@@ -3,9 +3,10 @@
 Each image is a "modality" (CT-, MR-, X-ray- or dermoscopy-like intensity statistics and texture) holding one to
 three labelled shapes (organs / lesions) that do not overlap, each class with its own look (LOOKS). From it come
 a complex-VQA record (MeCoVQA-C), region-VQA records (MeCoVQA-R: a mask file, and this project's `box:` / `point:`
-extension), a grounding record (MeCoVQA-G: `<SEG><mask>PATH</mask>`) and a closed question whose answer follows
-from the image (OmniMedVQA-style: the modality, four options). File names follow SA-Med2D: `images/<modality>_<sub>--<dataset>--<case>--<slice>.png`, masks
-`masks/<image stem>--<class id>_<instance>.png` with 0/255 values. Seeded and deterministic.
+extension), a grounding record per shape (MeCoVQA-G: `<SEG><mask>PATH</mask>`) and a closed question whose answer follows
+from the image (OmniMedVQA-style: the modality, four options). File names follow SA-Med2D:
+`images/<modality>_<sub>--<dataset>--<case>--<slice>.png`, masks `masks/<image stem>--<class id>_<instance>.png`
+with 0/255 values. Seeded and deterministic. Beside them, `tokenizer/`: the demo tokenizer (`write_tokenizer`).
 """
 from __future__ import annotations
 
@@ -178,9 +179,10 @@ def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction:
                 'id': f'r{i}_{j}', 'image': image, 'answer_type': 'open', 'conversations': conv(
                     REGION_Q.format(ref=ref),
                     REGION_A.format(name=s.name, contrast=CONTRASTS[0] if s.bright else CONTRASTS[1]))})
-        records['grounding'][split].append({
-            'id': f'g{i}', 'image': image, 'conversations': conv(
-                GROUNDING_Q.format(name=s.name), f'<SEG><mask>{mp}</mask>')})
+        for k, (shape, path) in enumerate(zip(shapes, mask_paths)):  # one grounding question per shape
+            records['grounding'][split].append({
+                'id': f'g{i}' if k == 0 else f'g{i}_{k}', 'image': image, 'conversations': conv(
+                    GROUNDING_Q.format(name=shape.name), f'<SEG><mask>{path}</mask>')})
         options = [str(o) for o in rng.permutation(MODALITY_OPTIONS)]  # OmniMedVQA-style: answer = option text
         answer = MODALITY_OPTIONS[modalities.index(modality)]
         records['closed'][split].append({
