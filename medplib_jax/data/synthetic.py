@@ -71,6 +71,8 @@ def _draw_image(modality: str, size: tuple[int, int], rng: np.random.Generator) 
     img = np.full((h, w), float(background))
     yy, xx = np.mgrid[:h, :w]
     body = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2 <= 1
+    if modality == 'x_ray':  # a projection through the chest: the body fills the frame (no air around a slice)
+        body[:] = True
     img[body] = tissue
     shapes, masks = [], []
     names = rng.choice(classes, size=int(rng.integers(1, min(3, len(classes)) + 1)), replace=False)
