@@ -366,9 +366,9 @@ def test_resume_through_orbax_gives_the_uninterrupted_batches(synth, tmp_path, w
     _, files, _ = synth
     cfg = _cfg({'region': files['region'], 'grounding': DatasetSpec(files['grounding'], 2.0)},
                worker_count=workers)
-    reference = _take(_cfg({'region': files['region'], 'grounding': DatasetSpec(files['grounding'], 2.0)}), 12,
+    reference = _take(_cfg({'region': files['region'], 'grounding': DatasetSpec(files['grounding'], 2.0)}), 16,
                       seed=3)
-    n = 5
+    n = 7
     it = iter(build_dataset(cfg, SHAPES, seed=3))
     first = [next(it) for _ in range(n)]
     mngr = ocp.CheckpointManager(tmp_path / 'ckpt', item_names=('data',))
