@@ -29,3 +29,10 @@ def test_overlay_and_routing_pictures(np_rng):
         assert (pic.reshape(-1, 3) == np.asarray(colour)).all(-1).sum() > 0, colour
     with pytest.raises(ValueError, match='3 tokens, routing for 2'):
         routing_image(['a', 'b', 'c'], routing[:, :2])
+
+
+def test_routing_picture_of_a_newline_token():
+    """A byte-fallback token can decode to a line break (an untrained model emits them): its box shows it escaped
+    instead of PIL refusing to measure multiline text (which stopped `medplib-jax eval` writing its pictures)."""
+    pic = routing_image(['\u2581a', '\n', '\t', 'b'], np.array([[0, 1, 1, 0]]), width=300)
+    assert pic.width == 300 and pic.height > 40

@@ -73,7 +73,9 @@ def routing_image(tokens: Sequence[str], experts: np.ndarray, *, title: str = ''
     font = ImageFont.load_default(size=13)
     scratch = ImageDraw.Draw(Image.new('RGB', (1, 1)))
     layers, strip, pad, line_h = experts.shape[0], 3, 4, 20 + 3 * experts.shape[0] + 6
-    tokens = [t.replace('\u2581', ' ') for t in tokens]  # SentencePiece's word-start mark (no glyph in the font)
+    # SentencePiece's word-start mark has no glyph in the font; control characters (a byte-fallback newline
+    # token) are written escaped: PIL cannot measure or draw a token holding a line break.
+    tokens = [''.join(c if c.isprintable() else repr(c)[1:-1] for c in t.replace('\u2581', ' ')) for t in tokens]
     boxes, x, y = [], pad, pad + (18 if title else 0)
     for k, text in enumerate(tokens):
         w = max(12, int(scratch.textlength(text, font=font)) + 6)
