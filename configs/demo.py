@@ -68,14 +68,15 @@ def get_config(arg=None):
         eval=dict(max_new_tokens=dict(omnimedvqa=8, mecovqa_c=32, mecovqa_r=32, mecovqa_g=4), batch_size=8,
                   max_records=0, pictures=4, routing_records=0)))
     cfg.stages = mlc.ConfigDict()
+    vocab = synthetic.demo_vocab_size()  # `<SEG>`, the first added token, follows the base vocab
     for k, n in enumerate(steps, start=1):
         name = f'stage{k}'
         stage = importlib.import_module(f'configs.{name}').get_config('model=tiny')
         stage.data.root = root
         # The demo tokenizer (written beside the data by make_demo_data): the synthetic set's words as whole pieces.
         stage.data.tokenizer = root + '/' + synthetic.TOKENIZER
-        stage.model.llm.vocab_size = synthetic.demo_vocab_size()
-        stage.model.medplib.seg_token_id = synthetic.demo_vocab_size() - len(synthetic.ADDED_TOKENS)
+        stage.model.llm.vocab_size = vocab
+        stage.model.medplib.seg_token_id = vocab - len(synthetic.ADDED_TOKENS)
         stage.model.sam_encoder.out_chans = DEMO_SAM_WIDTH
         stage.model.sam_decoder.update(embed_dim=DEMO_SAM_WIDTH, mlp_dim=2 * DEMO_SAM_WIDTH,
                                        iou_head_hidden_dim=DEMO_SAM_WIDTH)

@@ -3,8 +3,8 @@
 Each image is a "modality" (CT-, MR-, X-ray- or dermoscopy-like intensity statistics and texture) holding one to
 three labelled shapes (organs / lesions) that do not overlap, each class with its own look (LOOKS). From it come
 a complex-VQA record (MeCoVQA-C), region-VQA records (MeCoVQA-R: a mask file, and this project's `box:` / `point:`
-extension), a grounding record per shape (MeCoVQA-G: `<SEG><mask>PATH</mask>`) and a closed question whose answer follows
-from the image (OmniMedVQA-style: the modality, four options). File names follow SA-Med2D:
+extension), a grounding record per shape (MeCoVQA-G: `<SEG><mask>PATH</mask>`) and a closed question whose
+answer follows from the image (OmniMedVQA-style: the modality, four options). File names follow SA-Med2D:
 `images/<modality>_<sub>--<dataset>--<case>--<slice>.png`, masks `masks/<image stem>--<class id>_<instance>.png`
 with 0/255 values. Seeded and deterministic. Beside them, `tokenizer/`: the demo tokenizer (`write_tokenizer`).
 """
