@@ -13,6 +13,7 @@ import ml_collections as mlc
 from medplib_jax.checkpoint import CheckpointConfig
 from medplib_jax.data.pipeline import DataConfig
 from medplib_jax.data.synthetic import FILES as DEMO_FILES  # the synthetic set's files by kind
+from medplib_jax.data.tokenizer import ADDED_TOKENS
 from medplib_jax.eval.evaluators import EvalSettings
 from medplib_jax.models.lora import LoRAConfig
 from medplib_jax.models.medplib import MedPLIBConfig
@@ -136,10 +137,17 @@ def lora_config(**overrides) -> mlc.ConfigDict:
     return _fields(LoRAConfig, **overrides)
 
 
-def medplib_config(base_vocab: int) -> mlc.ConfigDict:
-    """MedPLIB's own fields (MedPLIBConfig). `<SEG>` is the first added token, so its id is the base vocab size."""
-    return _fields(MedPLIBConfig, exclude=('llm', 'vision', 'sam_encoder', 'sam_decoder', 'projector_type'),
-                   seg_token_id=base_vocab)
+def medplib_config() -> mlc.ConfigDict:
+    """MedPLIB's own fields (MedPLIBConfig); `seg_token_id` follows the vocab (`set_vocab`)."""
+    return _fields(MedPLIBConfig, exclude=('llm', 'vision', 'sam_encoder', 'sam_decoder', 'projector_type'))
+
+
+def set_vocab(model: mlc.ConfigDict, vocab_size: int) -> mlc.ConfigDict:
+    """Sizes a model config's vocab: the reference adds its tokens after the base vocab (facts 1.1), so `<SEG>`, the
+    first of them, is `vocab_size - len(ADDED_TOKENS)`. The one place that rule lives."""
+    model.llm.vocab_size = vocab_size
+    model.medplib.seg_token_id = vocab_size - len(ADDED_TOKENS)
+    return model
 
 
 def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32', param_dtype: str = 'float32',
@@ -157,9 +165,8 @@ def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32'
     cfg.lora = lora_config()
     cfg.sam_encoder = mlc.ConfigDict(dict(SAM_SIZES[sam][0]))
     cfg.sam_decoder = mlc.ConfigDict(dict(SAM_SIZES[sam][1]))
-    # The reference adds 267 tokens after the base vocab (facts 1.1): base = vocab - 267.
-    cfg.medplib = medplib_config(cfg.llm.vocab_size - 267)
-    return cfg
+    cfg.medplib = medplib_config()
+    return set_vocab(cfg, cfg.llm.vocab_size)
 
 
 def dataset(path: str, weight: float = 1.0, image_folder: str = '') -> mlc.ConfigDict:

@@ -18,7 +18,7 @@ import importlib
 
 import ml_collections as mlc
 
-from configs.common import parse_arg
+from configs.common import parse_arg, set_vocab
 from medplib_jax.data import synthetic
 
 # Learning rates for the tiny model: the 7B recipe's are tuned for a pretrained 7B LLM, far too small to move a
@@ -75,8 +75,7 @@ def get_config(arg=None):
         stage.data.root = root
         # The demo tokenizer (written beside the data by make_demo_data): the synthetic set's words as whole pieces.
         stage.data.tokenizer = root + '/' + synthetic.TOKENIZER
-        stage.model.llm.vocab_size = vocab
-        stage.model.medplib.seg_token_id = vocab - len(synthetic.ADDED_TOKENS)
+        set_vocab(stage.model, vocab)
         stage.model.sam_encoder.out_chans = DEMO_SAM_WIDTH
         stage.model.sam_decoder.update(embed_dim=DEMO_SAM_WIDTH, mlp_dim=2 * DEMO_SAM_WIDTH,
                                        iou_head_hidden_dim=DEMO_SAM_WIDTH)

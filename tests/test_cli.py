@@ -14,22 +14,28 @@ pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, devices=1):
+def _run(*args, devices=1, timeout=600):
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     return subprocess.run([sys.executable, '-m', 'medplib_jax.cli', *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
+                          env=env, cwd=ROOT, timeout=timeout)
 
 
-DEMO_STEPS = '3:4:4:3'
+# The main job shortened to what still learns (the same code path; as this fixture on the 2-core machine: 344 s,
+# the full demo 442 s, the old 3:4:4:3 about 190 s): 250 stage-II steps answer all four held-out closed questions
+# (100 steps: none) and 100 stage-III steps take mDice from the untrained 6.3 to 34.9 (40 steps: 8.7); open /
+# region recall 76 / 28 against 0. 20 images hold out one image of each modality.
+DEMO_STEPS = '5:250:100:5'
+DEMO_IMAGES = 20
 
 
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     """The demo as a user runs it, shortened (steps, images, answer lengths): the same code path."""
     tmp_path = tmp_path_factory.mktemp('demo')
-    res = _run('demo', f'--config=configs/demo.py:root={tmp_path}/data,steps={DEMO_STEPS},images=8',
+    res = _run('demo', f'--config=configs/demo.py:root={tmp_path}/data,steps={DEMO_STEPS},images={DEMO_IMAGES}',
                f'--workdir={tmp_path}/runs', *(f'--config.demo.eval.max_new_tokens.{k}={n}' for k, n in
-                                               (('mecovqa_c', 6), ('mecovqa_r', 6), ('omnimedvqa', 4))))
+                                               (('mecovqa_c', 6), ('mecovqa_r', 6), ('omnimedvqa', 4))),
+               timeout=1200)
     return tmp_path, res
 
 
@@ -37,10 +43,11 @@ def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against
     tmp_path, res = demo_run
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    assert 'synthetic MeCoVQA-like data: 53 records over 8 images' in out
+    assert f'synthetic MeCoVQA-like data: 135 records over {DEMO_IMAGES} images' in out
     for stage, steps in zip(('I', 'II', 'III', 'IV'), DEMO_STEPS.split(':')):
         assert re.search(rf'stage {stage} done: loss [\d.]+ -> [\d.]+ over {steps} steps; hand-off', out), stage
-    assert re.search(r'stage3: text CE [\d.]+ -> [\d.]+, mask Dice loss [\d.]+ -> [\d.]+ \(4 steps\)', out)
+    assert re.search(rf'stage3: text CE [\d.]+ -> [\d.]+, mask Dice loss [\d.]+ -> [\d.]+ '
+                     rf'\({DEMO_STEPS.split(":")[2]} steps\)', out)
     assert 'init: 6 arrays (98,304 parameters) from init.experts' in out  # stage IV's experts from III and II
     assert 'train step compiled for length' in out and 'memory per device: arguments' in out
     # Evaluated: the trained and the initialised model by the paper's evaluators, side by side, and the routing.
@@ -55,6 +62,9 @@ def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against
             assert 0.0 <= row[which] <= 100.0
         assert summary['metrics']['mDice (MeCoVQA-G)'][which] == scores['mecovqa_g']['metrics']['mdice']
         assert (runs / 'eval' / which / 'report.md').exists() and (runs / 'eval' / which / 'predictions.jsonl').exists()
+    for metric, row in summary['metrics'].items():  # it learns: the trained model beats the untrained on every metric
+        assert row['trained'] > row['init'], (metric, row)
+    assert summary['metrics']['closed-VQA accuracy (chance 25)']['trained'] >= 90  # the demo's bar (measured: 100)
     assert list((runs / 'eval' / 'trained' / 'pictures').glob('*.png'))
     assert 0.0 <= summary['routing']['grounding'] <= 100.0 and 0.0 <= summary['routing']['vqa'] <= 100.0
     table = (runs / 'report.md').read_text()
