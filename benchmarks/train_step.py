@@ -45,10 +45,12 @@ def build_config(args):
     if args.config == 'tiny':
         cfg, label = _load('configs/stage4.py', 'model=tiny,init=random'), 'configs/stage4.py:model=tiny,init=random'
     elif args.config == 'demo':
-        # The demo's stage IV (configs/demo.py) with random initial parameters instead of stages II / III.
+        # The demo's stage IV (configs/demo.py: its model -- demo vocab, 64-wide SAM, routing groups of one
+        # sequence -- trainable set and lr) with random initial parameters instead of stages II / III.
         demo = _load('configs/demo.py', None).stages.stage4
         cfg = _load('configs/stage4.py', 'model=tiny,init=random')
-        cfg.model.moe.group_size = demo.model.moe.group_size
+        cfg.model = demo.model
+        cfg.train.trainable = demo.train.trainable
         cfg.train.lr = demo.train.lr
         label = 'configs/demo.py stage4 (init=random)'
     elif args.config == '7b-width-reduced-depth':
