@@ -1,6 +1,8 @@
 """The one train step, stage by stage: exactly the stage's trainable set changes, optimizer state exists only for
 it, the tiny model overfits a fixed batch, non-finite steps are skipped and counted, gradient accumulation is the
 reference's averaging, and the step is mesh-independent (8 fake CPU devices vs 1)."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -78,6 +80,29 @@ def test_exactly_the_trainable_set_changes_and_owns_the_optimizer_state(name, ro
     assert changed <= trained, sorted(changed - trained)[:5]
     unchanged_trained = {k for k in trained - changed if not k.startswith(NO_GRADIENT)}
     assert not unchanged_trained, sorted(unchanged_trained)[:5]
+
+
+def test_a_tower_named_trainable_trains(root):
+    """The towers the recipe freezes (CLIP, the SAM image encoder) are frozen by config.train.trainable alone: named
+    there (as the demo does), every one of their leaves that reaches a loss moves. A stop_gradient in the model
+    once left them unchanged while the demo reported training them."""
+    cfg = stage_config('stage3', root, lr=1e-2)
+    towers = (r'model/vision_tower/.*', r'model/visual_model/image_encoder/.*')
+    cfg.train.trainable = (*cfg.train.trainable, *towers)
+    host = host_batch(cfg)
+    setup = setup_stage(cfg, host, runs=root, total_steps=1000, warmup=2, log=lambda _: None, devices=devices(cfg))
+    before = leaves(setup.state.params)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        batch = global_batch(host, setup.mesh, TRAIN_KEYS)
+    state, _ = _run(setup, setup.state, batch, 3)
+    after = leaves(state.params)
+    for prefix in ('model/vision_tower/', 'model/visual_model/image_encoder/'):
+        tower = [k for k in before if k.startswith(prefix)]
+        moved = [k for k in tower if not np.array_equal(before[k], after[k])]
+        # CLIP's last layer (and post-LayerNorm) come after the selected layer -2: no path to any loss.
+        unused = rf'vision_model/(encoder/layers_{cfg.model.vision.num_layers - 1}/|post_layernorm/)'
+        still = [k for k in tower if k not in moved and not re.search(unused, k)]
+        assert tower and moved and not still, (prefix, still[:5])
 
 
 @pytest.mark.parametrize('name', STAGES)

@@ -114,9 +114,7 @@ class VisualModel(nn.Module):
         """image_embeddings (B, 16, 16, 256); prompts (B, S, 256) -> mask logits (B, S, 64, 64), IoU (B, S)."""
         b, s, c = prompts.shape
         sparse, dense_emb = self.prompt_encoder(text_embeds=prompts.reshape(b * s, 1, c))
-        # The prompt encoder is frozen: only the prompt itself carries gradient.
-        dense_emb = jax.lax.stop_gradient(dense_emb)
-        pe = jax.lax.stop_gradient(self.prompt_encoder.get_dense_pe())
+        pe = self.prompt_encoder.get_dense_pe()  # the prompt encoder is frozen by config.train.trainable
         images = jnp.repeat(image_embeddings, s, axis=0)  # one image embedding per prompt, in batch order
         masks, iou = self.mask_decoder(images, pe, sparse, dense_emb, multimask_output=False)
         return masks.reshape(b, s, *masks.shape[-2:]), iou.reshape(b, s)
@@ -139,8 +137,11 @@ class MedPLIBModel(LlamaModel):
         self.visual_model = VisualModel(m)
 
     def encode_images(self, clip_pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """-> (projected image tokens (B, 576, D), raw layer -2 patch features (B, 576, 1024)); CLIP is frozen."""
-        feats = jax.lax.stop_gradient(self.vision_tower(clip_pixels))
+        """-> (projected image tokens (B, 576, D), raw layer -2 patch features (B, 576, 1024)). The recipe freezes
+        CLIP by leaving it out of `config.train.trainable` (the train step differentiates only what that names, so a
+        frozen tower costs no backward pass); a stop_gradient here would make naming it there silently train
+        nothing."""
+        feats = self.vision_tower(clip_pixels)
         return self.mm_projector(feats), feats
 
 
@@ -192,8 +193,9 @@ class MedPLIBForCausalLM(LlamaForCausalLM):
 
     def seg_masks(self, seg_hidden: jax.Array, sam_pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Final-norm states before `<SEG>` (B, S, D) + SAM inputs (B, 256, 256, 3) -> (64x64 mask logits
-        (B, S, 64, 64), IoU predictions (B, S)), fp32: T-projector, frozen SAM image encoder, mask decoder."""
+        (B, S, 64, 64), IoU predictions (B, S)), fp32: T-projector, SAM image encoder (frozen by the recipe through
+        `config.train.trainable`, as CLIP in `encode_images`), mask decoder."""
         prompts = self.model.text_hidden_fcs(seg_hidden)
-        image_embeddings = jax.lax.stop_gradient(self.model.visual_model.embed_image(sam_pixels))
+        image_embeddings = self.model.visual_model.embed_image(sam_pixels)
         masks, iou = self.model.visual_model(image_embeddings, prompts)
         return masks.astype(jnp.float32), iou.astype(jnp.float32)

@@ -2,8 +2,9 @@
 
 A parameter trains iff some pattern matches its whole path (`re.fullmatch`, big_vision style); a pattern that
 matches nothing is an error naming it. The train step differentiates only the trained subtree and the optimizer
-sees only it, so frozen parameters get neither gradients nor Adam moments. This is the one place that says what
-trains; layers only stop gradients for parts frozen in every stage (CLIP tower, SAM image and prompt encoders).
+sees only it, so frozen parameters get neither gradients nor Adam moments (nor a backward pass through them). This
+is the one place that says what trains: the layers stop no gradients of their own (a tower named here trains; the
+demo trains CLIP and the SAM image encoder so).
 """
 from __future__ import annotations
 
