@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs.demo import SAM_ENCODER, VISION_TOWER
 from medplib_jax import sharding
 from medplib_jax.train import trainable
 from medplib_jax.train.config import TrainConfig
@@ -87,8 +88,7 @@ def test_a_tower_named_trainable_trains(root):
     there (as the demo does), every one of their leaves that reaches a loss moves. A stop_gradient in the model
     once left them unchanged while the demo reported training them."""
     cfg = stage_config('stage3', root, lr=1e-2)
-    towers = (r'model/vision_tower/.*', r'model/visual_model/image_encoder/.*')
-    cfg.train.trainable = (*cfg.train.trainable, *towers)
+    cfg.train.trainable = (*cfg.train.trainable, VISION_TOWER, SAM_ENCODER)  # the demo's patterns
     host = host_batch(cfg)
     setup = setup_stage(cfg, host, runs=root, total_steps=1000, warmup=2, log=lambda _: None, devices=devices(cfg))
     before = leaves(setup.state.params)
