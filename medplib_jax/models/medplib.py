@@ -41,7 +41,7 @@ class MedPLIBConfig:
     max_seg: int = 1  # <SEG> tokens per sample that get a mask (static); validity says which are real
     max_regions: int = 1
     max_region_points: int = 512
-    postprocess: str = 'reference'  # or 'aligned' (see models/sam.py)
+    postprocess: str = 'reference'  # or 'aligned' (see models/masks.py)
     mask_threshold: float = MASK_THRESHOLD
 
     def __post_init__(self):
