@@ -19,8 +19,9 @@ map's largest |value| (about 7 here): a float32 bilinear resize (torch's own flo
 JAX one) rounds the source coordinate (up to 64, or 256 in 'aligned') to ~1e-7 relative, which moves single pixels
 by up to ~1e-5 of the map's magnitude for white-noise maps, so the low-res logits are a lightly smoothed noise
 (3x3 box, std ~2, closer to SAM's outputs; still far from smooth enough to hide a one-pixel crop shift). They are
-also clipped to +-10: beyond ~15 a float32 sigmoid rounds 1 - s so coarsely that focal's log(1 - s + 1e-12) drifts
-from the float64 reference by more than 1e-5 per pixel (a float32 limit, not a formula difference).
+also clipped to +-10: beyond ~15 a float32 sigmoid rounds 1 - s so coarsely that focal's (1 - s) ** 2 drifts from
+the float64 reference by more than 1e-5 per pixel (a float32 limit, not a formula difference); saturated logits
+(+-40, where both sides round to the same value) have their own test.
 """
 import functools
 
@@ -199,6 +200,24 @@ def test_per_mask_losses(np_rng):
         for k, val in ref.items():
             assert ours[k].shape == (n,)
             _close(ours[k][i], val, f'{k} {sizes[i]}')
+
+
+def test_saturated_logits_give_finite_losses_and_gradients(np_rng):
+    """A confidently right pixel (logit +-40: a float32 sigmoid of +40 is exactly 1) once made focal's
+    log(1 - s + 1e-12) = -inf and 0 * -inf = NaN, which skipped the whole train step. At +-40 the float64
+    reference has no rounding to hide behind: s = 1 - 4e-18, so both eps terms decide the value there too."""
+    logits = np_rng.choice([-40.0, 40.0], size=(1, 8, 8)).astype(np.float32)
+    target = (np_rng.random((1, 8, 8)) < 0.5).astype(np.uint8)
+    target[0, 0, :2], logits[0, 0, :2] = 1, (40.0, -40.0)  # right and wrong foreground, whatever the draw
+    target[0, 1, :2], logits[0, 1, :2] = 0, (40.0, -40.0)  # wrong and right background
+    valid, iou_pred = jnp.ones((1, 8, 8), bool), jnp.asarray([0.5], jnp.float32)
+    ours = jax.jit(per_mask_losses)(jnp.asarray(logits), jnp.asarray(target), valid, iou_pred)
+    ref = ref_mask_losses(torch.from_numpy(logits[0].astype(np.float64)), target[0], 0.5)
+    for k, val in ref.items():
+        _close(ours[k][0], val, k)
+    grads = jax.grad(lambda x: sum(v.sum() for v in per_mask_losses(x, jnp.asarray(target), valid,
+                                                                       iou_pred).values()))(jnp.asarray(logits))
+    assert np.isfinite(np.asarray(grads)).all()
 
 
 def _random_batch(rng, *, b=6, s=2, t=9, v=11, c=96):

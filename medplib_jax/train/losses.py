@@ -71,8 +71,13 @@ def per_mask_losses(logits: jax.Array, target: jax.Array, valid: jax.Array, iou_
     iou = (inter + 1e-7) / (s_sum + t_sum - inter + 1e-7)
     iou_loss = (iou - iou_pred.astype(jnp.float32)) ** 2
     alpha, gamma = 0.25, 2.0
-    focal = total(-alpha * t * (1 - s) ** gamma * jnp.log(s + 1e-12)
-                  - (1 - alpha) * (1 - t) * s ** gamma * jnp.log(1 - s + 1e-12)) / (pixels + 1e-12)
+    # log(s + 1e-12) and log(1 - s + 1e-12) as the reference's FocalLoss writes them, from log-sigmoids: taken
+    # from s, XLA turned log(1 - s + 1e-12) into log(0) = -inf for a logit above ~17 (s rounds to 1), and a
+    # confidently right foreground pixel then made 0 * -inf = NaN, which skipped the whole step.
+    log_eps = jnp.log(1e-12)
+    log_s, log_not_s = (jnp.logaddexp(jax.nn.log_sigmoid(z), log_eps) for z in (x, -x))
+    focal = total(-alpha * t * (1 - s) ** gamma * log_s
+                  - (1 - alpha) * (1 - t) * s ** gamma * log_not_s) / (pixels + 1e-12)
     return {'bce': bce, 'dice': dice, 'iou': iou_loss, 'focal': focal}
 
 
