@@ -241,8 +241,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.checkpoint = _fields(CheckpointConfig)
     # Evaluators run every config.train.eval_every steps: name -> dict(kind=..., settings); see eval/registry.py.
     cfg.evals = mlc.ConfigDict()
-    # The main job: writes `synthetic_images` synthetic images (6 to 8 records each) to config.data.root first (0 = use
-    # config.data as it is), trains nothing yet, and draws the batch it ran to `picture` ('' = no picture).
+    # The main job: writes `synthetic_images` synthetic images (7 to 11 records each) to config.data.root first
+    # (0 = use config.data as it is), trains nothing yet, and draws the batch it ran to `picture` ('' = no picture).
     cfg.demo = mlc.ConfigDict(dict(synthetic_images=24, picture='outputs/demo/batch.png', decode_tokens=8))
     return cfg
 

@@ -25,7 +25,7 @@ ARGS = {'demo': (), 'train': (), 'sweep': (), 'export': (), 'compile-check': (),
         'chat': ('[QUESTION]',), 'serve': ()}  # [X]: optional
 CONVERT_PARTS = ('medplib', 'llama', 'clip', 'sam-med2d')
 COMMANDS = (*ARGS, *_PENDING)
-flags.DEFINE_integer('num_images', 60, 'make-demo-data: number of synthetic images (each gives 6 to 8 records)')
+flags.DEFINE_integer('num_images', 60, 'make-demo-data: number of synthetic images (each gives 7 to 11 records)')
 flags.DEFINE_string('picture', '', 'check-data: draw the first batch to this PNG')
 flags.DEFINE_string('workdir', '', 'train / sweep / demo: the run directory (logs, TensorBoard, final params)')
 flags.DEFINE_bool('print-launch', False, 'sweep: print one launch line per point instead of running them')

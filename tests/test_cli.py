@@ -43,7 +43,7 @@ def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against
     tmp_path, res = demo_run
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    assert f'synthetic MeCoVQA-like data: 135 records over {DEMO_IMAGES} images' in out
+    assert f'synthetic MeCoVQA-like data: 170 records over {DEMO_IMAGES} images' in out
     for stage, steps in zip(('I', 'II', 'III', 'IV'), DEMO_STEPS.split(':')):
         assert re.search(rf'stage {stage} done: loss [\d.]+ -> [\d.]+ over {steps} steps; hand-off', out), stage
     assert re.search(rf'stage3: text CE [\d.]+ -> [\d.]+, mask Dice loss [\d.]+ -> [\d.]+ '

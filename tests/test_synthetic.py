@@ -18,9 +18,9 @@ from medplib_jax.data.tokenizer import TINY_BASE_VOCAB, TokenIds, load_tokenizer
 
 def test_generated_set_parses_with_zero_errors_and_is_usable(tmp_path):
     counts = make_demo_data(str(tmp_path), num_images=16, seed=3)
-    # per image: complex, three region prompts, closed, and one grounding question per shape (1 to 3 shapes)
+    # per image: complex, three region prompts, closed, and a grounding and a where-question per shape (1 to 3)
     grounding = sum(counts[FILES['grounding'].format(split=s)] for s in ('train', 'test'))
-    assert 16 <= grounding <= 48 and sum(counts.values()) == 16 * 5 + grounding
+    assert 16 <= grounding <= 48 and sum(counts.values()) == 16 * 5 + 2 * grounding
     tok = load_tokenizer(str(tmp_path / TOKENIZER))  # the demo tokenizer written beside the data
     kinds, modalities = set(), set()
     for name in counts:
@@ -120,3 +120,30 @@ def test_each_class_has_its_own_look_and_shapes_do_not_overlap(tmp_path):
             if modality != 'x_ray':  # its vertical gradient shifts every pixel by up to 20
                 assert abs(np.median(image[mask]) - min(255, max(0, expected))) < 8, (f, name)
         assert union.max() == 1
+
+
+def test_where_answers_name_the_organ_asked_and_the_quadrant_its_mask_lies_in(tmp_path):
+    """Each shape's where-question (complex file) names the organ its grounding question asks for, and the answer's
+    quadrant is where that organ's mask file lies: the mask's bounding-box centre against the image centre."""
+    import json
+    import re
+    make_demo_data(str(tmp_path), num_images=12, seed=6)
+    for split in ('train', 'test'):
+        grounding = json.load(open(tmp_path / FILES['grounding'].format(split=split)))
+        where = {r['id']: r for r in json.load(open(tmp_path / FILES['complex'].format(split=split)))
+                 if r['id'].startswith('w')}
+        assert len(where) == len(grounding)
+        for g in grounding:
+            i, k = re.fullmatch(r'g(\d+)(?:_(\d+))?', g['id']).groups()
+            w = where.pop(f'w{i}_{k or 0}')
+            organ = re.search(r'segment out the (\w+) in', g['conversations'][0]['value']).group(1)
+            assert w['image'] == g['image'] and w['answer_type'] == 'open'
+            assert w['conversations'][0]['value'] == f'<image>\nWhere is the {organ} in this image?'
+            path = re.search(r'<mask>(.*)</mask>', g['conversations'][1]['value']).group(1)
+            image = load_image(str(tmp_path / g['image']))
+            ys, xs = np.nonzero(load_mask(str(tmp_path / path), image.shape[:2]))
+            h, w_ = image.shape[:2]
+            vertical = 'lower' if (ys.min() + ys.max()) / 2 >= h / 2 else 'upper'
+            horizontal = 'right' if (xs.min() + xs.max()) / 2 >= w_ / 2 else 'left'
+            assert w['conversations'][1]['value'] == f'{organ}, in the {vertical} {horizontal} part of the image.'
+        assert not where

@@ -2,7 +2,8 @@
 
 Each image is a "modality" (CT-, MR-, X-ray- or dermoscopy-like intensity statistics and texture) holding one to
 three labelled shapes (organs / lesions) that do not overlap, each class with its own look (LOOKS). From it come
-a complex-VQA record (MeCoVQA-C), region-VQA records (MeCoVQA-R: a mask file, and this project's `box:` / `point:`
+a complex-VQA record and a where-question per shape (MeCoVQA-C: "Where is the {name}?" -> the organ and the
+quadrant it lies in), region-VQA records (MeCoVQA-R: a mask file, and this project's `box:` / `point:`
 extension), a grounding record per shape (MeCoVQA-G: `<SEG><mask>PATH</mask>`) and a closed question whose
 answer follows from the image (OmniMedVQA-style: the modality, four options). File names follow SA-Med2D:
 `images/<modality>_<sub>--<dataset>--<case>--<slice>.png`, masks `masks/<image stem>--<class id>_<instance>.png`
@@ -50,6 +51,13 @@ REGION_Q = '<image>\nCan you describe what is seen at the area <region>{ref}</re
 REGION_A = 'The area shows the {name}, which appears {contrast} than the surrounding tissue.'
 CONTRASTS = ('brighter', 'darker')
 GROUNDING_Q = '<image>\nCould you segment out the {name} in this image?'
+# A where-question per shape (in the complex file): its answer starts with the organ asked, predicted at the
+# position that also predicts a grounding answer's `<SEG>` (the `:` of `ASSISTANT:`), so the text stages teach
+# the LLM to bring the question's organ there; without it the mask cannot depend on the organ asked (the demo's
+# tiny LLM never learns that route from the mask loss alone: stage III trains per-position FFN LoRA only).
+WHERE_Q = '<image>\nWhere is the {name} in this image?'
+WHERE_A = '{name}, in the {vertical} {horizontal} part of the image.'
+VERTICAL, HORIZONTAL = ('upper', 'lower'), ('left', 'right')  # the box centre against the image centre
 CLOSED_Q = '<image>\nWhich imaging modality is this? Options: {options}'
 TOKENIZER = 'tokenizer'  # the demo tokenizer's folder under the data folder (`write_tokenizer`)
 FILES = {'complex': 'MeCoVQA_Complex_VQA_{split}.json', 'region': 'MeCoVQA_Region_VQA_{split}.json',
@@ -115,7 +123,8 @@ def vocabulary() -> tuple[str, ...]:
     """Every word the records and the conversation template can hold (templates, system prompts, roles, class
     and modality names, options), in a fixed order: the demo tokenizer's word pieces."""
     from medplib_jax.data.conversation import ROLES, SYSTEMS
-    text = ' '.join([COMPLEX_Q, COMPLEX_A, REGION_Q, REGION_A, GROUNDING_Q, CLOSED_Q, *CONTRASTS, *ROLES,
+    text = ' '.join([COMPLEX_Q, COMPLEX_A, REGION_Q, REGION_A, GROUNDING_Q, WHERE_Q, WHERE_A, *VERTICAL,
+                     *HORIZONTAL, CLOSED_Q, *CONTRASTS, *ROLES,
                      *SYSTEMS.values(), *MODALITY_OPTIONS, *(m.replace('_', '-') for m in MODALITIES),
                      *(c for m in MODALITIES.values() for c in m[3])])
     text = re.sub(r'<[^>]*>|\{[^}]*\}', ' ', text)  # tags and placeholders are not words
@@ -174,6 +183,14 @@ def make_demo_data(out: str, num_images: int = 60, seed: int = 0, test_fraction:
         records['complex'][split].append({
             'id': f'c{i}', 'image': image, 'answer_type': 'open', 'conversations': conv(
                 COMPLEX_Q, COMPLEX_A.format(modality=modality_text, names=' and the '.join(names)))})
+        h, w = rgb.shape[:2]
+        for k, shape in enumerate(shapes):
+            x0, y0, x1, y1 = shape.box
+            records['complex'][split].append({
+                'id': f'w{i}_{k}', 'image': image, 'answer_type': 'open', 'conversations': conv(
+                    WHERE_Q.format(name=shape.name), WHERE_A.format(
+                        name=shape.name, vertical=VERTICAL[(y0 + y1) / 2 >= h / 2],
+                        horizontal=HORIZONTAL[(x0 + x1) / 2 >= w / 2]))})
         s, mp = shapes[0], mask_paths[0]
         x0, y0, x1, y1 = s.box
         for j, ref in enumerate((mp, f'box:{x0},{y0},{x1},{y1}', f'point:{(x0 + x1) // 2},{(y0 + y1) // 2}')):
