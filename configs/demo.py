@@ -36,11 +36,12 @@ DEMO_LR = {'stage1': 1e-2, 'stage2': 3e-3, 'stage3': 1e-3, 'stage4': 5e-4}
 # steps (0.46 at 60 with the byte-level tiny tokenizer), but carrying the organ asked to the `<SEG>` position
 # (DEMO_COMPLEX_WEIGHT) takes longer and is a sudden, start-dependent transition: after 600 steps (about 0.47 s
 # each) the held-out where-answers named the right organ in 39, 16, 35 and 22 of 41 (two starts; lr 3e-3, and 6e-3
-# and 1e-2 on the second), after 900 in 41 of 41 from both starts. Stage III's held-out mDice then grows with its
-# steps (about 0.35 s each): 61.1 after 400 (59.0 after stage IV), 55.7 after 500 and stage IV, 85.4 after 800 and
-# stage IV (the 600-step stage II that learnt the copy). 900 and 800 do not fit the demo's 15 minutes, so the
-# default keeps the copy and gives stage III what is left (before the where-questions: 45.9 / 54.7 / 57.0 after
-# 300 / 500 / 800, the mask the same for every organ).
+# and 1e-2 on the second), after 900 in 41 of 41 (the second start at weight 5, the first at weight 3). Stage III's
+# held-out mDice then grows with its steps (about 0.35 s each): 61.1 after 400 (59.0 after stage IV), 55.7 and 63.5
+# after 500 and stage IV (a run through train_stage and the fresh-clone demo: the same start, numbers apart from
+# step 10 on), 85.4 after 800 and stage IV (the 600-step stage II that learnt the copy). 900 and 800 do not fit
+# the demo's 15 minutes, so the default keeps the copy and gives stage III what is left (before the
+# where-questions: 45.9 / 54.7 / 57.0 after 300 / 500 / 800, the mask the same for every organ).
 DEMO_STEPS = '30:900:500:60'
 
 
@@ -77,9 +78,8 @@ DEMO_POSTPROCESS = 'aligned'
 # question's organ there, which the tiny LLM never learns from the mask loss (stage III trains per-position FFN
 # LoRA only; without them every organ of an image got the same mask: Dice 0.49 against the organ asked, 0.46
 # against another). Stage II mixes the complex file (where-questions included) DEMO_COMPLEX_WEIGHT times as often as
-# the others: the held-out where-answers name the right organ in 41 of 41 after 900 steps at weight 5 and at
-# weight 3 (at weight 1: 15 / 33 / 41 of 41 after 600 / 1000 / 1500 steps, which does not fit the demo's 15
-# minutes; see DEMO_STEPS). Then stage III's masks follow the question (Dice 0.82 against the organ asked, 0.09
+# the others: the held-out where-answers name the right organ in 41 of 41 after 900 steps (at weight 1: 15 / 33 /
+# 41 of 41 after 600 / 1000 / 1500 steps, which does not fit the demo's 15 minutes; see DEMO_STEPS). Then stage III's masks follow the question (Dice 0.82 against the organ asked, 0.09
 # against the image's other organs; measured after 1500 stage-II steps at weight 1 and 800 stage-III steps).
 # Tried, not adopted: the CLIP tower frozen in stage II (0.32 s a step instead of 0.47, but 17 of 41 after 900
 # steps) and where-questions about the organs an image lacks ("kidney, not in this image.": 24 of 41 after 600).
