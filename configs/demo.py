@@ -79,8 +79,9 @@ DEMO_POSTPROCESS = 'aligned'
 # LoRA only; without them every organ of an image got the same mask: Dice 0.49 against the organ asked, 0.46
 # against another). Stage II mixes the complex file (where-questions included) DEMO_COMPLEX_WEIGHT times as often as
 # the others: the held-out where-answers name the right organ in 41 of 41 after 900 steps (at weight 1: 15 / 33 /
-# 41 of 41 after 600 / 1000 / 1500 steps, which does not fit the demo's 15 minutes; see DEMO_STEPS). Then stage III's masks follow the question (Dice 0.82 against the organ asked, 0.09
-# against the image's other organs; measured after 1500 stage-II steps at weight 1 and 800 stage-III steps).
+# 41 of 41 after 600 / 1000 / 1500 steps, which does not fit the demo's 15 minutes; see DEMO_STEPS). Then stage
+# III's masks follow the question (Dice 0.82 against the organ asked, 0.09 against the image's other organs;
+# measured after 1500 stage-II steps at weight 1 and 800 stage-III steps).
 # Tried, not adopted: the CLIP tower frozen in stage II (0.32 s a step instead of 0.47, but 17 of 41 after 900
 # steps) and where-questions about the organs an image lacks ("kidney, not in this image.": 24 of 41 after 600).
 DEMO_COMPLEX_WEIGHT = 5.0
