@@ -168,7 +168,7 @@ def test_grounding_iou_dice_and_groups_recompute_from_the_masks(env):
 def test_scores_of_chosen_answers_are_the_hand_worked_values(env, monkeypatch):
     """A random model's answers score 0; here the predictor answers with texts chosen per record (the reference
     answer, nothing, or a wrong option) and `run` must report their hand-worked scores."""
-    chosen = {'mecovqa_c': lambda ans, i: ans if i == 0 else '',  # P = R = (1 + 0) / 2
+    chosen = {'mecovqa_c': lambda ans, i: ans if i == 0 else '',  # P = R = (1 + 0 + ...) / n
               'mecovqa_r': lambda ans, i: '' if i == 1 else ans.upper() + '.',  # (1 + 0 + 1) / 3 (normalised)
               'omnimedvqa': lambda ans, i: ans if i == 0 else 'none of them'}  # CT right, MR wrong: mean 50
     for name, answer in chosen.items():
@@ -186,7 +186,8 @@ def test_scores_of_chosen_answers_are_the_hand_worked_values(env, monkeypatch):
         if name == 'omnimedvqa':
             assert (values['accuracy/ct'], values['accuracy/mr'], values['mean_accuracy']) == (100.0, 0.0, 50.0)
         else:
-            expected = 50.0 if name == 'mecovqa_c' else 200 / 3
+            # MeCoVQA-C: the first answer right, the other n - 1 (complex and where-questions) empty
+            expected = 100 / len(records) if name == 'mecovqa_c' else 200 / 3
             assert values['open/precision'] == pytest.approx(expected) and values['open/recall'] == pytest.approx(
                 expected) and values['open/f1'] == pytest.approx(expected)
 
