@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -30,6 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from results_file import write_result  # noqa: E402  (benchmarks/results_file.py)
 IMAGE_TOKENS = 576
 
 
@@ -146,10 +146,7 @@ def main() -> None:
                            vocab=cfg.vocab_size, moe=cfg.moe.mode, weight_bytes=weight_bytes),
                   bandwidth_bytes_per_s=bandwidth, bandwidth_source='given' if args.bandwidth_gbs else 'memcpy',
                   rows=rows)
-    out = args.out or os.path.join(HERE, 'results', f'decode_{platform_name}.json')
-    with open(out, 'w') as f:
-        json.dump(result, f, indent=2)
-    print(f'wrote {out}')
+    write_result(result, f'decode_{platform_name}.json', args.out)
 
 
 if __name__ == '__main__':

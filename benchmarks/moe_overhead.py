@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 from medplib_jax.models.llama import LlamaConfig, LlamaMLP
 from medplib_jax.models.lora import LoRAConfig
 from medplib_jax.models.moe import MoEConfig, MoEFFN
+from results_file import write_result  # benchmarks/results_file.py
 
 VARIANTS = ('dense', 'einsum', 'grouped')
 
@@ -113,10 +113,7 @@ def main() -> None:
                   date=datetime.date.today().isoformat(), repeats=args.repeats, platform=device.platform,
                   device=str(device.device_kind), device_count=jax.device_count(), cpu_count=os.cpu_count(),
                   machine=platform.machine(), jax=jax.__version__, rows=rows)
-    out = args.out or os.path.join(os.path.dirname(__file__), 'results', f'moe_overhead_{device.platform}.json')
-    with open(out, 'w') as f:
-        json.dump(result, f, indent=2)
-    print(f'wrote {out}')
+    write_result(result, f'moe_overhead_{device.platform}.json', args.out)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import resource
@@ -32,6 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+from results_file import write_result  # noqa: E402  (benchmarks/results_file.py)
 
 
 def _load(path: str, arg: str | None):
@@ -184,10 +184,7 @@ def main() -> None:
     result = dict(benchmark='train_step', date=datetime.date.today().isoformat(), command=' '.join(sys.argv),
                   platform=jax.devices()[0].platform, device_count=jax.device_count(), cpu_count=os.cpu_count(),
                   machine=platform.machine(), jax=jax.__version__, **row)
-    out = args.out or os.path.join(HERE, 'results', f'train_step_{args.config}_{jax.devices()[0].platform}.json')
-    with open(out, 'w') as fh:
-        json.dump(result, fh, indent=2)
-    print(f'wrote {out}')
+    write_result(result, f'train_step_{args.config}_{jax.devices()[0].platform}.json', args.out)
 
 
 if __name__ == '__main__':

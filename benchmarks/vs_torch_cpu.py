@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing as mp
 import os
 import platform
 import statistics
 import sys
 import time
+from results_file import write_result  # benchmarks/results_file.py
 
 # name -> (attention, extra XLA flags, donate, remat policy[, llm.attention_block])
 VARIANTS = {
@@ -292,11 +292,7 @@ def main() -> None:
                   threads=args.threads, cpu=_cpu_model(), cpu_count=os.cpu_count(), machine=platform.machine(),
                   **info, jax=next(iter(jax_info.values()))['jax'] if jax_info else None,
                   xla_flags={v: i['xla_flags'] for v, i in jax_info.items()}, command=' '.join(sys.argv), rows=rows)
-    name = f'vs_torch_cpu{"_" + args.tag if args.tag else ""}.json'
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', name)
-    with open(out, 'w') as f:
-        json.dump(result, f, indent=2)
-    print(f'wrote {out}')
+    write_result(result, f'vs_torch_cpu{"_" + args.tag if args.tag else ""}.json', args.out)
 
 
 if __name__ == '__main__':
