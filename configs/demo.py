@@ -36,13 +36,22 @@ DEMO_LR = {'stage1': 1e-2, 'stage2': 3e-3, 'stage3': 1e-3, 'stage4': 5e-4}
 # steps (0.46 at 60 with the byte-level tiny tokenizer), but carrying the organ asked to the `<SEG>` position
 # (DEMO_COMPLEX_WEIGHT) takes longer and is a sudden, start-dependent transition: after 600 steps (about 0.47 s
 # each) the held-out where-answers named the right organ in 39, 16, 35 and 22 of 41 (two starts; lr 3e-3, and 6e-3
-# and 1e-2 on the second), after 900 in 41 of 41 (the second start at weight 5, the first at weight 3). Stage III's
-# held-out mDice then grows with its steps (about 0.35 s each): 61.1 after 400 (59.0 after stage IV), 55.7 and 63.5
-# after 500 and stage IV (a run through train_stage and the fresh-clone demo: the same start, numbers apart from
-# step 10 on), 85.4 after 800 and stage IV (the 600-step stage II that learnt the copy). 900 and 800 do not fit
-# the demo's 15 minutes, so the default keeps the copy and gives stage III what is left (before the
-# where-questions: 45.9 / 54.7 / 57.0 after 300 / 500 / 800, the mask the same for every organ).
-DEMO_STEPS = '30:900:500:60'
+# and 1e-2 on the second), after 800 in 41 of 41 (the default start), after 900 in 41 of 41 (both starts). Stage
+# III's held-out mDice then grows with its steps (about 0.35 s each), and stage IV's (about 0.43 s) add to it:
+# 500 + 60 stage III + IV steps 63.5, 500 + 200 66.8 (the same stages I-III), 400 + 200 63.8, 450 + 200 70.4
+# (800 stage-II steps; 67.5 / 69.8 with 150 / 250 stage-IV steps), 800 + 60 85.4 (which does not fit 15 minutes).
+# Stage IV needs its steps for the routing too (see medplib_jax/demo.py: the share of question tokens sent to the
+# grounding expert, grounding against VQA questions): with its recipe (top-1, p-scaled expert output, no aux loss)
+# the router only learns whether more of the chosen expert's output helps, and 90 % of the routed tokens are image
+# tokens, which precede the question and cannot tell the tasks apart. Its random init started the VQA questions
+# ahead (55.0 grounding against 62.2 VQA at step 0); 60 steps left 54.1 against 54.5, 200 steps 50.4 against 46.1
+# (the same stages I-III); on the default schedule 150 / 200 / 250 steps gave 32.5 / 30.7 / 22.7 against 32.8 /
+# 27.7 / 20.5. The reference answers' tokens separate far more (about 80 against 30 from 150 steps on). Tried, not
+# adopted: the router at 10x / 40x the learning rate (60 steps: every token of layer 0 to the grounding expert, of
+# layer 1 to the other, no separation) and the reference's CLI-default aux loss 0.01 (54.3 against 54.8). With all
+# tokens forced to one expert at stage IV's start the experts are what their stages made them: the grounding
+# expert mDice 67.8, MeCoVQA-C recall 10.9, closed 37.5; the vision-language expert 49.1, 87.9, 100.
+DEMO_STEPS = '30:800:450:200'
 
 
 # The demo's SAM (named deviation from the stage configs, which train the mask decoder only): the reference's SAM
@@ -78,9 +87,9 @@ DEMO_POSTPROCESS = 'aligned'
 # question's organ there, which the tiny LLM never learns from the mask loss (stage III trains per-position FFN
 # LoRA only; without them every organ of an image got the same mask: Dice 0.49 against the organ asked, 0.46
 # against another). Stage II mixes the complex file (where-questions included) DEMO_COMPLEX_WEIGHT times as often as
-# the others: the held-out where-answers name the right organ in 41 of 41 after 900 steps (at weight 1: 15 / 33 /
-# 41 of 41 after 600 / 1000 / 1500 steps, which does not fit the demo's 15 minutes; see DEMO_STEPS). Then stage
-# III's masks follow the question (Dice 0.82 against the organ asked, 0.09 against the image's other organs;
+# the others: the held-out where-answers name the right organ in 41 of 41 after 800 and 900 steps (at weight 1:
+# 15 / 33 / 41 of 41 after 600 / 1000 / 1500 steps, which does not fit the demo's 15 minutes; see DEMO_STEPS). Then
+# stage III's masks follow the question (Dice 0.82 against the organ asked, 0.09 against the image's other organs;
 # measured after 1500 stage-II steps at weight 1 and 800 stage-III steps).
 # Tried, not adopted: the CLIP tower frozen in stage II (0.32 s a step instead of 0.47, but 17 of 41 after 900
 # steps) and where-questions about the organs an image lacks ("kidney, not in this image.": 24 of 41 after 600).

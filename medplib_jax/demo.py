@@ -11,7 +11,7 @@ data on CPU, then evaluated on held-out records against the same model at initia
    config's seed, saved as `workdir/init_params`): `workdir/eval/{trained,init}/` hold each one's report.md,
    metrics.json, predictions and pictures.
 4. Measures stage IV's routing: the share of grounding questions' tokens sent to the grounding expert (expert 0)
-   against VQA questions' tokens.
+   against VQA questions' tokens, and the same for their reference answers' tokens (teacher-forced).
 5. Prints one table (trained beside untrained) and writes it with the routing to `workdir/report.md` and
    `workdir/metrics.json`.
 """
@@ -122,21 +122,25 @@ def eval_config(demo: mlc.ConfigDict) -> mlc.ConfigDict:
 
 
 def routing_fractions(params_dir: str, root: str, max_records: int = 0) -> dict[str, float]:
-    """Stage IV's routing of held-out questions: the share of question tokens (text after the image; every MoE
-    layer) that go to the grounding expert, for grounding questions and for VQA questions (closed and complex)."""
+    """Stage IV's routing of held-out records: the share of tokens (every MoE layer) that go to the grounding
+    expert, for grounding records and for VQA records (closed and complex); `grounding` / `vqa`: the question's
+    tokens (text after the image, up to `ASSISTANT:`), `*_answers`: the reference answer's, teacher-forced."""
     predictor = Predictor.from_params_dir(params_dir)
     out = {}
     for group, kinds in (('grounding', ('grounding',)), ('vqa', ('closed', 'complex'))):
-        hits = total = 0
+        hits, total = np.zeros(2, np.int64), np.zeros(2, np.int64)  # question, answer
         for kind in kinds:
             records, _ = read_records(os.path.join(root, FILES[kind].format(split='test')), root)
             for rec in records[:max_records or None]:
-                ids, experts = predictor.prompt_routing(Request(rec.image, rec.turns[-1][0]))
-                text = np.arange(len(ids)) > np.nonzero(ids == IMAGE_TOKEN_INDEX)[0].max()
-                chosen = experts[:, text]
-                hits += int((chosen == GROUNDING_EXPERT).sum())
-                total += int((chosen >= 0).sum())
-        out[group] = 100.0 * hits / max(total, 1)
+                question, answer = rec.turns[-1]
+                answer_ids = predictor.tokenizer.encode(answer, bos=False)
+                ids, experts = predictor.prompt_routing(Request(rec.image, question), answer_ids)
+                start, end = np.nonzero(ids == IMAGE_TOKEN_INDEX)[0].max() + 1, len(ids) - len(answer_ids)
+                for k, chosen in enumerate((experts[:, start:end], experts[:, end:])):
+                    hits[k] += int((chosen == GROUNDING_EXPERT).sum())
+                    total[k] += int((chosen >= 0).sum())
+        share = 100.0 * hits / np.maximum(total, 1)
+        out[group], out[f'{group}_answers'] = float(share[0]), float(share[1])
     return out
 
 
@@ -144,16 +148,16 @@ def summarize(scores: dict[str, dict], routing: dict[str, float], workdir: str) 
     """The side-by-side table (markdown lines) -> workdir/report.md and metrics.json."""
     def value(which, evaluator, metric):
         return float(scores[which]['evaluators'][evaluator]['metrics'][metric])
-    rows, checks = [], {}
+    checks = {}
     table = ['| held-out metric (%) | untrained | trained | demo bar |', '|---|---|---|---|']
     for label, evaluator, metric, bar in TABLE:
         init, trained = value('init', evaluator, metric), value('trained', evaluator, metric)
         checks[label] = {'init': init, 'trained': trained, 'bar': bar,
                          'met': bool(trained >= bar) if bar is not None else None}
         table.append(f'| {label} | {init:.1f} | {trained:.1f} | {">= %g" % bar if bar is not None else ""} |')
-    table.append(f'| stage IV: grounding-question tokens to the grounding expert | | {routing["grounding"]:.1f} | '
-                 f'> VQA\'s |')
-    table.append(f'| stage IV: VQA-question tokens to the grounding expert | | {routing["vqa"]:.1f} | |')
+    for who, key, bar in (('grounding-question', 'grounding', "> VQA's"), ('VQA-question', 'vqa', ''),
+                          ('grounding-answer', 'grounding_answers', ''), ('VQA-answer', 'vqa_answers', '')):
+        table.append(f'| stage IV: {who} tokens to the grounding expert | | {routing[key]:.1f} | {bar} |')
     summary = {'metrics': checks, 'routing': routing,
                'routing_separates': bool(routing['grounding'] > routing['vqa']), 'table': table,
                'eval': {w: os.path.join(workdir, 'eval', w) for w in scores}}

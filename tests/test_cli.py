@@ -67,7 +67,8 @@ def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against
         assert row['trained'] > row['init'], (metric, row)
     assert summary['metrics']['closed-VQA accuracy (chance 25)']['trained'] >= 90  # the demo's bar (measured: 100)
     assert list((runs / 'eval' / 'trained' / 'pictures').glob('*.png'))
-    assert 0.0 <= summary['routing']['grounding'] <= 100.0 and 0.0 <= summary['routing']['vqa'] <= 100.0
+    assert sorted(summary['routing']) == ['grounding', 'grounding_answers', 'vqa', 'vqa_answers']
+    assert all(0.0 <= v <= 100.0 for v in summary['routing'].values())
     table = (runs / 'report.md').read_text()
     assert '| held-out metric (%) | untrained | trained | demo bar |' in table and table.count('\n|') >= 7
     assert all(line in out for line in summary['table'])  # the table is printed too

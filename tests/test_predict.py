@@ -96,12 +96,18 @@ def test_requests_that_do_not_fit_are_one_line_errors(predictor, image):
 
 
 def test_prompt_routing_is_the_routers_first_choice_at_every_prompt_position(predictor, image):
-    """Each prompt token's expert is the argmax of its router logits (captured from the router itself in a plain
-    forward pass over the prompt); nothing is dropped at the evaluation capacity factor."""
+    """Each prompt (and teacher-forced answer) token's expert is the argmax of its router logits (captured from the
+    router itself in a plain forward pass over prompt + answer); nothing is dropped at the evaluation capacity
+    factor, so the answer does not change the prompt's routing."""
     from medplib_jax.models.moe import _Router
-    ids, experts = predictor.prompt_routing(Request(image, 'Could you segment out the liver?'))
-    inputs = predictor._inputs(Request(image, 'Could you segment out the liver?'))
-    np.testing.assert_array_equal(ids, inputs['ids'])
+    request = Request(image, 'Could you segment out the liver?')
+    answer = predictor.tokenizer.encode('Sure, it is <SEG>.', bos=False)
+    ids, experts = predictor.prompt_routing(request, answer)
+    inputs = predictor._inputs(request)
+    np.testing.assert_array_equal(ids, [*inputs['ids'], *answer])
+    prompt_ids, prompt_experts = predictor.prompt_routing(request)
+    np.testing.assert_array_equal(prompt_ids, inputs['ids'])
+    np.testing.assert_array_equal(prompt_experts, experts[:, :len(prompt_ids)])
     captured = []
 
     def capture(next_fn, args, kwargs, context):

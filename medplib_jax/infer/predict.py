@@ -212,13 +212,14 @@ class Predictor:
         # token n was produced at position t - 1 + n and is the input at position t + n: its routing is there
         return np.where(slots[:, 0, t:] > 0, expert[:, 0, t:], -1)
 
-    def prompt_routing(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt ids (T,), first-choice expert (MoE layers, T), -1 where dropped) of one request's prompt, as
-        its prefill routes it (evaluation mode). Image positions hold the image placeholder id."""
+    def prompt_routing(self, request: Request, answer: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (T,), first-choice expert (MoE layers, T), -1 where dropped) of one request's prompt, as its
+        prefill routes it (evaluation mode), followed by the `answer` token ids teacher-forced (as decoding would
+        route them had it produced them). Image positions hold the image placeholder id."""
         if not self.mcfg.llm.moe_layers:
             raise ValueError('predict: prompt_routing needs a MoE model (config.model.moe_layers is empty)')
         x = self._inputs(request)
-        ids = np.asarray(x['ids'], np.int32)[None]
+        ids = np.asarray([*x['ids'], *answer], np.int32)[None]
         expert, slots = jax.device_get(self._routing(
             self.params, jnp.asarray(ids), jnp.ones(ids.shape, bool), jnp.asarray(x['clip'])[None],
             jnp.asarray(x['grids'])[None]))
