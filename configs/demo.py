@@ -43,14 +43,15 @@ DEMO_LR = {'stage1': 1e-2, 'stage2': 3e-3, 'stage3': 1e-3, 'stage4': 5e-4}
 # Stage IV needs its steps for the routing too (see medplib_jax/demo.py: the share of question tokens sent to the
 # grounding expert, grounding against VQA questions): with its recipe (top-1, p-scaled expert output, no aux loss)
 # the router only learns whether more of the chosen expert's output helps, and 90 % of the routed tokens are image
-# tokens, which precede the question and cannot tell the tasks apart. Its random init started the VQA questions
-# ahead (55.0 grounding against 62.2 VQA at step 0); 60 steps left 54.1 against 54.5, 200 steps 50.4 against 46.1
-# (the same stages I-III); on the default schedule 150 / 200 / 250 steps gave 32.5 / 30.7 / 22.7 against 32.8 /
-# 27.7 / 20.5. The reference answers' tokens separate far more (about 80 against 30 from 150 steps on). Tried, not
-# adopted: the router at 10x / 40x the learning rate (60 steps: every token of layer 0 to the grounding expert, of
-# layer 1 to the other, no separation) and the reference's CLI-default aux loss 0.01 (54.3 against 54.8). With all
-# tokens forced to one expert at stage IV's start the experts are what their stages made them: the grounding
-# expert mDice 67.8, MeCoVQA-C recall 10.9, closed 37.5; the vision-language expert 49.1, 87.9, 100.
+# tokens, which precede the question and cannot tell the tasks apart. On the stages I-III of 30:900:500, its random
+# init started the VQA questions ahead (55.0 grounding against 62.2 VQA at step 0); 60 steps left 54.1 against
+# 54.5, 200 steps 50.4 against 46.1; on the default schedule 150 / 200 / 250 steps gave 32.5 / 30.7 / 22.7
+# against 32.8 / 27.7 / 20.5. The reference answers' tokens separate far more (about 80 against 30 from 150 steps
+# on). Tried, not adopted (on those 30:900:500 stages): the router at 10x / 40x the learning rate (60 steps: every
+# token of layer 0 to the grounding expert, of layer 1 to the other, no separation) and the reference's CLI-default
+# aux loss 0.01 (54.3 against 54.8). With all tokens forced to one expert at stage IV's start (same stages) the
+# experts are what their stages made them: the grounding expert mDice 67.8, MeCoVQA-C recall 10.9, closed 37.5;
+# the vision-language expert 49.1, 87.9, 100.
 DEMO_STEPS = '30:800:450:200'
 
 
