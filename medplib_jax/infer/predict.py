@@ -206,11 +206,8 @@ class Predictor:
         from one teacher-forced pass over prompt + answer (evaluation mode, as decoding routes)."""
         full = np.concatenate([ids, np.asarray([tokens], np.int32)], axis=1)
         mask = np.concatenate([token_mask, np.ones((1, len(tokens)), bool)], axis=1)
-        expert, slots = jax.device_get(self._routing(self.params, jnp.asarray(full), jnp.asarray(mask), clip_pixels,
-                                                     region_grids))
-        t = ids.shape[1]
         # token n was produced at position t - 1 + n and is the input at position t + n: its routing is there
-        return np.where(slots[:, 0, t:] > 0, expert[:, 0, t:], -1)
+        return self._first_choice(full, mask, clip_pixels, region_grids)[:, ids.shape[1]:]
 
     def prompt_routing(self, request: Request, answer: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(ids (T,), first-choice expert (MoE layers, T), -1 where dropped) of one request's prompt, as its
@@ -220,10 +217,15 @@ class Predictor:
             raise ValueError('predict: prompt_routing needs a MoE model (config.model.moe_layers is empty)')
         x = self._inputs(request)
         ids = np.asarray([*x['ids'], *answer], np.int32)[None]
-        expert, slots = jax.device_get(self._routing(
-            self.params, jnp.asarray(ids), jnp.ones(ids.shape, bool), jnp.asarray(x['clip'])[None],
-            jnp.asarray(x['grids'])[None]))
-        return ids[0], np.where(slots[:, 0] > 0, expert[:, 0], -1)
+        return ids[0], self._first_choice(ids, np.ones(ids.shape, bool), jnp.asarray(x['clip'])[None],
+                                          jnp.asarray(x['grids'])[None])
+
+    def _first_choice(self, ids: np.ndarray, token_mask: np.ndarray, clip_pixels: jax.Array,
+                      region_grids: jax.Array) -> np.ndarray:
+        """(MoE layers, T) first-choice expert at every position of one sequence (1, T), -1 where dropped."""
+        expert, slots = jax.device_get(self._routing(self.params, jnp.asarray(ids), jnp.asarray(token_mask),
+                                                     clip_pixels, region_grids))
+        return np.where(slots[:, 0] > 0, expert[:, 0], -1)
 
     def _route(self, params, ids, mask, clip_pixels, region_grids):
         _, state = self.model.apply({'params': params}, ids, clip_pixels, region_grids=region_grids, token_mask=mask,
