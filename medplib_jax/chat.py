@@ -133,9 +133,11 @@ def check_mask_mode(mask_mode: str) -> str:
     return mask_mode
 
 
-def build_predictor(checkpoint: str, *, max_new_tokens: int | None = None, temperature: float | None = None):
+def build_predictor(checkpoint: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
+                    tokenizer: str | None = None, log: Callable[[str], None] | None = None):
     """The params directory's model (its own config) with the demo's region handling; greedy unless a temperature
-    is given (then plain temperature sampling: the demo's worker ignores its top-p slider, facts 11)."""
+    is given (then plain temperature sampling: the demo's worker ignores its top-p slider). `tokenizer`: a folder
+    (or 'tiny') instead of the one the directory carries; `log`: progress lines."""
     from medplib_jax.infer.generate import Sampling
     from medplib_jax.infer.predict import Predictor
     kwargs = {'largest_component': DEMO_LARGEST_COMPONENT}
@@ -147,7 +149,7 @@ def build_predictor(checkpoint: str, *, max_new_tokens: int | None = None, tempe
         if not temperature >= 0:
             raise ChatError(f'--temperature={temperature}: must be >= 0 (0: greedy)')
         kwargs['sampling'] = Sampling(temperature=temperature)
-    return Predictor.from_params_dir(checkpoint, **kwargs)
+    return Predictor.from_params_dir(checkpoint, tokenizer=tokenizer or None, log=log, **kwargs)
 
 
 def run_chat(checkpoint: str, image_path: str, question: str | None, *, point: str | None = None,

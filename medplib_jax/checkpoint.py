@@ -3,9 +3,10 @@
 Two kinds, both sharded (every process writes and reads only its own shards; restoring takes the target's
 shardings, so a tree written on a pod restores on one CPU or another mesh):
 
-- params directories: an Orbax StandardCheckpointer directory holding one nested dict of arrays, with
-  `<dir>.json` beside it (config, stage, layer layout, package versions). What stages hand on and evaluators read
-  (`final_params`, `medplib-jax export`).
+- params directories: an Orbax StandardCheckpointer directory holding one nested dict of arrays and, inside it,
+  `medplib.json` (config, stage, layer layout, provenance, package versions) and `tokenizer/` (a copy of the
+  tokenizer's files), so the directory alone is enough to use them, from any working directory or machine. What
+  stages hand on and evaluators, `chat` and `serve` read (`final_params`, `medplib-jax export`, the converters).
 - `RunCheckpoints`: a run directory's `checkpoints/<step>` (Orbax CheckpointManager): the train state (params,
   optimizer state, step and counters), the grain iterator state of every process, and metadata (config, stage,
   layout, mesh, versions, rng, the log interval in progress). Saves are asynchronous and atomic (written under a
@@ -21,6 +22,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping
 
@@ -32,6 +34,7 @@ from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
 from medplib_jax.config_fields import known_fields
+from medplib_jax.constants import SYNTHETIC_MARKER
 
 FINAL_PARAMS = 'final_params'  # a run directory's hand-off: merged (LoRA folded) parameters
 CHECKPOINTS = 'checkpoints'  # a run directory's train-state checkpoints, one folder per step
@@ -91,17 +94,86 @@ def _reading():
         asyncio.set_event_loop_policy(previous)
 
 
-def save_params(path: str, params: Mapping[str, Any], metadata: Mapping[str, Any]) -> str:
-    """Writes `params` to the Orbax directory `path` (every process writes its shards) and, from process 0, the
-    metadata JSON next to it (`path` + '.json'). Returns the absolute path."""
+def save_params(path: str, params: Mapping[str, Any], metadata: Mapping[str, Any],
+                log: Callable[[str], None] = print) -> str:
+    """Writes `params` to the Orbax directory `path` (every process writes its shards) and, from process 0, what
+    inference needs beside the arrays inside it (`describe_params_dir`). Returns the absolute path."""
     path = os.path.abspath(path)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params, force=True)
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        with open(path + '.json', 'w') as f:
-            json.dump({**metadata, 'versions': versions()}, f, indent=1, default=str)
+        describe_params_dir(path, metadata, log)
     return path
+
+
+# A params directory carries, besides its arrays, what a later run needs to use them from anywhere (another working
+# directory, another machine): its metadata (the config the model is built from, provenance, versions) and a copy
+# of its tokenizer's files.
+PARAMS_META = 'medplib.json'
+PARAMS_TOKENIZER = 'tokenizer'
+TOKENIZER_FILES = ('tokenizer.model', 'added_tokens.json', 'special_tokens_map.json', 'tokenizer_config.json')
+
+
+def describe_params_dir(path: str, metadata: Mapping[str, Any], log: Callable[[str], None] = print) -> None:
+    """Writes `path/medplib.json` (`metadata`, package versions, the tokenizer it carries, whether its data were
+    synthetic) and copies the tokenizer its config names (`config.data.tokenizer`, relative to the working
+    directory as training read it) into `path/tokenizer/`; 'tiny' (built in code) needs no files."""
+    meta = dict(metadata)
+    data = dict((meta.get('config') or {}).get('data') or {})
+    source = meta.pop('tokenizer_source', None) or data.get('tokenizer') or ''
+    meta['tokenizer'] = None
+    if source == 'tiny':
+        meta['tokenizer'] = 'tiny'
+    elif source and os.path.isfile(os.path.join(source, TOKENIZER_FILES[0])):
+        target = os.path.join(path, PARAMS_TOKENIZER)
+        os.makedirs(target, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
+        meta['tokenizer'] = PARAMS_TOKENIZER
+    elif source:
+        log(f'warning: {path}: the tokenizer {source} was not found from {os.getcwd()}, so it is not stored with '
+            f'the parameters; give --tokenizer=DIR when using them')
+    if 'synthetic_data' not in meta:
+        root = data.get('root') or ''
+        meta['synthetic_data'] = bool(root) and os.path.isfile(os.path.join(root, SYNTHETIC_MARKER))
+    with open(os.path.join(path, PARAMS_META), 'w') as f:
+        json.dump({**meta, 'versions': versions()}, f, indent=1, default=str)
+
+
+def params_meta(path: str) -> dict[str, Any]:
+    """A params directory's metadata (`medplib.json` inside it; directories written before it carried one have
+    `<path>.json` beside them)."""
+    candidates = (os.path.join(path, PARAMS_META), path.rstrip('/') + '.json')
+    meta_path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise TypeError(f'expected a JSON object, got {type(meta).__name__}')
+    except (OSError, ValueError, TypeError) as e:
+        raise FileNotFoundError(f'{meta_path}: the params directory\'s metadata is missing or unreadable '
+                                f'({type(e).__name__}: {e})') from None
+    return meta
+
+
+def params_tokenizer(path: str, override: str | None = None) -> str:
+    """The tokenizer to use with a params directory: `override` (--tokenizer), else the copy it carries, else
+    what its config names ('tiny', or a folder as it was written: absolute, or found from the working directory);
+    'tiny' or a folder holding tokenizer.model. One-line error when none is found."""
+    if override:
+        return override
+    meta = params_meta(path)
+    if meta.get('tokenizer') == 'tiny':
+        return 'tiny'
+    if meta.get('tokenizer'):
+        return os.path.join(path, meta['tokenizer'])
+    named = ((meta.get('config') or {}).get('data') or {}).get('tokenizer') or 'tiny'
+    if named == 'tiny' or os.path.isfile(os.path.join(named, TOKENIZER_FILES[0])):
+        return named
+    raise FileNotFoundError(f'{path}: carries no tokenizer and the one its config names ({named}) is not found from '
+                            f'{os.getcwd()}: give --tokenizer=DIR (a folder with tokenizer.model)')
 
 
 def resolve_params_dir(path: str, field: str) -> str:

@@ -3,3 +3,8 @@ IGNORE_INDEX = -100  # label of an unsupervised position
 IMAGE_TOKEN_INDEX = -200  # one per image token slot (the reference has one per image, expanded in the model)
 REGION_TOKEN_INDEX = -300  # one between each <region> </region> pair
 MASK_THRESHOLD = 0.1  # sigmoid threshold of a predicted mask (the reference's, not 0.5; logit about -2.197)
+# A folder written by `make-demo-data` holds this file: data (and weights trained on it) are synthetic shapes.
+SYNTHETIC_MARKER = '.medplib_synthetic'
+# Shown by chat, serve and the reports wherever weights or records are the synthetic demo's.
+DEMO_NOTICE = ('synthetic-data demo weights: a tiny model trained on synthetic shapes, not on medical images; '
+               'not for clinical use')

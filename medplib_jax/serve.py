@@ -213,7 +213,8 @@ def check_port(port: int) -> int:
 
 
 def serve(checkpoint: str, *, port: int = 7860, mask_mode: str = 'auto', shortest_edge: int | None = None,
-          max_new_tokens: int | None = None, temperature: float | None = None, block: bool = True):
+          max_new_tokens: int | None = None, temperature: float | None = None, tokenizer: str | None = None,
+          block: bool = True):
     """Loads the model once and serves the page on http://127.0.0.1:PORT (never other interfaces)."""
     from medplib_jax import checkpoint as ckpt
     from medplib_jax.chat import ChatError, check_mask_mode
@@ -230,7 +231,7 @@ def serve(checkpoint: str, *, port: int = 7860, mask_mode: str = 'auto', shortes
     if shortest_edge < 0:
         raise ChatError(f'--shortest_edge={shortest_edge}: expected 0 (keep the size) or a positive size')
     ckpt.resolve_params_dir(checkpoint, '--checkpoint')
-    predictor = build_predictor(checkpoint, max_new_tokens=max_new_tokens,
+    predictor = build_predictor(checkpoint, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
                                 temperature=DEMO_TEMPERATURE if temperature is None else temperature)
     app, theme = build_app(predictor, mask_mode=mask_mode, shortest_edge=shortest_edge)
     print(f'medplib-jax serve: {ckpt.resolve_params_dir(checkpoint, "--checkpoint")} on http://127.0.0.1:{port}',

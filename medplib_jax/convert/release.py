@@ -94,9 +94,7 @@ def check_model_config(params_dir: str, model_cfg: Any) -> None:
     """A converted directory against the `config.model` a run uses: every field of the model config the
     directory was converted with that differs (dtypes, layout and MoE routing settings aside, which need no
     other weights) is listed in one error."""
-    import json
-    with open(params_dir.rstrip('/') + '.json') as f:
-        recorded = json.load(f)['config']['model']
+    recorded = checkpoint.params_meta(params_dir)['config']['model']
     free = {'dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'moe.group_size', 'moe.route_padding',
             'moe.capacity_factor', 'moe.eval_capacity_factor', 'moe.min_capacity', 'moe.aux_loss_coef',
             'moe.dispatch', 'lora'}
@@ -155,9 +153,9 @@ def check_unread_fields(hf: dict[str, Any], config: Any, where: str) -> None:
 
 
 def record_tokenizer(config: Any, src: str, explicit: Collection[str]) -> None:
-    """A directory with its tokenizer (the release's save_pretrained wrote one, facts 10.1; LLaVA's has one) is
-    recorded as `config.data.tokenizer`, so whoever reads the converted directory's config (infer/predict.py) loads
-    the tokenizer from there. It is not converted: data/tokenizer.py reads it as it is."""
+    """A directory with its tokenizer (the release's save_pretrained wrote one; LLaVA's has one) is recorded as
+    `config.data.tokenizer`, so the converted directory carries a copy of its files (`checkpoint.describe_params_dir`)
+    and whoever reads it (infer/predict.py) loads that. It is not converted: data/tokenizer.py reads it as it is."""
     if 'data.tokenizer' not in explicit and os.path.isfile(os.path.join(src, 'tokenizer.model')):
         config.data.tokenizer = os.path.abspath(src)
 

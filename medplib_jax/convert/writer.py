@@ -32,10 +32,8 @@ class ParamsWriter:
 
     def __init__(self, out: str, group_bytes: int = GROUP_BYTES):
         self.out = os.path.abspath(out)
-        for taken in (self.out, self.out + '.json'):
-            if os.path.lexists(taken):
-                raise FileExistsError(f'--out {self.out}: {taken} already exists; remove it or choose another '
-                                      f'directory')
+        if os.path.lexists(self.out):
+            raise FileExistsError(f'--out {self.out}: already exists; remove it or choose another directory')
         parent = os.path.dirname(self.out)
         os.makedirs(parent, exist_ok=True)
         self._tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(self.out)}.converting-', dir=parent)
@@ -73,7 +71,8 @@ class ParamsWriter:
         self.groups += 1
 
     def commit(self, metadata: Mapping[str, Any]) -> str:
-        """Writes the last group, finalises, publishes `out` and `out.json` (metadata + package versions)."""
+        """Writes the last group, finalises, publishes `out` with its metadata and tokenizer inside
+        (`checkpoint.describe_params_dir`)."""
         from orbax.checkpoint.experimental.v1 import partial
         self.flush()
         if not self.groups:
@@ -86,14 +85,6 @@ class ParamsWriter:
         step['item_handlers'] = ocp.StandardCheckpointHandler().typestr()
         with open(os.path.join(item, _STEP_METADATA), 'w') as f:
             json.dump(step, f)
-        meta_tmp = os.path.join(self._tmp, 'params.json')
-        with open(meta_tmp, 'w') as f:
-            json.dump({**metadata, 'groups': self.groups, 'versions': checkpoint.versions()}, f, indent=1,
-                      default=str)
-        os.rename(meta_tmp, self.out + '.json')
-        try:
-            os.rename(item, self.out)  # last: the directory appears complete or not at all
-        except OSError:
-            os.remove(self.out + '.json')
-            raise
+        checkpoint.describe_params_dir(item, {**metadata, 'groups': self.groups})
+        os.rename(item, self.out)  # last: the directory appears complete or not at all
         return self.out

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from medplib_jax.constants import SYNTHETIC_MARKER
 from medplib_jax.data.tokenizer import ADDED_TOKENS, tiny_base_vocab, tiny_model_proto
 
 # modality -> (file-name prefix, background, tissue, object classes)
@@ -116,7 +117,12 @@ def _draw_image(modality: str, size: tuple[int, int], rng: np.random.Generator) 
     return rgb, shapes, masks
 
 
-MARKER = '.medplib_synthetic'  # marks a folder this generator wrote, so it may write there again
+MARKER = SYNTHETIC_MARKER  # marks a folder this generator wrote, so it may write there again
+
+
+def is_synthetic(folder: str) -> bool:
+    """Whether `folder` was written by `make_demo_data` (its records and images are synthetic shapes)."""
+    return bool(folder) and os.path.isfile(os.path.join(folder, MARKER))
 
 
 def vocabulary() -> tuple[str, ...]:

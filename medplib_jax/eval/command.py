@@ -45,8 +45,7 @@ def build(checkpoint: str, config: mlc.ConfigDict, names: Sequence[str] = (), lo
                              f'(config.evals)')
     saved = params_config(path)
     data = config.data.copy_and_resolve_references()
-    if not data.tokenizer:
-        data.tokenizer = saved.get('data', {}).get('tokenizer', 'tiny')  # as Predictor.from_params_dir reads it
+    data.tokenizer = ckpt.params_tokenizer(path, data.tokenizer or None)  # the one it carries unless overridden
     context_config = mlc.ConfigDict({'model': saved['model'], 'data': data, 'train': {'eval_every': 0},
                                      'evals': {n: config.evals[n] for n in names}})
     evaluators = build_evaluators(EvalContext(context_config, model=None, mesh=None, rules=(), log=log))

@@ -15,10 +15,9 @@ mask geometry the losses use (models/masks.py), thresholded at sigmoid 0.1.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,18 +62,17 @@ class Prediction:
 
 
 def params_config(path: str) -> dict[str, Any]:
-    """The config a params directory was written with (its JSON's `config`), as the parameters are: a hand-off
-    (`final_params`, `medplib-jax export`; `merged_lora` in the JSON) has its LoRA folded into the kernels, so its
-    model has no adapters (`model.lora.rank` 0) whatever rank the run trained with."""
-    meta_path = path + '.json'
+    """The config a params directory was written with (its metadata's `config`), as the parameters are: a hand-off
+    (`final_params`, `medplib-jax export`; `merged_lora` in the metadata) has its LoRA folded into the kernels, so
+    its model has no adapters (`model.lora.rank` 0) whatever rank the run trained with."""
+    from medplib_jax import checkpoint
+    meta = checkpoint.params_meta(path)
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
         config = dict(meta['config'])
         config['model'] = dict(config['model'])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FileNotFoundError(f'{meta_path}: the params directory\'s metadata with its config is missing or '
-                                f'unreadable ({type(e).__name__}: {e})') from None
+    except (KeyError, TypeError) as e:
+        raise FileNotFoundError(f'{path}: its metadata ({checkpoint.PARAMS_META}) holds no model config '
+                                f'({type(e).__name__}: {e})') from None
     if meta.get('merged_lora'):
         config['model']['lora'] = {**dict(config['model'].get('lora') or {}), 'rank': 0}
     return config
@@ -101,24 +99,31 @@ class Predictor:
         self.model = MedPLIBForCausalLM(mcfg.llm, mcfg=mcfg)
         self.max_new_tokens, self.sampling, self.system = max_new_tokens, sampling, SYSTEMS[system]
         self.largest_component, self.length_step = largest_component, length_step
+        self.synthetic = False  # weights trained on the synthetic demo data (from_params_dir reads it)
         self._masks = jax.jit(self._mask_logits, static_argnames=('canvas',))
         self._routing = jax.jit(self._route)
 
     @classmethod
-    def from_params_dir(cls, path: str, *, tokenizer: MedPLIBTokenizer | None = None, **kwargs) -> 'Predictor':
-        """A params directory (`final_params`, `medplib-jax export`, the release converter) with the JSON beside it
+    def from_params_dir(cls, path: str, *, tokenizer: MedPLIBTokenizer | str | None = None,
+                        log: Callable[[str], None] | None = None, **kwargs) -> 'Predictor':
+        """A params directory (`final_params`, `medplib-jax export`, the converters) with the metadata inside it
         that holds its config: the model is built from that config, never from defaults; the parameters are read
-        onto this machine's first device."""
+        onto this machine's first device. `tokenizer`: a tokenizer, a folder or 'tiny' instead of the one the
+        directory carries (`checkpoint.params_tokenizer`). `log`: progress lines."""
         from medplib_jax import checkpoint
         path = checkpoint.resolve_params_dir(path, 'predict')
         config = params_config(path)
         mcfg = MedPLIBConfig.from_model_config(config['model'])
-        if tokenizer is None:
-            source = config.get('data', {}).get('tokenizer', 'tiny')
+        if not isinstance(tokenizer, MedPLIBTokenizer):
+            source = checkpoint.params_tokenizer(path, tokenizer)
             tokenizer = tiny_tokenizer() if source == 'tiny' else load_tokenizer(source)
+        if log:
+            log(f'loading the parameters of {path}')
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params = checkpoint.unflatten(checkpoint.restore_params(path, lambda _k, _s: one))
-        return cls(mcfg, params, tokenizer, **kwargs)
+        predictor = cls(mcfg, params, tokenizer, **kwargs)
+        predictor.synthetic = bool(checkpoint.params_meta(path).get('synthetic_data'))
+        return predictor
 
     # ----------------------------------------------------------------------------------------------------------
     def predict(self, image: np.ndarray | str, question: str, regions: Sequence[RegionPrompt] = (), *,
