@@ -18,6 +18,8 @@ from medplib_jax.eval.evaluators import EvalSettings
 from medplib_jax.models.lora import LoRAConfig
 from medplib_jax.models.medplib import MedPLIBConfig
 from medplib_jax.models.moe import MoEConfig
+from medplib_jax.models.sam_decoder import SamDecoderConfig
+from medplib_jax.models.sam_encoder import SamImageEncoderConfig
 from medplib_jax.train.config import TrainConfig
 
 # LLaMA decoder sizes. `llama7b` is LLaVA-v1.5-7B (LLaMA-2-7B architecture) with the MedPLIB vocab of 32267
@@ -40,7 +42,9 @@ VISION_SIZES = {
                       num_heads=16, layer_norm_eps=1e-5),
 }
 
-# SAM-Med2D sizes. `med2d_b` is sam-med2d_b.pth: ViT-B at 256 with adapters (facts section 5).
+# SAM-Med2D sizes, as overrides of the config dataclasses' defaults, which are sam-med2d_b.pth's (ViT-B at 256 with
+# adapters). The config blocks hold every field (`sam_config`), so the converter can write what a checkpoint's
+# config.json says into a locked config.
 SAM_SIZES = {
     'tiny': (dict(hidden_size=32, depth=2, num_heads=2, mlp_dim=64, out_chans=16, window_size=14,
                   global_attn_indexes=(1,)),
@@ -142,6 +146,16 @@ def medplib_config() -> mlc.ConfigDict:
     return _fields(MedPLIBConfig, exclude=('llm', 'vision', 'sam_encoder', 'sam_decoder', 'projector_type'))
 
 
+def sam_config(size: str) -> tuple[mlc.ConfigDict, mlc.ConfigDict]:
+    """SAM-Med2D's image encoder and decoder blocks, every field present (dtypes follow the model's)."""
+    if size not in SAM_SIZES:
+        raise ValueError(f'unknown SAM size {size!r}; known: {sorted(SAM_SIZES)}')
+    dtypes = ('dtype', 'param_dtype')
+    encoder, decoder = SAM_SIZES[size]
+    return (_fields(SamImageEncoderConfig, exclude=dtypes, **encoder),
+            _fields(SamDecoderConfig, exclude=dtypes, **decoder))
+
+
 def set_vocab(model: mlc.ConfigDict, vocab_size: int) -> mlc.ConfigDict:
     """Sizes a model config's vocab: the reference adds its tokens after the base vocab (facts 1.1), so `<SEG>`, the
     first of them, is `vocab_size - len(ADDED_TOKENS)`. The one place that rule lives."""
@@ -163,8 +177,7 @@ def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32'
     cfg.remat_policy = remat_policy  # see medplib_jax.models.llama.REMAT_POLICIES
     cfg.moe = moe_config(moe)
     cfg.lora = lora_config()
-    cfg.sam_encoder = mlc.ConfigDict(dict(SAM_SIZES[sam][0]))
-    cfg.sam_decoder = mlc.ConfigDict(dict(SAM_SIZES[sam][1]))
+    cfg.sam_encoder, cfg.sam_decoder = sam_config(sam)
     cfg.medplib = medplib_config()
     return set_vocab(cfg, cfg.llm.vocab_size)
 

@@ -71,13 +71,31 @@ def tiny_config(**overrides):
 
 
 def release_config_json():
+    """Every field the released MedPLIB-7b-2e's config.json has (the merge script's save_pretrained of a
+    MedPLIBForCausalLM under transformers 4.31: LlamaConfig's, LLaVA's multimodal ones, MedPLIB's `moe` block and
+    `out_dim`), at the tiny widths."""
     return dict(architectures=['MedPLIBForCausalLM'], model_type='medplib_moe_llama', vocab_size=VOCAB,
                 hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                 num_key_value_heads=KV, rms_norm_eps=1e-5, max_position_embeddings=1024, rope_scaling=None,
-                tie_word_embeddings=False, initializer_range=0.02, torch_dtype='bfloat16', use_cache=False,
-                mm_hidden_size=32, mm_projector_type='mlp2x_gelu', mm_vision_select_layer=-2,
-                mm_vision_select_feature='patch', mm_use_im_start_end=True, mm_vision_tower='/abs/clip-vit-336',
-                out_dim=OUT, max_sample_point=512, image_aspect_ratio='square', moe=MOE)
+                rope_theta=10000.0, hidden_act='silu', pretraining_tp=1, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, tie_word_embeddings=False, initializer_range=0.02, torch_dtype='bfloat16',
+                transformers_version='4.31.0', use_cache=False, mm_hidden_size=32, mm_projector_type='mlp2x_gelu',
+                mm_vision_select_layer=-2, mm_vision_select_feature='patch', mm_use_im_start_end=True,
+                mm_use_im_patch_token=False, freeze_mm_mlp_adapter=False, tune_mm_mlp_adapter=False,
+                mm_vision_tower='/abs/clip-vit-336', vision_tower='/abs/clip-vit-336', tokenizer_padding_side='right',
+                tokenizer_model_max_length=2048, train_mask_decoder=True, out_dim=OUT, max_sample_point=512,
+                image_aspect_ratio='square', moe=MOE)
+
+
+def write_release_tokenizer(directory):
+    """The tokenizer files save_pretrained writes beside the weights: LLaMA's layout (here the tiny SentencePiece
+    model, base vocab 309 = VOCAB - 267) and added_tokens.json with MedPLIB's tokens after it."""
+    from medplib_jax.data.tokenizer import ADDED_TOKENS, tiny_model_proto
+    (directory / 'tokenizer.model').write_bytes(tiny_model_proto())
+    base = VOCAB - len(ADDED_TOKENS)
+    (directory / 'added_tokens.json').write_text(json.dumps({t: base + k for k, t in enumerate(ADDED_TOKENS)}))
+    (directory / 'special_tokens_map.json').write_text(json.dumps({'bos_token': '<s>', 'eos_token': '</s>',
+                                                                   'unk_token': '<unk>', 'pad_token': '<unk>'}))
 
 
 def release_tensors(rng):
@@ -155,13 +173,13 @@ def release(tmp_path_factory):
     in_dir = {**sd, **{f'model.visual_model.{k}': v for k, v in sam.items() if k.startswith('mask_decoder.')}}
     sam_file = {k: (v if not k.startswith('mask_decoder.') else v + 1.0) for k, v in sam.items()}
     write_release(root / 'MedPLIB-7b-2e', in_dir, release_config_json())
-    (root / 'MedPLIB-7b-2e' / 'tokenizer.model').write_bytes(b'')  # the release's own tokenizer: not converted
+    write_release_tokenizer(root / 'MedPLIB-7b-2e')  # not converted: copied into the params directory
     torch.save({'model': {k: torch.from_numpy(v) for k, v in sam_file.items()}}, root / 'sam-med2d_b.pth')
     config = tiny_config()
     out = convert_release(str(root / 'MedPLIB-7b-2e'), str(root / 'converted'), config,
                           sam_med2d=str(root / 'sam-med2d_b.pth'), group_bytes=200_000, progress=False)
     return dict(root=root, sd=sd, sam=sam, in_dir=in_dir, config=config, out=out, params=restored(out),
-                meta=json.loads((root / 'converted.json').read_text()))
+                meta=checkpoint.params_meta(out))
 
 
 def per_part_tree(sd, sam, config):
@@ -228,7 +246,11 @@ def test_release_converts_as_the_per_part_converters_do(release, np_rng):
     assert (model['moe']['capacity_factor'], model['moe']['eval_capacity_factor'], model['moe']['min_capacity']) == \
         (1.25, 2.0, 4)
     assert meta['moe_layers'] == [0, 1] and meta['scan_layers'] is False and meta['kind'] == 'medplib release'
-    assert meta['config']['data']['tokenizer'] == str(release['root'] / 'MedPLIB-7b-2e')  # where evaluators find it
+    assert meta['config']['data']['tokenizer'] == str(release['root'] / 'MedPLIB-7b-2e')  # where it came from
+    assert meta['tokenizer'] == 'tokenizer' and meta['synthetic_data'] is False  # a copy travels with the params
+    for name in ('tokenizer.model', 'added_tokens.json', 'special_tokens_map.json'):
+        assert (release['root'] / 'converted' / 'tokenizer' / name).read_bytes() == \
+            (release['root'] / 'MedPLIB-7b-2e' / name).read_bytes()
     assert meta['groups'] > 3  # written in several partial saves (group_bytes=200 kB), read back as one tree
     # The directory's mask decoder (trained) is used; SAM-Med2D's differs: reported, not used.
     assert meta['conflicts'] and all(k.startswith('model.visual_model.mask_decoder.') for k in meta['conflicts'])
@@ -259,7 +281,7 @@ def test_scanned_layout_holds_the_same_layers(release, tmp_path):
     out = convert_release(str(release['root'] / 'MedPLIB-7b-2e'), str(tmp_path / 'scanned'), config,
                           sam_med2d=str(release['root'] / 'sam-med2d_b.pth'), progress=False)
     scanned, flat = restored(out), release['params']
-    assert json.loads((tmp_path / 'scanned.json').read_text())['scan_layers'] is True
+    assert checkpoint.params_meta(out)['scan_layers'] is True
     stacked = [k for k in scanned if k.startswith('model/layers/')]
     assert 'model/layers/mlp/experts/gate_proj/kernel' in stacked
     assert scanned['model/layers/mlp/experts/gate_proj/kernel'].shape == (LAYERS, 2, D, FFN)
@@ -294,12 +316,26 @@ def test_missing_and_renamed_keys_are_named_and_nothing_is_written(release, tmp_
     assert renamed.replace('up_proj', 'upproj') in unexpected  # ... and unexpected under the new one
     assert os.listdir(tmp_path) == ['bad']  # no out, no out.json, no temporary sibling
 
-    # a mis-shaped tensor, and a directory without SAM-Med2D weights and no --sam-med2d
+    # a mis-shaped tensor, and a directory with SAM-Med2D's mask decoder only and no --sam-med2d
     src = _edit_release(release, tmp_path / 'b', lambda sd: sd.update({'model.norm.weight': np.ones(D + 1, np.float32)}))
-    with pytest.raises(ConversionError, match=r'model\.norm\.weight -> model/norm/weight: \(65,\), the model wants '
-                                              r'\(64,\).*pass --sam-med2d'):
+    decoder = sum(k.startswith('mask_decoder.') for k in release['sam'])
+    with pytest.raises(ConversionError, match=rf'model\.norm\.weight -> model/norm/weight: \(65,\), the model wants '
+                                              rf'\(64,\).*holds {decoder} SAM-Med2D tensors .* pass --sam-med2d'):
         convert_release(src, str(tmp_path / 'out'), tiny_config(), progress=False)
     assert not (tmp_path / 'out').exists()
+    # every SAM-Med2D tensor in the directory but one renamed: the hint says the directory holds the others
+    whole = {f'model.visual_model.{k}': v for k, v in release['sam'].items() if not k.startswith('mask_decoder.')}
+    sam_key = next(iter(whole))
+    src = _edit_release(release, tmp_path / 'c', lambda sd: sd.update(
+        {**whole, sam_key + '_renamed': whole[sam_key]}) or sd.pop(sam_key))
+    with pytest.raises(ConversionError) as err:
+        convert_release(src, str(tmp_path / 'out'), tiny_config(), progress=False)
+    held = len(whole) + sum(k.startswith('mask_decoder.') for k in release['sam'])  # the renamed one included
+    assert f'holds {held} SAM-Med2D tensors' in str(err.value) and sam_key in str(err.value)
+    # none at all: said so
+    src = _edit_release(release, tmp_path / 'd', lambda sd: [sd.pop(k) for k in list(sd) if '.visual_model.' in k])
+    with pytest.raises(ConversionError, match=r'the directory has no SAM-Med2D weights: pass --sam-med2d'):
+        convert_release(src, str(tmp_path / 'out'), tiny_config(), progress=False)
 
 
 def test_config_conflicts_and_the_missing_extra_are_one_line(release, tmp_path, monkeypatch):
@@ -345,6 +381,36 @@ def test_cli_convert_reads_flags_and_reports_conflicts_in_one_line(release, tmp_
     np.testing.assert_array_equal(kernel, want.astype(ml_dtypes.bfloat16))
 
 
+def test_the_readme_command_converts_a_real_release_and_chat_answers_from_elsewhere(release, tmp_path):
+    """`medplib-jax convert medplib` as README.md gives it (the CLI's config is locked, as a user's is), on a release
+    whose config.json carries every field MedPLIB-7b-2e's has; the tiny widths need the tiny config (the 7B's CLIP /
+    SAM-Med2D sizes are the default, which no config.json holds). Then `chat` answers from another working
+    directory, with the tokenizer the directory carries."""
+    src, sam = release['root'] / 'MedPLIB-7b-2e', release['root'] / 'sam-med2d_b.pth'
+    out = tmp_path / 'medplib-7b-2e'
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'convert', 'medplib', f'--src={src}',
+                          f'--sam-med2d={sam}', f'--out={out}', '--config=configs/common.py:model=tiny',
+                          '--config.model.sam_encoder.num_heads=4'],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'Traceback' not in res.stderr
+    got = restored(str(out))
+    assert got.keys() == release['params'].keys()  # 0 missing, 0 unexpected: the whole model, nothing else
+    for k, v in release['params'].items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    image = elsewhere / 'scan.png'
+    from PIL import Image
+    Image.fromarray((np.arange(96 * 128 * 3) % 251).astype(np.uint8).reshape(96, 128, 3)).save(image)
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'chat', f'--checkpoint={out}', f'--image={image}',
+                          '--max_new_tokens=3', 'What can you interpret from this image?'],
+                         capture_output=True, text=True, env=env, cwd=elsewhere, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() and 'Traceback' not in res.stderr
+
+
 def test_per_part_converters_round_trip(release, tmp_path, np_rng):
     # A LLaVA-style directory: LLaMA + projector + the CLIP tower it holds as a module, in sharded safetensors with
     # an index (vocab 309: MedPLIB adds 267).
@@ -376,7 +442,7 @@ def test_per_part_converters_round_trip(release, tmp_path, np_rng):
                         progress=False)
     got = restored(out)
     tree = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in got.items()})
-    assert json.loads((tmp_path / 'start.json').read_text())['conflicts'] == {}  # the directory's CLIP = --clip's
+    assert checkpoint.params_meta(out)['conflicts'] == {}  # the directory's CLIP = --clip's
     assert config.model.llm.vocab_size == 576 and config.model.medplib.seg_token_id == 309
     assert config.model.llm.intermediate_size == 160 and config.model.llm.num_layers == 3  # from config.json
     assert config.model.vision.num_layers == 2  # from the CLIP directory's config.json
@@ -516,6 +582,7 @@ def test_the_7b_release_key_list_fits_the_7b_model(tmp_path):
     for scan in (False, True):
         config = get_config('model=7b')
         config.model.scan_layers = scan
+        config.lock()  # as the CLI's --config is: every field written must exist
         apply_settings(config, release_settings(hf, config, 'config.json'), (), 'config.json')
         check_unread_fields(hf, config, 'config.json')
         assert config.model.medplib.seg_token_id == 32000 and config.model.sam_decoder.embed_dim == 256
@@ -526,7 +593,8 @@ def test_the_7b_release_key_list_fits_the_7b_model(tmp_path):
             {k for k in source.keys() if not k.endswith('rotary_emb.inv_freq')}
         n = sum(math.prod(s) for s, _ in plan.targets.values())
         assert 11.6e9 < n < 11.8e9, n
-    # A later run's config whose SAM-Med2D block is model=7b's `{}` (the same sizes by default) is no conflict.
+    # A directory converted before params directories carried their metadata inside (`<dir>.json` beside them)
+    # and before the SAM-Med2D blocks held every field (model=7b's were `{}`: the same sizes) is no conflict.
     (tmp_path / 'converted.json').write_text(json.dumps({'config': config.to_dict()}, default=list))
     later = config.model.copy_and_resolve_references()
     later.sam_decoder = type(later.sam_decoder)()

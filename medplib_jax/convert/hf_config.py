@@ -42,7 +42,7 @@ def read_config_json(directory: str) -> dict[str, Any]:
     return data
 
 
-def _need(hf: Mapping[str, Any], field: str, where: str) -> Any:
+def need(hf: Mapping[str, Any], field: str, where: str) -> Any:
     if field not in hf:
         raise ValueError(f'{where}: no field {field!r}')
     return hf[field]
@@ -56,9 +56,9 @@ def llm_settings(hf: Mapping[str, Any], where: str) -> list[Setting]:
                          f'only)')
     if hf.get('tie_word_embeddings'):
         raise ValueError(f'{where}: tie_word_embeddings=true is not supported (MedPLIB\'s lm_head is its own)')
-    heads = _need(hf, 'num_attention_heads', where)
-    hidden = _need(hf, 'hidden_size', where)
-    out = [Setting('model.llm.' + ours, _need(hf, theirs, where), theirs) for ours, theirs in (
+    heads = need(hf, 'num_attention_heads', where)
+    hidden = need(hf, 'hidden_size', where)
+    out = [Setting('model.llm.' + ours, need(hf, theirs, where), theirs) for ours, theirs in (
         ('vocab_size', 'vocab_size'), ('hidden_size', 'hidden_size'), ('intermediate_size', 'intermediate_size'),
         ('num_layers', 'num_hidden_layers'), ('num_heads', 'num_attention_heads'),
         ('rms_norm_eps', 'rms_norm_eps'), ('max_position_embeddings', 'max_position_embeddings'))]
@@ -85,7 +85,7 @@ def moe_settings(hf: Mapping[str, Any], num_layers: int, where: str) -> list[Set
     moe = hf.get('moe') or {}
     if not moe.get('moe_enable', bool(moe)):
         return [Setting('model.moe.mode', 'none', 'moe.moe_enable')]
-    mode = _need(moe, 'moe_mode', f'{where} moe')
+    mode = need(moe, 'moe_mode', f'{where} moe')
     if moe.get('use_residual'):
         raise ValueError(f'{where}: moe.use_residual=true (residual MoE) is not supported')
     try:
@@ -96,7 +96,7 @@ def moe_settings(hf: Mapping[str, Any], num_layers: int, where: str) -> list[Set
     if 'moe_layers_idx' in moe and list(moe['moe_layers_idx']) != list(layers):
         raise ValueError(f'{where}: moe.moe_layers_idx={moe["moe_layers_idx"]} is not what moe_mode={mode!r} selects '
                          f'for {num_layers} layers ({list(layers)})')
-    experts = _need(moe, 'num_experts', f'{where} moe')
+    experts = need(moe, 'num_experts', f'{where} moe')
     experts = list(experts) if isinstance(experts, (list, tuple)) else [experts] * len(layers)
     if len(set(experts)) != 1:
         raise ValueError(f'{where}: moe.num_experts={experts}: layers with different expert counts are not supported')
@@ -105,7 +105,7 @@ def moe_settings(hf: Mapping[str, Any], num_layers: int, where: str) -> list[Set
     for ours, theirs, cast in (('top_k', 'top_k_experts', int), ('capacity_factor', 'capacity_factor', float),
                                ('eval_capacity_factor', 'eval_capacity_factor', float),
                                ('min_capacity', 'min_capacity', int), ('aux_loss_coef', 'router_aux_loss_coef', float)):
-        out.append(Setting(f'model.moe.{ours}', cast(_need(moe, theirs, f'{where} moe')), f'moe.{theirs}'))
+        out.append(Setting(f'model.moe.{ours}', cast(need(moe, theirs, f'{where} moe')), f'moe.{theirs}'))
     return out
 
 
@@ -114,28 +114,32 @@ def clip_settings(hf: Mapping[str, Any], where: str) -> list[Setting]:
     d = hf.get('vision_config', hf)
     if d.get('hidden_act', 'quick_gelu') != 'quick_gelu':
         raise ValueError(f'{where}: hidden_act={d["hidden_act"]!r} is not supported (CLIP uses quick_gelu)')
-    return [Setting('model.vision.' + ours, _need(d, theirs, where), f'vision_config.{theirs}' if d is not hf else theirs)
+    return [Setting('model.vision.' + ours, need(d, theirs, where), f'vision_config.{theirs}' if d is not hf else theirs)
             for ours, theirs in (('image_size', 'image_size'), ('patch_size', 'patch_size'),
                                  ('hidden_size', 'hidden_size'), ('intermediate_size', 'intermediate_size'),
                                  ('num_layers', 'num_hidden_layers'), ('num_heads', 'num_attention_heads'),
                                  ('layer_norm_eps', 'layer_norm_eps'))]
 
 
-def _get(config: Any, field: str) -> Any:
+def _node(config: Any, field: str) -> tuple[Any, str]:
+    """The config block holding `field` (dotted) and its last name; a field the config lacks is a one-line error."""
+    *parents, last = field.split('.')
     node = config
-    for part in field.split('.'):
-        node = node[part]
-    return node
+    for part in (*parents, last):
+        if part not in node:
+            raise ValueError(f'the config has no field {field!r} (use a config built by configs/common.py)')
+        if part != last:
+            node = node[part]
+    return node, last
+
+
+def _get(config: Any, field: str) -> Any:
+    node, last = _node(config, field)
+    return node[last]
 
 
 def _set(config: Any, field: str, value: Any) -> None:
-    *parents, last = field.split('.')
-    node = config
-    for part in parents:
-        node = node[part]
-    if last not in node:  # a block that holds only overrides (model=7b's sam_encoder / sam_decoder: {})
-        node[last] = value
-        return
+    node, last = _node(config, field)
     old = node[last]
     if isinstance(old, bool) or not isinstance(old, (int, float, str)) or isinstance(value, type(old)):
         node[last] = value

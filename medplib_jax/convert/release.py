@@ -23,8 +23,8 @@ import numpy as np
 from medplib_jax import checkpoint
 from medplib_jax.convert.clip import CLIP_TABLE, PROJECTOR_TABLE
 from medplib_jax.convert.common import IDENTITY, LINEAR, ConversionError, KeyTable, prefixed
-from medplib_jax.convert.hf_config import (ConfigConflictError, Setting, apply_settings, llm_settings, moe_settings,
-                                           multimodal_settings, read_config_json)
+from medplib_jax.convert.hf_config import (ConfigConflictError, Setting, apply_settings, llm_settings,
+                                           moe_settings, multimodal_settings, need, read_config_json)
 from medplib_jax.convert.llama import LLAMA_TABLE
 from medplib_jax.convert.sam import SAM_MED2D_IMAGE_ENCODER, SAM_MED2D_MASK_DECODER, SAM_MED2D_PROMPT_ENCODER
 from medplib_jax.convert.sources import CheckpointSource
@@ -107,8 +107,8 @@ def check_model_config(params_dir: str, model_cfg: Any) -> None:
 
 
 def _complete(model: dict[str, Any]) -> dict[str, Any]:
-    """SAM-Med2D's blocks hold only overrides of their dataclasses' defaults (`{}` at model=7b): compare the sizes
-    they stand for."""
+    """SAM-Med2D's blocks of directories converted before the config held every field were only overrides of their
+    dataclasses' defaults (`{}` at model=7b): compare the sizes they stand for."""
     from medplib_jax.models.sam_decoder import SamDecoderConfig
     out = dict(model)
     for name, cls in (('sam_encoder', SamImageEncoderConfig), ('sam_decoder', SamDecoderConfig)):
@@ -130,8 +130,8 @@ def release_settings(hf: dict[str, Any], config: Any, where: str) -> list[Settin
     """config.json of the release -> config.model fields (facts 10.2, 13)."""
     added = config.model.llm.vocab_size - config.model.medplib.seg_token_id  # MedPLIB's 267 tokens (facts 1.1)
     settings = llm_settings(hf, where) + multimodal_settings(hf)
-    settings += moe_settings(hf, int(hf['num_hidden_layers']), where)
-    settings.append(Setting('model.medplib.seg_token_id', int(hf['vocab_size']) - added,
+    settings += moe_settings(hf, int(need(hf, 'num_hidden_layers', where)), where)
+    settings.append(Setting('model.medplib.seg_token_id', int(need(hf, 'vocab_size', where)) - added,
                             f'vocab_size - {added} added tokens'))
     if 'out_dim' in hf:
         settings.append(Setting('model.sam_decoder.embed_dim', int(hf['out_dim']), 'out_dim'))
@@ -145,7 +145,7 @@ def check_unread_fields(hf: dict[str, Any], config: Any, where: str) -> None:
         problems.append(f'mm_hidden_size={hf["mm_hidden_size"]} but config.model.vision.hidden_size='
                         f'{config.model.vision.hidden_size} (the vision tower\'s sizes are not in config.json: '
                         f'pick them with --config=configs/common.py:model=7b or --config.model.vision.*)')
-    out_chans = SamImageEncoderConfig.from_dict(config.model.sam_encoder).out_chans  # {} at model=7b: defaults
+    out_chans = SamImageEncoderConfig.from_dict(config.model.sam_encoder).out_chans
     if 'out_dim' in hf and hf['out_dim'] != out_chans:
         problems.append(f'out_dim={hf["out_dim"]} but config.model.sam_encoder.out_chans={out_chans}')
     if problems:
@@ -182,6 +182,9 @@ def convert_release(src: str, out: str, config: Any, *, sam_med2d: str | None = 
             label=src, seed=config.seed, group_bytes=group_bytes, progress=progress, log=log)
     except ConversionError as e:
         if not sam_med2d and 'missing' in str(e) and SAM_PREFIX in str(e).split('unexpected')[0]:
-            raise ConversionError(f'{e}; the directory has no SAM-Med2D weights: pass --sam-med2d '
-                                  f'sam-med2d_b.pth') from None
+            held = sum(k.startswith(SAM_PREFIX) for k in sources[0].keys())
+            hint = ('the directory has no SAM-Med2D weights: pass --sam-med2d sam-med2d_b.pth' if not held else
+                    f'the directory holds {held} SAM-Med2D tensors ({SAM_PREFIX}*) but lacks those named missing: '
+                    f'pass --sam-med2d sam-med2d_b.pth to take them from it (or fix their names)')
+            raise ConversionError(f'{e}; {hint}') from None
         raise

@@ -146,6 +146,8 @@ def load_tokenizer(folder: str | os.PathLike) -> MedPLIBTokenizer:
     MedPLIB's tokens are added after the base vocab; a folder with `added_tokens.json` must agree with that."""
     folder = os.fspath(folder)
     path = os.path.join(folder, 'tokenizer.model')
+    if not os.path.isdir(folder):
+        raise TokenizerError(f'{folder}: no such tokenizer folder (from {os.getcwd()})')
     if not os.path.isfile(path):
         raise TokenizerError(f'{folder}: no tokenizer.model (a SentencePiece model) in this tokenizer folder; a '
                              f'fast-only folder (tokenizer.json) gives other ids than the reference\'s slow tokenizer')
