@@ -29,11 +29,12 @@ import ml_collections as mlc
 import numpy as np
 
 from medplib_jax import checkpoint
-from medplib_jax.constants import IMAGE_TOKEN_INDEX
+from medplib_jax.constants import DEMO_NOTICE, IMAGE_TOKEN_INDEX
 from medplib_jax.data.pipeline import make_iterator
 from medplib_jax.data.records import read_records
 from medplib_jax.data.synthetic import FILES, make_demo_data
 from medplib_jax.eval.command import run_eval
+from medplib_jax.eval.metrics import is_na
 from medplib_jax.infer.predict import Predictor, Request
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.train.handoff import init_fn
@@ -145,27 +146,41 @@ def routing_fractions(params_dir: str, root: str, max_records: int = 0) -> dict[
 
 
 def summarize(scores: dict[str, dict], routing: dict[str, float], workdir: str) -> dict[str, Any]:
-    """The side-by-side table (markdown lines) -> workdir/report.md and metrics.json."""
+    """The side-by-side table (markdown lines) -> workdir/report.md and metrics.json. Both carry DEMO_NOTICE when
+    the evaluations were synthetic (their metrics.json's `synthetic`: the demo's records always are) and label the
+    figures synthetic held-out results; a metric with nothing behind it (null) is n/a in the table, None in JSON."""
     def value(which, evaluator, metric):
-        return float(scores[which]['evaluators'][evaluator]['metrics'][metric])
+        v = scores[which]['evaluators'][evaluator]['metrics'][metric]
+        return None if is_na(v) else float(v)
+
+    def fmt(v):
+        return 'n/a' if v is None else f'{v:.1f}'
+    synthetic = any(s.get('synthetic') for s in scores.values())
     checks = {}
     table = ['| held-out metric (%) | untrained | trained | demo bar |', '|---|---|---|---|']
     for label, evaluator, metric, bar in TABLE:
         init, trained = value('init', evaluator, metric), value('trained', evaluator, metric)
         checks[label] = {'init': init, 'trained': trained, 'bar': bar,
-                         'met': bool(trained >= bar) if bar is not None else None}
-        table.append(f'| {label} | {init:.1f} | {trained:.1f} | {">= %g" % bar if bar is not None else ""} |')
+                         'met': (trained is not None and trained >= bar) if bar is not None else None}
+        table.append(f'| {label} | {fmt(init)} | {fmt(trained)} | {">= %g" % bar if bar is not None else ""} |')
     for who, key, bar in (('grounding-question', 'grounding', "> VQA's"), ('VQA-question', 'vqa', ''),
                           ('grounding-answer', 'grounding_answers', ''), ('VQA-answer', 'vqa_answers', '')):
         table.append(f'| stage IV: {who} tokens to the grounding expert | | {routing[key]:.1f} | {bar} |')
-    summary = {'metrics': checks, 'routing': routing,
-               'routing_separates': bool(routing['grounding'] > routing['vqa']), 'table': table,
+    summary = {'synthetic': synthetic, **({'notice': DEMO_NOTICE} if synthetic else {}), 'metrics': checks,
+               'routing': routing, 'routing_separates': bool(routing['grounding'] > routing['vqa']), 'table': table,
                'eval': {w: os.path.join(workdir, 'eval', w) for w in scores}}
+    held_out = 'synthetic held-out' if synthetic else 'held-out'
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'report.md'), 'w') as f:
-        f.write('# medplib-jax demo: the tiny MedPLIB after stages I-IV, on the held-out synthetic split\n\n')
+        f.write(f'# medplib-jax demo: the tiny MedPLIB after stages I-IV, on the {held_out} split\n\n')
+        if synthetic:
+            f.write(f'> **Synthetic results.** {DEMO_NOTICE}.\n>\n> Every figure below is a synthetic held-out '
+                    f'result (the test split `make-demo-data` wrote, of the same synthetic shapes and modalities '
+                    f'the model trained on): it shows that training works, not how well a model reads medical '
+                    f'images, and is not comparable with the paper\'s.\n\n')
         f.write('\n'.join(table) + '\n\n')
-        f.write('Each evaluator\'s own report, predictions and pictures: `eval/trained/`, `eval/init/`.\n')
+        f.write(f'Each evaluator\'s own report (with the definition of each metric), predictions and pictures: '
+                f'`eval/trained/`, `eval/init/`.\n')
     with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     return summary

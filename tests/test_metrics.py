@@ -1,7 +1,7 @@
 """The paper's metrics (medplib_jax/eval/metrics.py) on hand-worked cases, and BLEU against nltk itself.
 
 Every expected value below is worked out by hand in the comment beside it from the reference's rules
-(medplib_facts.md 9.1-9.3, 12.16-17), not computed by the project. BLEU is checked against
+(glossary.py, evaluate_metrics.py, cal_metric.py, vqa_infer.py), not computed by the project. BLEU is checked against
 `nltk.translate.bleu_score.sentence_bleu` on fresh random sentences (relative tolerance 1e-12: the same
 float operations in the same order, so in practice the values are equal). No JAX here.
 """
@@ -125,6 +125,8 @@ def test_routing_by_answer_type(answer_type, kind):
 
 
 def test_unknown_answer_type_is_a_clear_error():
+    # The evaluators skip and count such a record (tests/test_evaluators.py); the accumulator itself refuses it, so
+    # no caller loses an item without a count.
     with pytest.raises(ValueError, match=r"answer_type='choice'"):
         M.VQAScores().add_item('a', 'b', 'choice')
 
@@ -147,8 +149,26 @@ def test_vqa_scores_by_hand():
     # BLEU-1 of item 1: clipped unigrams liver(min(2,1)) = 1 of 3 -> 1/3; hyp 3 > ref 2 -> no brevity penalty.
     # Item 2: 1/1, hyp 1 == ref 1 -> bp exp(0) = 1. Mean (1/3 + 1)/2 = 2/3.
     assert out['open/bleu_1'] == pytest.approx(200 / 3)
-    # No open items -> 0.0, as cal_metric.py reports an absent kind.
-    assert M.VQAScores().to_dict()['open/recall'] == 0.0
+
+
+def test_a_mean_over_nothing_is_na_not_zero():
+    """cal_metric.py prints 0.0 for an absent kind; here it is NA (NaN), which reports print as n/a, so a 0.0 is
+    always a score. Counts stay 0."""
+    closed_only = M.VQAScores()
+    closed_only.add_item('no', 'yes', 'closed')  # a real 0: one closed item, missed
+    out = closed_only.to_dict()
+    assert out['closed/accuracy'] == 0.0 and out['closed/count'] == 1 and out['open/count'] == 0
+    for key in ('precision', 'recall', 'f1', 'exact_match', 'bleu', 'bleu_1', 'bleu_2', 'bleu_3'):
+        assert math.isnan(out[f'open/{key}']) and M.is_na(out[f'open/{key}']), key
+    open_only = M.VQAScores()
+    open_only.add_item('liver', 'liver', 'open')
+    assert math.isnan(open_only.to_dict()['closed/accuracy']) and open_only.to_dict()['open/recall'] == 100.0
+    omni = M.OmniMedVQAScores().to_dict()
+    assert math.isnan(omni['mean_accuracy']) and omni['count'] == 0
+    seg = M.SegScores().to_dict()
+    assert math.isnan(seg['mdice']) and math.isnan(seg['miou']) and seg['count'] == 0
+    assert math.isnan(M.unweighted_mean([])) and M.unweighted_mean([0.0]) == 0.0
+    assert M.is_na(None) and not M.is_na(0.0) and not M.is_na(0)
 
 
 # --- OmniMedVQA ------------------------------------------------------------------------------------------------

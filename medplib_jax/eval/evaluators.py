@@ -8,13 +8,21 @@ a params directory. An evaluator owns its input: the records files (read and che
 file fails before any training step) and a `Predictor` (infer/predict.py) over the run's model config and the
 params given to `run`.
 
-As the reference evaluates (medplib_facts.md 9, 12; `model/eval/vqa_infer.py`, `cal_metric.py`,
-`cal_metric_omniMedVQA.py`): greedy decoding up to 1024 new tokens, one request per record (its earlier turns, then
-the last question; the answer is scored against the last turn's); grounding takes one mask per sample, from the
+As the reference evaluates (`model/eval/vqa_infer.py`, `cal_metric.py`, `cal_metric_omniMedVQA.py`): greedy
+decoding up to 1024 new tokens, one request per record (its earlier turns, then the last question); the prediction
+is scored against the conversation's FIRST answer by default (`score_turn='first'`: vqa_infer.py `validate_vqa`
+writes `gts_list[0][0]`, the first assistant turn, as the answers file's `gt`), against the last one's with
+`score_turn='last'`; the row records which (`answer`, `answer_turn`). Grounding takes one mask per sample, from the
 first generated `<SEG>` or the fallback state when there is none (`mask='always'`), against the record's first
 ground-truth mask at the original size, sigmoid > 0.1, IoU 0 for a missing mask or an empty union. Prompts are built
-from the conversation (never cut at the last colon, facts 12.5); the system text is training's unless
-`system='reference_eval'`.
+from the conversation (never cut at the last colon as vqa_infer.py cuts its token ids); the system text is
+training's unless `system='reference_eval'`.
+
+A record the reference's scripts pass over is a counted skip (a skip row with its reason in predictions.jsonl,
+counted in the report), an error only with `config.data.strict`: an `answer_type` that is neither open
+(open/other/number) nor closed (yes/no/closed) (cal_metric.py's if/elif), an OmniMedVQA image without a modality
+(cal_metric_omniMedVQA.py would stop with a KeyError), a record whose files cannot be read. A record of the wrong
+kind for the evaluator (a grounding record in a VQA file) is an error: the configuration names the wrong file.
 
 Processes: process p of n evaluates the p-th contiguous block of the usable records; the per-item sums (the metrics'
 accumulators) and the prediction rows are gathered to every process, so the reported numbers do not depend on the
@@ -24,7 +32,6 @@ the path `medplib-jax eval --rescore` takes too.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -40,7 +47,7 @@ from medplib_jax.data.pipeline import DataConfig, open_sources
 from medplib_jax.data.records import Record, RecordError, load_record
 from medplib_jax.data.regions import RegionPrompt
 from medplib_jax.data.tokenizer import load_tokenizer, tiny_tokenizer
-from medplib_jax.eval import metrics
+from medplib_jax.eval import metrics, report
 from medplib_jax.eval.registry import Evaluator, register
 from medplib_jax.infer.predict import PredictError, Prediction, Predictor, Request
 from medplib_jax.models.medplib import MedPLIBConfig
@@ -54,11 +61,18 @@ class EvalSettings:
     max_records: only the first N records of them (0 = all). batch_size: requests decoded together (1 = the
       reference's; a batch gives the same greedy answers, up to floating-point ties). max_new_tokens: the
       reference's 1024. system: 'train' (training's llava_v1 text) | 'reference_eval' (vqa_infer.py's "user"
-      wording, facts 12.4). every: training steps between runs (0 = config.train.eval_every).
+      wording). every: training steps between runs (0 = config.train.eval_every).
     answer_type (mecovqa_c / mecovqa_r): '' = each record's `answer_type`, 'open' where it has none; else this
       type for every record (vqa_infer.py's `--answer_type`).
+    score_turn: which answer of a multi-turn record the prediction is scored against: 'first' (the reference:
+      vqa_infer.py writes the first assistant turn, `gts_list[0][0]`, as `gt`) | 'last' (the answer to the question
+      asked, the last turn's). The prompt is the same either way: the earlier turns and the last question.
     qa_information (omnimedvqa): '' = each record's `modality_type`; else OmniMedVQA's `QA_information/Open-access`
-      folder, whose JSON files give `modality_type` by `image_path` (cal_metric_omniMedVQA.py's lookup)."""
+      folder, whose JSON files (its subfolders included) give `modality_type` by `image_path`
+      (cal_metric_omniMedVQA.py `get_name_type`; `qa_modalities`).
+    qa_conflicts (omnimedvqa, with qa_information): an image listed more than once: 'first' (the reference: the
+      first entry with a `modality_type` wins, files in sorted walk order) | 'error' (two different modality_types
+      for one image are an error naming both files)."""
     datasets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     max_records: int = 0
     batch_size: int = 1
@@ -66,11 +80,23 @@ class EvalSettings:
     system: str = 'train'
     every: int = 0
     answer_type: str = ''
+    score_turn: str = 'first'
     qa_information: str = ''
+    qa_conflicts: str = 'first'
 
 
-_SHARED_SETTINGS = ('datasets', 'max_records', 'batch_size', 'max_new_tokens', 'system', 'every')
+SCORE_TURNS = ('first', 'last')
+QA_CONFLICTS = ('first', 'error')
+_SHARED_SETTINGS = ('datasets', 'max_records', 'batch_size', 'max_new_tokens', 'system', 'every', 'score_turn')
 _DEFAULTS = EvalSettings()
+
+
+class SkipRecord(ValueError):
+    """A record an evaluator passes over as the reference's scripts do, counted under `reason`."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def _tokenizer(source: str, where: str):
@@ -137,6 +163,8 @@ class RecordsEvaluator(Evaluator):
                 raise ValueError(f'{section}.{field.name}: not a setting of kind {self.kind!r}')
         if s.system not in SYSTEMS:
             raise ValueError(f'{section}.system={s.system!r}; known: {sorted(SYSTEMS)}')
+        if s.score_turn not in SCORE_TURNS:
+            raise ValueError(f'{section}.score_turn={s.score_turn!r}; known: {", ".join(SCORE_TURNS)}')
         if s.batch_size < 1 or s.max_new_tokens < 1 or s.max_records < 0:
             raise ValueError(f'{section}: batch_size and max_new_tokens must be positive, max_records >= 0')
         if not s.datasets:
@@ -146,6 +174,7 @@ class RecordsEvaluator(Evaluator):
         data = dict(config.data)
         data['datasets'] = {k: dict(v) for k, v in dict(s.datasets).items()}
         self.data = DataConfig.from_config(data)
+        self.files: tuple[str, ...] = ()  # the records files read (set by _read_records)
         self.records, self.skips = self._read_records()
         model_cfg = config.model.to_dict() if hasattr(config.model, 'to_dict') else dict(config.model)
         self.mcfg = MedPLIBConfig.from_model_config(model_cfg)
@@ -159,29 +188,34 @@ class RecordsEvaluator(Evaluator):
     # ----------------------------------------------------------------------------------------------------------
     def _read_records(self) -> tuple[list[Record], list[dict[str, Any]]]:
         """Every record of the datasets in order (the first `max_records`), parsed and checked now: a file that is
-        missing or holds no records is an error; a bad record is skipped and counted (an error with
-        `config.data.strict`); a record this evaluator cannot score is an error naming it."""
+        missing or holds no records is an error; a bad record, or one the reference's scripts pass over
+        (`SkipRecord` from `describe`), is skipped and counted (an error with `config.data.strict`); a record of the
+        wrong kind for this evaluator is an error naming it."""
         records, skips = [], []
-        for src in open_sources(self.data):
+        sources = open_sources(self.data)
+        self.files = tuple(src.path for src in sources)
+        for src in sources:
             for i in range(len(src)):
                 if self.s.max_records and len(records) + len(skips) >= self.s.max_records:
                     return records, skips
                 try:
                     record = load_record(src[i].payload, source=src.path, index=i, image_folder=src.image_folder,
                                          line=src.info.line(i), duplicate_of=src.duplicates.get(i))
-                except RecordError as e:
+                    self.describe(record)  # SkipRecord, or ValueError for a record of the wrong kind
+                except (RecordError, SkipRecord) as e:
                     if self.data.strict:
                         raise
-                    skips.append(self._skip(e))
+                    skips.append(self._skip(e, src.path))
                     continue
-                self.describe(record)  # raises for a record of the wrong kind
                 records.append(record)
         return records, skips
 
-    def _skip(self, error: RecordError) -> dict[str, Any]:
+    def _skip(self, error: RecordError | SkipRecord, records_file: str) -> dict[str, Any]:
+        """A skip row of predictions.jsonl: `skipped` is the reason, `error` the one-line message."""
         message = str(error).splitlines()[0]
         self.context.log(f'eval {self.name}: skipped {message}')
-        return {'evaluator': self.name, 'kind': self.kind, 'skipped': error.reason, 'error': message}
+        return {'evaluator': self.name, 'kind': self.kind, 'records_file': records_file, 'skipped': error.reason,
+                'error': message}
 
     def describe(self, record: Record) -> dict[str, Any]:
         """The row fields a record gives besides the prediction (`answer_type`, `modality`, ...); raises ValueError
@@ -189,7 +223,8 @@ class RecordsEvaluator(Evaluator):
         raise NotImplementedError
 
     @classmethod
-    def new_scores(cls) -> metrics.MetricSums:
+    def new_scores(cls, files: Sequence[str] = ()) -> metrics.MetricSums:
+        """An empty accumulator for the records `files` (grounding: the paper's groups only on its records)."""
         raise NotImplementedError
 
     @classmethod
@@ -199,14 +234,16 @@ class RecordsEvaluator(Evaluator):
 
     @classmethod
     def score_rows(cls, rows: Iterable[Mapping[str, Any]]) -> metrics.MetricSums:
-        scores = cls.new_scores()
+        rows = list(rows)
+        scores = cls.new_scores(tuple(dict.fromkeys(r['records_file'] for r in rows if r.get('records_file'))))
         for row in rows:
             cls.add_row(scores, row)
         return scores
 
     @staticmethod
     def report(scores: metrics.MetricSums, skips: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        """The metrics `run` returns: the accumulator's numbers and the number of skipped records (plain floats)."""
+        """The metrics `run` returns: the accumulator's numbers and the number of skipped records (plain floats; a
+        mean over nothing is `metrics.NA`)."""
         return {**scores.to_dict(), 'skipped': float(len(skips))}
 
     # ----------------------------------------------------------------------------------------------------------
@@ -228,7 +265,7 @@ class RecordsEvaluator(Evaluator):
         start, stop = shard_bounds(len(self.records), index, count)
         records = self.records[start:stop]
         self.predictor.params = _local_params(params)
-        scores, rows, skips, kept = self.new_scores(), [], [], []
+        scores, rows, skips, kept = self.new_scores(self.files), [], [], []
         routing = bool(self.mcfg.llm.moe_layers)
         from tqdm import tqdm
         bar = tqdm(total=len(records), desc=f'eval {self.name}', unit='record', dynamic_ncols=True,
@@ -277,7 +314,7 @@ class RecordsEvaluator(Evaluator):
             except RecordError as e:
                 if self.data.strict:
                     raise
-                skips.append(self._skip(e))
+                skips.append(self._skip(e, record.source))
                 prepared.append(None)
         good = [(p, r) for p, r in zip(prepared, batch) if p is not None]
         if not good:
@@ -302,21 +339,38 @@ class RecordsEvaluator(Evaluator):
             except PredictError as e:
                 if self.data.strict:
                     raise
-                skips.append(self._skip(RecordError(f'{record.where}: {e}', 'region')))
+                skips.append(self._skip(RecordError(f'{record.where}: {e}', 'region'), record.source))
                 out.append(None)
         return out
 
+    def answer_turn(self, record: Record) -> int:
+        """The turn whose answer the prediction is scored against (`score_turn`)."""
+        return 0 if self.s.score_turn == 'first' else len(record.turns) - 1
+
     def row(self, record: Record, prediction: Prediction, truth: np.ndarray | None) -> dict[str, Any]:
-        """One prediction row of predictions.jsonl: enough to re-score without generating again."""
+        """One prediction row of predictions.jsonl: enough to re-score without generating again. `question` is the
+        question asked (the last turn's), `answer` the one scored (turn `answer_turn`, 0-based)."""
+        turn = self.answer_turn(record)
         return {'evaluator': self.name, 'kind': self.kind, 'question_id': record.id or record.where,
-                'image': record.image, 'question': record.turns[-1][0], 'answer': record.turns[-1][1],
-                'prediction': prediction.text, **self.describe(record)}
+                'records_file': record.source, 'image': record.image, 'question': record.turns[-1][0],
+                'answer': record.turns[turn][1], 'answer_turn': turn, 'prediction': prediction.text,
+                **self.describe(record)}
 
 
 class _VQAEvaluator(RecordsEvaluator):
     """MeCoVQA-C / -R: cal_metric.py over the answers (`VQAScores`: open-set precision / recall / F1 / BLEU,
-    closed accuracy), routed by each record's answer type."""
+    closed accuracy), routed by each record's answer type; a type that is neither is skipped, as cal_metric.py
+    passes it over, and counted (reason `answer_type`)."""
     own_settings = ('answer_type',)
+
+    def __init__(self, name, settings, context):
+        answer_type = dict(settings).get('answer_type', '')
+        if answer_type:  # one type for every record: a typo would skip them all, so it is an error here
+            try:
+                metrics.answer_kind(answer_type)
+            except ValueError as e:
+                raise ValueError(f'config.evals.{name}.answer_type: {e}') from None
+        super().__init__(name, settings, context)
 
     def describe(self, record: Record) -> dict[str, Any]:
         if record.masks:
@@ -326,11 +380,12 @@ class _VQAEvaluator(RecordsEvaluator):
         try:
             metrics.answer_kind(answer_type)
         except ValueError as e:
-            raise ValueError(f'{record.where}: field answer_type: {e}') from None
+            raise SkipRecord(f'{record.where}: field answer_type: {e} (cal_metric.py skips it)', 'answer_type') \
+                from None
         return {'answer_type': answer_type, 'modality': metrics.seg_modality(record.image)}
 
     @classmethod
-    def new_scores(cls) -> metrics.VQAScores:
+    def new_scores(cls, files: Sequence[str] = ()) -> metrics.VQAScores:
         return metrics.VQAScores()
 
     @classmethod
@@ -355,30 +410,37 @@ class OmniMedVQA(RecordsEvaluator):
     """OmniMedVQA: closed-set accuracy per `modality_type` and their unweighted mean (cal_metric_omniMedVQA.py:
     every item scored by exact text after normalisation; no option-letter extraction)."""
     kind = 'omnimedvqa'
-    own_settings = ('qa_information',)
+    own_settings = ('qa_information', 'qa_conflicts')
 
     def __init__(self, name, settings, context):
         self._modalities = None
-        qa = dict(settings).get('qa_information', '')
+        given = dict(settings)
+        qa, conflicts = given.get('qa_information', ''), given.get('qa_conflicts', _DEFAULTS.qa_conflicts)
+        section = f'config.evals.{name}'
+        if conflicts not in QA_CONFLICTS:
+            raise ValueError(f'{section}.qa_conflicts={conflicts!r}; known: {", ".join(QA_CONFLICTS)}')
         if qa:
-            self._modalities = _qa_modalities(qa, f'config.evals.{name}.qa_information')
+            self._modalities = qa_modalities(qa, f'{section}.qa_information', conflicts=conflicts)
+        elif conflicts != _DEFAULTS.qa_conflicts:
+            raise ValueError(f'{section}.qa_conflicts: applies to qa_information, which is not set')
         super().__init__(name, settings, context)
 
     def describe(self, record: Record) -> dict[str, Any]:
         if self._modalities is not None:
-            modality = self._modalities.get(metrics.omnimedvqa_image_key(record.image))
-            if modality is None:
-                raise ValueError(f'{record.where}: field image: {metrics.omnimedvqa_image_key(record.image)!r} is in '
-                                 f'no QA_information file')
+            key = metrics.omnimedvqa_image_key(record.image)
+            modality = self._modalities.get(key)
+            if modality is None:  # cal_metric_omniMedVQA.py: `name_type_dict[relat_img_path]` raises KeyError
+                raise SkipRecord(f'{record.where}: field image: {key!r} has no modality_type in the QA_information '
+                                 f'files', 'modality')
         else:
             modality = record.modality_type
             if not modality:
-                raise ValueError(f'{record.where}: field modality_type: missing (set config.evals.{self.name}.'
-                                 f'qa_information to look it up)')
+                raise SkipRecord(f'{record.where}: field modality_type: missing (config.evals.{self.name}.'
+                                 f'qa_information looks it up)', 'modality')
         return {'answer_type': 'closed', 'modality': modality}
 
     @classmethod
-    def new_scores(cls) -> metrics.OmniMedVQAScores:
+    def new_scores(cls, files: Sequence[str] = ()) -> metrics.OmniMedVQAScores:
         return metrics.OmniMedVQAScores()
 
     @classmethod
@@ -386,20 +448,52 @@ class OmniMedVQA(RecordsEvaluator):
         scores.add_item(row['prediction'], row['answer'], row['modality'])
 
 
-def _qa_modalities(folder: str, field: str) -> dict[str, str]:
-    """OmniMedVQA's QA_information/Open-access/*.json -> {image_path: modality_type}."""
-    files = sorted(glob.glob(os.path.join(folder, '*.json')))
+def _json_files(folder: str) -> list[str]:
+    """Every *.json under `folder`, subfolders included, in os.walk's top-down order with names sorted (the
+    reference walks in directory-listing order, which the file system decides; sorted is the same on every
+    machine)."""
+    out = []
+    for sub, dirs, files in os.walk(folder):
+        dirs.sort()
+        out += [os.path.join(sub, f) for f in sorted(files) if f.endswith('.json')]
+    return out
+
+
+def qa_modalities(folder: str, field: str = 'qa_information', conflicts: str = 'first') -> dict[str, str]:
+    """OmniMedVQA's QA_information/Open-access folder -> {image_path: modality_type}, as cal_metric_omniMedVQA.py
+    `get_name_type` builds it: every JSON file under the folder (subfolders too), entries without `modality_type`
+    passed over, an image listed more than once keeping its first entry's modality. `conflicts='error'`: one image
+    with two different modality_types is an error naming both files (same-modality repeats are fine)."""
+    if conflicts not in QA_CONFLICTS:
+        raise ValueError(f'{field}: conflicts={conflicts!r}; known: {", ".join(QA_CONFLICTS)}')
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f'{field}: {folder}: folder not found')
+    files = _json_files(folder)
     if not files:
-        raise FileNotFoundError(f'{field}: {folder}: no QA_information JSON files')
-    out = {}
+        raise FileNotFoundError(f'{field}: {folder}: no QA_information JSON files (subfolders included)')
+    out: dict[str, str] = {}
+    first_file: dict[str, str] = {}
     for path in files:
         try:
             with open(path) as f:
                 entries = json.load(f)
-            for entry in entries:
-                out[entry['image_path']] = entry['modality_type']
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if not isinstance(entries, list):
+                raise TypeError(f'expected a JSON list of entries, got {type(entries).__name__}')
+        except (OSError, ValueError, TypeError) as e:
             raise ValueError(f'{path}: not an OmniMedVQA QA_information file ({type(e).__name__}: {e})') from None
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise ValueError(f'{path}[{i}]: not an OmniMedVQA QA_information entry (a {type(entry).__name__})')
+            if 'modality_type' not in entry:
+                continue
+            if 'image_path' not in entry:
+                raise ValueError(f'{path}[{i}]: field image_path: missing')
+            image, modality = entry['image_path'], entry['modality_type']
+            if image not in out:
+                out[image], first_file[image] = modality, path
+            elif conflicts == 'error' and out[image] != modality:
+                raise ValueError(f'{path}[{i}]: field modality_type: {image!r} is {modality!r} here but '
+                                 f'{out[image]!r} in {first_file[image]} ({field} conflicts=error)')
     return out
 
 
@@ -423,8 +517,10 @@ class MeCoVQAGrounding(RecordsEvaluator):
                 'dice': metrics.dice_from_iou(iou)}
 
     @classmethod
-    def new_scores(cls) -> metrics.SegScores:
-        return metrics.SegScores()
+    def new_scores(cls, files: Sequence[str] = ()) -> metrics.SegScores:
+        """Table 2's test / zero-shot groups only on the paper's records (report.paper_records): elsewhere, e.g. on
+        the synthetic demo data, every modality may have been trained on, so no group is "zero-shot"."""
+        return metrics.SegScores(None if report.paper_records(cls.kind, files) else {})
 
     @classmethod
     def add_row(cls, scores, row):

@@ -1,4 +1,4 @@
-"""The paper's evaluation metrics, computed as the reference computes them (medplib_facts.md sections 9, 12).
+"""The paper's evaluation metrics, computed as the reference computes them.
 
 Pure Python / NumPy (no JAX): evaluators call these on host values. Reference files mirrored (MedPLIB
 `model/eval/`): `glossary.py` (answer normalisation), `evaluate_metrics.py` + LLaVA-Med's `eval_metrics/utils.py`
@@ -13,11 +13,15 @@ mIoU / mDice overall, per modality and per group of modalities (Table 2: the MeC
 zero-shot ones). Accumulators hold per-item sums and counts, so evaluators that each score a shard add their
 accumulators (`a + b`, `sum(...)`, or `state_dict()` / `from_state_dict()` across processes) and then report.
 
-Where we differ from the reference, on purpose (facts, "How to use these facts": crashes are not reproduced):
+Where we differ from the reference, on purpose (its crashes are not reproduced):
 - `vqa_infer.py: calculate_iou` returns `iou.item()` on the int 0 when the union is empty (an AttributeError);
-  we return IoU 0 for an empty union, as the facts state (9.1, 12.16).
-- An item whose `answer_type` is neither open nor closed is silently skipped by `cal_metric.py`; here it is a
-  ValueError naming the field.
+  we return IoU 0 for an empty union (its evident intent: `iou = 0` in that branch).
+- An item whose `answer_type` is neither open nor closed is silently skipped by `cal_metric.py`; the evaluators
+  skip such a record too, but count it (a skip row, eval/evaluators.py), and `answer_kind` / `VQAScores.add_item`
+  refuse it (ValueError naming the field), so no caller loses an item without a count.
+- A mean over zero items (closed accuracy without closed items, OmniMedVQA's mean without modalities, mDice of no
+  sample) is `NA` (NaN: "nothing behind it"), where `cal_metric.py` prints 0.0 for an absent kind: reports print
+  it as n/a, metrics.json as null (eval/report.py), so a 0.0 is always a real score.
 """
 from __future__ import annotations
 
@@ -30,13 +34,23 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from medplib_jax.constants import MASK_THRESHOLD  # the reference's sigmoid threshold (facts 9.1, 12.17)
+from medplib_jax.constants import MASK_THRESHOLD  # the reference's sigmoid threshold (vqa_infer.py validate_seg)
+
+# A metric with nothing behind it (a mean over zero items). NaN keeps `to_dict()` plain floats, which training's
+# metric writers log as they are; reports turn it into n/a (report.md) and null (metrics.json).
+NA = math.nan
+
+
+def is_na(value: Any) -> bool:
+    """Whether a reported value has nothing behind it: NaN (`NA`, in memory) or None (null, read from JSON)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 # ---------------------------------------------------------------------------------------------------------------
 # Answer normalisation (MedPLIB model/eval/glossary.py: normalize_word, itself LLaVA-Med's / the VQA challenge's)
 # ---------------------------------------------------------------------------------------------------------------
 
-# The 21 characters of facts 9.2, in the reference's order (the order matters only through `str.replace`).
+# The 21 characters of glossary.py's `punctuation` list, in the reference's order (the order matters only through
+# `str.replace`).
 PUNCTUATION = (';', '/', '[', ']', '"', '{', '}', '(', ')', '=', '+', '\\', '_', '-', '>', '<', '@', '`', ',',
                '?', '!')
 _DIGIT_COMMA_DIGIT = re.compile(r'(\d)(,)(\d)')
@@ -270,17 +284,17 @@ def dice_from_iou(iou: float) -> float:
 
 
 def seg_modality(image_path: str) -> str:
-    """vqa_infer.py: the file name's text before its first '_' (SA-Med2D naming, facts 8.3).
+    """vqa_infer.py: the file name's text before its first '_' (SA-Med2D naming).
 
     `images/ct_00--AbdomenCT1K--Case_00220--x_0359.png` -> `ct`; `x_ray--Chest_Image_Pneum--...` -> `x`."""
     return str(image_path).split('/')[-1].split('_')[0]
 
 
 # Table 2's columns as `seg_modality` keys. MeCoVQA-G test: Der, CT, PET; zero-shot: X-Ray, End(oscopy), MR, US,
-# FP (fundus photography). `ct`, `dermoscopy`, `ultrasound`, `x` follow from facts 8.3's file names; `pet`, `mr`,
-# `endoscopy`, `fundus` are the SA-Med2D prefixes as third-party code lists them [verify against the released
-# test files]. A group's mean is the unweighted mean over its modalities, as Table 2's "Mean" columns are
-# (MedPLIB zero-shot: (28.25 + 44.19 + 27.52 + 35.64 + 25.76) / 5 = 32.27).
+# FP (fundus photography). `ct`, `dermoscopy`, `ultrasound`, `x` follow from the MeCoVQA-G test file's image
+# names; `pet`, `mr`, `endoscopy`, `fundus` are the SA-Med2D prefixes as third-party code lists them [verify
+# against the released test files]. A group's mean is the unweighted mean over its modalities, as Table 2's "Mean"
+# columns are (MedPLIB zero-shot: (28.25 + 44.19 + 27.52 + 35.64 + 25.76) / 5 = 32.27).
 PAPER_SEG_GROUPS: dict[str, tuple[str, ...]] = {
     'mecovqa_g': ('dermoscopy', 'ct', 'pet'),
     'zero_shot': ('x', 'endoscopy', 'mr', 'ultrasound', 'fundus'),
@@ -294,9 +308,9 @@ def omnimedvqa_image_key(image_path: str) -> str:
 
 
 def unweighted_mean(values: Iterable[float]) -> float:
-    """The mean over modalities that OmniMedVQA's `mean acc` and Table 2's "Mean" columns report (0 if none)."""
+    """The mean over modalities that OmniMedVQA's `mean acc` and Table 2's "Mean" columns report (`NA` if none)."""
     values = list(values)
-    return sum(values) / len(values) if values else 0.0
+    return sum(values) / len(values) if values else NA
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,9 +332,10 @@ class MetricSums:
         self.counts[key] += 1
 
     def mean(self, key: str) -> float:
-        """The mean of `key`'s items, 0.0 when there are none (as cal_metric.py reports an absent kind)."""
+        """The mean of `key`'s items, `NA` when there are none (cal_metric.py prints 0.0 for an absent kind; a 0.0
+        here is always a score)."""
         n = self.counts.get(key, 0)
-        return self.sums[key] / n if n else 0.0
+        return self.sums[key] / n if n else NA
 
     def keys_with_prefix(self, prefix: str) -> list[str]:
         return sorted(k[len(prefix):] for k in self.counts if k.startswith(prefix))
@@ -358,8 +373,8 @@ class MetricSums:
 
 class VQAScores(MetricSums):
     """cal_metric.py over a file of items: open items -> precision, recall, f1, exact_match, bleu, bleu_1..3;
-    closed items -> accuracy. `to_dict()`: `open/<metric>` and `closed/accuracy` (means x100; 0.0 when the kind has
-    no items, as the reference), `open/count`, `closed/count`. The optional `--candidate_set` "open accuracy" is not
+    closed items -> accuracy. `to_dict()`: `open/<metric>` and `closed/accuracy` (means x100; `NA` when the kind has
+    no items), `open/count`, `closed/count`. The optional `--candidate_set` "open accuracy" is not
     implemented."""
 
     def add_item(self, prediction: str, ground_truth: str, answer_type: str) -> dict[str, float]:
