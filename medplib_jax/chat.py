@@ -29,6 +29,7 @@ from typing import Callable, Sequence, TextIO
 import numpy as np
 from PIL import Image
 
+from medplib_jax.constants import DEMO_NOTICE
 from medplib_jax.data.images import ImageError, load_dicom, load_image, load_mask
 from medplib_jax.data.regions import RegionPrompt
 
@@ -155,7 +156,7 @@ def build_predictor(checkpoint: str, *, max_new_tokens: int | None = None, tempe
 def run_chat(checkpoint: str, image_path: str, question: str | None, *, point: str | None = None,
              box: str | None = None, mask: str | None = None, slice_index: int | None = None,
              window: str | None = None, out: str | None = None, mask_mode: str = 'auto', routing: bool = False,
-             max_new_tokens: int | None = None, temperature: float | None = None,
+             max_new_tokens: int | None = None, temperature: float | None = None, tokenizer: str | None = None,
              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
              report: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> int:
     """Answers `question`, or every non-empty stdin line when it is None (the model loaded once). Flag, file and
@@ -174,7 +175,10 @@ def run_chat(checkpoint: str, image_path: str, question: str | None, *, point: s
     ckpt.resolve_params_dir(checkpoint, '--checkpoint')  # a missing checkpoint: one line, before anything loads
     image = load_chat_image(image_path, slice_index=slice_index, window=window)
     regions = region_from_flags(point, box, mask, image.shape[:2])
-    predictor = build_predictor(checkpoint, max_new_tokens=max_new_tokens, temperature=temperature)
+    predictor = build_predictor(checkpoint, max_new_tokens=max_new_tokens, temperature=temperature,
+                                tokenizer=tokenizer, log=report)
+    if predictor.synthetic:
+        report(f'note: {DEMO_NOTICE}')
     if routing and not predictor.mcfg.llm.moe_layers:
         report('--routing: this model has no MoE layers; no routing to print')
     interactive = question is None
@@ -187,6 +191,8 @@ def run_chat(checkpoint: str, image_path: str, question: str | None, *, point: s
             continue
         asked += 1
         text = with_region_slots(line, len(regions))
+        if asked == 1:  # the first answer compiles the model's programs (or loads them from the compilation cache)
+            report('answering (the first answer of a run prepares the model\'s programs)')
         try:
             p = predictor.predict(image, text, regions, mask=mask_mode, routing=routing)
         except ValueError as e:  # PredictError and the like: a question that does not fit

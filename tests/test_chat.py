@@ -35,6 +35,12 @@ def finish(started):
     return proc.returncode, stdout.decode(), stderr.decode()
 
 
+def progress_only(stderr: str) -> bool:
+    """stderr holds nothing but chat's progress lines (and the demo-weights notice)."""
+    return all(line.startswith(('loading the parameters of ', 'answering (', 'note: '))
+               for line in stderr.splitlines())
+
+
 def run_cli(*args, stdin=None, cwd=None):
     return finish(start_cli(*args, stdin=stdin, cwd=cwd))
 
@@ -79,7 +85,7 @@ def test_png_with_a_box_prints_the_answer_routing_and_writes_the_overlay(params_
         np.testing.assert_array_equal(np.asarray(m) > 0, want.mask)
     with Image.open(out) as picture:
         assert picture.width == 420 and picture.height > 420 * 150 / 200  # the image above the question / answer
-    assert stderr == ''
+    assert progress_only(stderr)
 
 
 def test_interactive_mode_on_a_real_dicom_answers_each_stdin_question(params_dir, predictor, dicom, tmp_path):
@@ -94,7 +100,7 @@ def test_interactive_mode_on_a_real_dicom_answers_each_stdin_question(params_dir
         p = predictor.predict(image, question, [RegionPrompt('point', (64, 70))], routing=True)
         want += f'{p.text}\n{routing_line(token_texts(predictor.tokenizer, p.tokens), p.routing)}\n'
     assert stdout == want  # an answer and its routing per question; the blank stdin line is skipped
-    assert stderr == ''
+    assert progress_only(stderr)
     assert not list(tmp_path.glob('*.png'))  # mask_mode auto and no <SEG> from a random model: no overlay
 
 

@@ -210,14 +210,56 @@ def test_data_commands(tmp_path):
 
 @pytest.mark.parametrize('args,message', [
     (('check-data', '--config.mesh.fsdpp=2'), "--config.mesh.fsdpp: no such config field 'fsdpp'"),
+    (('check-data', '--config=configs/common.py', '--config.mesh.fsdpp=2'), "no such config field 'fsdpp'"),
     (('demo', '--config=configs/common.py'), 'demo: --config must be a multi-stage demo config'),
     (('check-data', '--config.data.length_buckets=(900,800)'), 'medplib-jax check-data: config.data.length_buckets'),
     (('train', '--config=configs/stage2.py:model=tiny'), 'medplib-jax train: train: set --workdir=DIR'),
     (('train', '--config=configs/stage2.py:model=tiny,init=maybe'), 'config arg init'),
+    (('train', '--config=configs/nothere.py', '--workdir={tmp}/run'), 'configs/nothere.py: cannot be loaded'),
+    # before the demo data exist: what to run first
+    (('train', '--config=configs/demo.py:root={tmp}/nodata', '--workdir={tmp}/run'), 'make-demo-data'),
     (('eval',), 'medplib-jax eval: set --checkpoint=DIR (a run directory or a params directory) or --rescore='),
-    (('fly',), 'expected one command of demo, train, sweep, export, compile-check, make-demo-data, check-data'),
+    (('eval', '--checkpoint={tmp}/none'), 'no parameters here'),
+    (('fly',), 'expected one command of demo, train, sweep, export, eval, chat, serve, convert, compile-check'),
+    (('chat', '--checkpoint={tmp}/none', '--image=scan.png', 'What is this?'), 'no parameters here'),
+    (('chat', '--workdir={tmp}', '--checkpoint={tmp}/none'), '--workdir does not apply to chat'),
+    (('chat', '--config.data.tokenizer={tmp}'), '--config.data.tokenizer does not apply to chat'),
+    (('chat', '--temperature=hot'), "--temperature=hot"),
+    (('serve', '--checkpoint={tmp}/none'), 'no parameters here'),
+    (('convert', 'medplib', '--src={tmp}/none', '--out={tmp}/o'), 'no such directory'),
+    (('convert', 'vicuna', '--src={tmp}/none', '--out={tmp}/o'), 'PART must be one of'),
+    (('export', '--workdir={tmp}/none', '--out={tmp}/o'), 'no checkpoints/ here'),
+    (('compile-check', '--config=configs/stage4.py:model=tiny'), 'set --topology='),
+    (('make-demo-data',), 'make-demo-data takes OUT'),
+    (('make-demo-data', '{tmp}/d', '--port=1'), '--port does not apply to make-demo-data'),
 ])
-def test_errors_are_one_clear_line(args, message):
-    res = _run(*args, devices=8)
-    assert res.returncode != 0
-    assert message in res.stderr, res.stderr[-3000:]
+def test_errors_are_one_clear_line(args, message, tmp_path):
+    """Every command's error path: exit 2, exactly one line on stderr, no traceback. JAX_PLATFORMS is unset as on a
+    user's machine, where the installed libtpu (test extras) would otherwise print its TPU probe on a CPU host."""
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    env.pop('JAX_PLATFORMS', None)
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', *(a.format(tmp=tmp_path) for a in args)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith('medplib-jax'), res.stderr[-3000:]
+    assert message in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / 'o') and not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_help_lists_each_commands_own_flags_at_once():
+    """`medplib-jax COMMAND --help`: that command's flags (not every command's) and examples, without loading a
+    model or JAX."""
+    for command, present, absent in (('chat', ('--checkpoint', '--image', '--tokenizer', 'examples:'), ('--workdir',
+                                                                                                         '--topology')),
+                                     ('train', ('--workdir', '--distributed', 'config: --config'), ('--image',)),
+                                     ('export', ('--workdir', '--out', 'takes no --config'), ('--checkpoint',))):
+        res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', command, '--help'], capture_output=True,
+                             text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, timeout=60)
+        assert res.returncode == 0 and not res.stderr, res.stderr
+        assert res.stdout.startswith(f'usage: medplib-jax {command}')
+        assert all(p in res.stdout for p in present) and not any(a in res.stdout for a in absent), res.stdout
+    res = subprocess.run([sys.executable, '-X', 'importtime', '-m', 'medplib_jax.cli', 'chat', '--help'],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, timeout=60)
+    imported = {line.split('|')[-1].strip() for line in res.stderr.splitlines() if 'import time' in line}
+    assert 'absl.flags' in imported and not {'jax', 'flax', 'grain', 'orbax.checkpoint', 'ml_collections'} & imported
