@@ -72,7 +72,7 @@ def run_eval(checkpoint: str, config: mlc.ConfigDict, *, names: Sequence[str] = 
         files = tuple(os.path.join(ev.data.root, spec.path) for spec in ev.data.datasets.values())
         results.append(report.EvalResult(ev.name, ev.kind, values, last.rows, last.skips, files, last.kept))
         log(f'eval {ev.name}: {len(last.rows)} records ({len(last.skips)} skipped) in '
-            f'{time.perf_counter() - start:.1f}s: ' + ', '.join(f'{k} {v:.2f}' for k, v in _headline(ev.kind, values)))
+            f'{time.perf_counter() - start:.1f}s: ' + _headline(ev.kind, values))
     if jax.process_index() != 0:
         return report.metrics_json(results, checkpoint=path, date=_now())
     tokenizer = evaluators[0].predictor.tokenizer if evaluators else None
@@ -90,12 +90,12 @@ def rescore(predictions: str, out: str = '', log: Callable[[str], None] = print)
     summary = report.write_outputs(out, results, checkpoint=f'rescored from {os.path.abspath(predictions)}',
                                    date=_now())
     for r in results:
-        log(f'rescore {r.name}: {len(r.rows)} records: ' + ', '.join(f'{k} {v:.2f}' for k, v in
-                                                                     _headline(r.kind, r.metrics)))
+        log(f'rescore {r.name}: {len(r.rows)} records: ' + _headline(r.kind, r.metrics))
     return summary
 
 
-def _headline(kind: str, values: dict[str, float]) -> list[tuple[str, float]]:
+def _headline(kind: str, values: dict[str, float]) -> str:
+    """The log line's figures of one evaluator ('n/a' where nothing is behind a mean)."""
     keys = {'omnimedvqa': ('mean_accuracy',), 'mecovqa_c': ('open/precision', 'open/recall'),
             'mecovqa_r': ('open/precision', 'open/recall'), 'mecovqa_g': ('mdice', 'miou')}[kind]
-    return [(k, values[k]) for k in keys]
+    return ', '.join(f'{k} {report.format_value(values[k])}' for k in keys)

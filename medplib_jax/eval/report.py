@@ -135,7 +135,8 @@ def provenance(results: Sequence[EvalResult], checkpoint: str) -> Provenance:
                       {r.name: paper_records(r.kind, r.records_files()) for r in results})
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
+def format_value(value: float | None, digits: int = 2) -> str:
+    """A reported metric as text: 'n/a' where nothing is behind it."""
     return NA_TEXT if is_na(value) else f'{value:.{digits}f}'
 
 
@@ -187,11 +188,11 @@ def table1(results: Sequence[EvalResult], prov: Provenance) -> list[str]:
     if not paper:
         lines += ['Not the paper\'s records: the paper\'s numbers are left out (see "Where the numbers come from").',
                   '']
-    rows = [['MedPLIB (paper)', *[_fmt(PAPER_TABLE1.get(c)) for c in columns]]] if paper else []
-    lines += _table(header, rows + [['this checkpoint', *[_fmt(ours.get(c)) for c in columns]]])
+    rows = [['MedPLIB (paper)', *[format_value(PAPER_TABLE1.get(c)) for c in columns]]] if paper else []
+    lines += _table(header, rows + [['this checkpoint', *[format_value(ours.get(c)) for c in columns]]])
     for label, res in (('MeCoVQA-C', c), ('MeCoVQA-R', r)):
         if res and res.metrics.get('closed/count'):
-            lines += ['', f'{label} closed records: accuracy {_fmt(res.metrics["closed/accuracy"])} over '
+            lines += ['', f'{label} closed records: accuracy {format_value(res.metrics["closed/accuracy"])} over '
                           f'{int(res.metrics["closed/count"])}.']
     return lines + ['']
 
@@ -218,19 +219,19 @@ def table2(results: Sequence[EvalResult], prov: Provenance) -> list[str]:
         lines += ['Dice per modality (file-name prefix), the MeCoVQA-G test modalities (Der, CT, PET) and the '
                   'zero-shot ones (X-Ray, End, MR, US, FP) with their unweighted means over the modalities present. '
                   f'x100; {NA_TEXT}: no such records.', '']
-        lines += _table(header, [['MedPLIB (paper)', *map(_fmt, values)],
-                                 ['this checkpoint', *[_fmt(g.metrics.get(key)) for _, key in columns]]])
+        lines += _table(header, [['MedPLIB (paper)', *map(format_value, values)],
+                                 ['this checkpoint', *[format_value(g.metrics.get(key)) for _, key in columns]]])
         others = [m for m in present if m not in grouped]
     else:
         lines += ['Dice per modality (file-name prefix) over the modalities present, x100. Not the paper\'s records: '
                   'the paper\'s numbers and its split of the modalities are left out (see "Where the numbers come '
                   'from").', '']
         lines += _table(['model', *[SEG_LABELS.get(m, m) for m in present]],
-                        [['this checkpoint', *[_fmt(g.metrics[f'dice/{m}']) for m in present]]])
+                        [['this checkpoint', *[format_value(g.metrics[f'dice/{m}']) for m in present]]])
         others = []
-    lines += ['', f'All {int(g.metrics["count"])} samples: mDice {_fmt(g.metrics["mdice"])}, mIoU '
-              f'{_fmt(g.metrics["miou"])}' + ('; modalities outside the paper\'s columns: ' + ', '.join(
-                  f'{m} {_fmt(g.metrics[f"dice/{m}"])}' for m in others) if others else '') + '.', '']
+    lines += ['', f'All {int(g.metrics["count"])} samples: mDice {format_value(g.metrics["mdice"])}, mIoU '
+              f'{format_value(g.metrics["miou"])}' + ('; modalities outside the paper\'s columns: ' + ', '.join(
+                  f'{m} {format_value(g.metrics[f"dice/{m}"])}' for m in others) if others else '') + '.', '']
     return lines
 
 
@@ -337,7 +338,7 @@ def report_markdown(results: Sequence[EvalResult], *, checkpoint: str, date: str
     lines += ['## All metrics', '']
     for r in results:
         lines += [f'### {r.name} ({r.kind})', '']
-        lines += _table(['metric', 'value'], [[k, _fmt(v, 4)] for k, v in r.metrics.items()]) + ['']
+        lines += _table(['metric', 'value'], [[k, format_value(v, 4)] for k, v in r.metrics.items()]) + ['']
     if pictures:
         lines += ['## Pictures', ''] + [f'- [{p}]({p})' for p in pictures] + ['']
     return '\n'.join(lines)
