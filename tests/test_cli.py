@@ -94,6 +94,49 @@ def test_demo_trains_every_stage_logs_it_and_evaluates_the_trained_model_against
 
 
 
+def _moved_demo(demo_run):
+    """The demo's stage-IV run directory copied to a new place, and its test records and images copied elsewhere
+    without the demo tokenizer's folder: whatever works from there uses the tokenizer the checkpoint carries."""
+    import shutil
+    tmp_path, res = demo_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    moved = tmp_path / 'moved'
+    if not moved.exists():
+        shutil.copytree(tmp_path / 'runs' / 'stage4', moved / 'stage4')
+        shutil.copytree(tmp_path / 'data', moved / 'data', ignore=shutil.ignore_patterns('tokenizer'))
+        (moved / 'elsewhere').mkdir()
+    return tmp_path, moved
+
+
+def test_a_copied_demo_run_answers_and_evaluates_from_another_directory(demo_run):
+    """chat and eval on the copied stage-IV run, from a third working directory: the same answer as from the
+    original run, the demo-weights notice, and the evaluator's numbers equal the demo's own evaluation."""
+    tmp_path, moved = _moved_demo(demo_run)
+    image = sorted((moved / 'data' / 'images').glob('ct_*.png'))[0]
+    question = 'Could you segment out the liver in this image?'
+    env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    answers = []
+    for checkpoint, cwd in ((tmp_path / 'runs' / 'stage4', ROOT), (moved / 'stage4', moved / 'elsewhere')):
+        res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'chat', f'--checkpoint={checkpoint}',
+                              f'--image={image}', '--max_new_tokens=8', f'--out={cwd}/overlay.png', question],
+                             capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        answers.append(res.stdout)
+        assert 'note: synthetic-data demo weights' in res.stderr and 'Traceback' not in res.stderr
+    assert answers[0] == answers[1] and answers[0].strip()
+    out = moved / 'elsewhere' / 'eval'
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'eval', f'--checkpoint={moved}/stage4',
+                          f'--config.data.root={moved}/data', '--evals=mecovqa_g',
+                          '--config.evals.mecovqa_g.max_new_tokens=4', '--config.evals.mecovqa_g.batch_size=8',
+                          f'--out={out}'], capture_output=True, text=True, env=env, cwd=moved / 'elsewhere',
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((out / 'metrics.json').read_text())
+    demo = json.loads((tmp_path / 'runs' / 'eval' / 'trained' / 'metrics.json').read_text())
+    assert got['evaluators']['mecovqa_g']['metrics'] == demo['evaluators']['mecovqa_g']['metrics']
+    assert got['synthetic'] and 'synthetic' in (out / 'report.md').read_text().lower()
+
+
 @pytest.mark.parametrize('name', ['quickstart', 'evaluate_checkpoint'])
 def test_notebook_runs_on_the_demos_outputs(demo_run, name, monkeypatch):
     """Both notebooks execute without error on the demo's checkpoint and data (nbclient, a real kernel)."""
