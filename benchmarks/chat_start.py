@@ -32,7 +32,9 @@ QUESTION = 'Could you segment out the liver in this image?'
 def demo_checkpoint(folder: str) -> tuple[str, str]:
     """(params directory, image): the demo's stage-IV model at initialisation over freshly written demo data."""
     import importlib
+    from medplib_jax import runtime
     from medplib_jax.data.synthetic import make_demo_data
+    runtime.host_platforms()
     from medplib_jax.demo import init_params_dir
     data = os.path.join(folder, 'data')
     make_demo_data(data, num_images=4, seed=0)
