@@ -11,7 +11,10 @@ Topology names: `v5p-N` / `v4-N` with N = TensorCores as Google names the slices
 2x2x1, v5p-128 is 64 chips 4x4x4), `v5e-N` / `v6e-N` with N = chips (one core each), `gpu:8xH100` (one host of
 8) or `gpu:4x8xH100` (hosts x GPUs). The check fails when a device's memory exceeds `max_hbm_fraction` of its HBM
 or when more than `max_replicated_fraction` of the parameter bytes are replicated (split over no mesh axis of size
-> 1: MaxText's check).
+> 1: MaxText's check); its hint names the cause (a mesh that splits no parameter, an axis of size 1 that would split
+them, rules that map them to no axis, or a model so small that the replicated bytes are harmless: raise the limit).
+A mesh axis that does not divide a parameter's dimension (e.g. `config.mesh.tensor=2` and the 7B vocab of 32267) is
+a one-line ValueError.
 """
 from __future__ import annotations
 
@@ -36,6 +39,12 @@ LIBTPU_PIN = 'libtpu==0.0.42.*'  # what jax 0.10.2's [tpu] extra pins
 INSTALL_HINT = f"pip install 'medplib-jax[tpu-compile]' (or pip install '{LIBTPU_PIN}', the libtpu jax 0.10.2 wants)"
 MAX_HBM_FRACTION = 0.8
 MAX_REPLICATED_FRACTION = 0.02
+# The CLI flag (cli.py) that sets `max_replicated_fraction` of compile_check / run_compile_check / judge: what the
+# hints and errors name.
+REPLICATED_FLAG = '--max_replicated'
+# Replicated parameter bytes under this share of one device's HBM are harmless whatever their fraction of the
+# model (a tiny model's norms and LoRA adapters): the hint then says to raise the limit rather than reshape the mesh.
+HARMLESS_HBM_SHARE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +177,7 @@ class Tensor:
     spec: str
     bytes: int  # whole tensor
     device_bytes: int  # one device's shard
+    axes: tuple[str, ...] = ()  # the mesh axes its spec names, of any size (size 1: they split nothing here)
 
 
 @dataclasses.dataclass
@@ -192,6 +202,9 @@ class CheckResult:
     largest: list[Tensor]
     largest_replicated: list[Tensor]
     compile_s: float
+    # Replicated parameter bytes by the mesh axis that would split them had it a size > 1 (a tensor naming two
+    # counts under both); '': none would, the logical_axis_rules map all their dims to no mesh axis.
+    replicated_split_by: dict[str, int] = dataclasses.field(default_factory=dict)
     oom: str = ''  # the compiler's out-of-memory message when it refused the program
     ok: bool = False
     reason: str = ''
@@ -212,33 +225,52 @@ class CheckResult:
         return d
 
 
-def _spec_axes(sharding: Any) -> set[str]:
-    """Mesh axes of size > 1 that split a tensor."""
-    spec = getattr(sharding, 'spec', None)
-    if spec is None:
-        return set()
-    names = {n for e in spec if e is not None for n in (e if isinstance(e, tuple) else (e,))}
-    return {n for n in names if sharding.mesh.shape[n] > 1}
-
-
 def _tensors(abstract_state: Any) -> tuple[list[Tensor], int, list[Tensor]]:
     """Every parameter and optimizer moment with its sharding -> (tensors, parameter bytes, the replicated
-    parameters)."""
+    parameters). A mesh axis that does not divide a dimension it splits is a one-line ValueError."""
     import jax
+    from medplib_jax import sharding
     out, total, replicated = [], 0, []
     for part in ('params', 'opt_state'):
         for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(abstract_state, part)):
             if not leaf.shape:
                 continue  # counters
+            name = f'{part}{jax.tree_util.keystr(path)}'
+            _check_divisible(name, leaf)
             size = math.prod(leaf.shape) * leaf.dtype.itemsize
             shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-            out.append(Tensor(f'{part}{jax.tree_util.keystr(path)}', tuple(leaf.shape), str(leaf.dtype),
-                              str(tuple(leaf.sharding.spec)), size, shard))
+            axes = tuple(dict.fromkeys(a for e in leaf.sharding.spec if e is not None
+                                       for a in (e if isinstance(e, tuple) else (e,))))
+            out.append(Tensor(name, tuple(leaf.shape), str(leaf.dtype), str(tuple(leaf.sharding.spec)), size, shard,
+                              axes))
             if part == 'params':
                 total += size
-                if not _spec_axes(leaf.sharding):
+                if not sharding._sharded_axes(leaf.sharding):  # the criterion of sharding.assert_params_sharded
                     replicated.append(out[-1])
     return out, total, replicated
+
+
+def _check_divisible(name: str, leaf: Any) -> None:
+    """jax's own error here is a multi-line IndivisibleError from deep inside; this one names the mesh setting."""
+    mesh = leaf.sharding.mesh.shape
+    for dim, (n, entry) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
+        for axis in (() if entry is None else entry if isinstance(entry, tuple) else (entry,)):
+            if n % mesh[axis]:
+                keep = math.gcd(n, mesh[axis])
+                to = 'fsdp' if axis != 'fsdp' else 'data'
+                raise ValueError(
+                    f'config.mesh.{axis}={mesh[axis]} does not divide dimension {dim} ({n}) of {name} '
+                    f'{tuple(leaf.shape)}, which the logical_axis_rules split over {axis!r}: use a size that divides '
+                    f'{n}, e.g. --config.mesh.{axis}={keep} --config.mesh.{to}={mesh[to] * mesh[axis] // keep}, or map '
+                    f'that dimension\'s logical axis to None in config.logical_axis_rules')
+
+
+def _split_by(replicated: list[Tensor]) -> dict[str, int]:
+    by: dict[str, int] = {}
+    for t in replicated:
+        for axis in t.axes or ('',):
+            by[axis] = by.get(axis, 0) + t.bytes
+    return by
 
 
 def compile_step(config: mlc.ConfigDict, devices: list, log: Callable[[str], None] = print,
@@ -265,9 +297,11 @@ def compile_step(config: mlc.ConfigDict, devices: list, log: Callable[[str], Non
                    formula_flops=flops_lib.step_flops(MedPLIBConfig.from_model_config(config.model), rows,
                                                       length).total,
                    param_bytes=total, replicated_param_bytes=repl, largest=tensors[:10],
-                   largest_replicated=replicated_params[:3], compile_s=0.0)
+                   largest_replicated=replicated_params[:3], compile_s=0.0,
+                   replicated_split_by=_split_by(replicated_params))
     if mesh.size > 1 and repl / max(total, 1) > max_replicated_fraction:
-        log(f'not compiling: {repl / max(total, 1):.1%} of the parameter bytes would be replicated')
+        log(f'not compiling: {repl / max(total, 1):.1%} of the parameter bytes would be replicated (limit '
+            f'{_pct(max_replicated_fraction)})')
         return figures
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.data_sharding(mesh, len(v.shape)))
              for k, v in example.items()}
@@ -308,6 +342,7 @@ def compile_step(config: mlc.ConfigDict, devices: list, log: Callable[[str], Non
 def judge(r: CheckResult, *, max_hbm_fraction: float = MAX_HBM_FRACTION,
           max_replicated_fraction: float = MAX_REPLICATED_FRACTION, hbm_gib: float | None = None) -> CheckResult:
     """The same compiled figures judged again under other limits (or another HBM size) -> a new result."""
+    _check_limits(max_hbm_fraction, max_replicated_fraction)
     r = dataclasses.replace(r, hbm_bytes=int(hbm_gib * GiB) if hbm_gib else r.hbm_bytes, ok=False, reason='',
                             hint='', thresholds=dict(max_hbm_fraction=max_hbm_fraction,
                                                      max_replicated_fraction=max_replicated_fraction))
@@ -315,21 +350,87 @@ def judge(r: CheckResult, *, max_hbm_fraction: float = MAX_HBM_FRACTION,
     return r
 
 
+def _check_limits(max_hbm_fraction: float, max_replicated_fraction: float) -> None:
+    for name, value in (('max_hbm_fraction', max_hbm_fraction), (REPLICATED_FLAG, max_replicated_fraction)):
+        if not 0 <= value <= 1:
+            raise ValueError(f'{name}={value}: a fraction from 0 to 1 (e.g. 0.05 for 5%)')
+
+
+def _pct(x: float) -> str:
+    return f'{x * 100:.3g}%'
+
+
+def _mesh_flags(mesh: dict[str, int], new: dict[str, int]) -> str:
+    return ' '.join(f'--config.mesh.{a}={n}' for a, n in new.items() if n != mesh[a])
+
+
+def _grown(mesh: dict[str, int], axis: str) -> dict[str, int] | None:
+    """The same devices with `axis` larger: data's devices go to fsdp whole (the hw= presets' FSDP over every
+    device), otherwise the smallest prime factor of data (else of the largest other axis) moves over. None: no
+    other axis has devices to give."""
+    donors = sorted((a for a in mesh if a != axis and mesh[a] > 1), key=lambda a: (a != 'data', -mesh[a]))
+    if not donors:
+        return None
+    d = donors[0]
+    f = mesh[d] if (d, axis) == ('data', 'fsdp') else next(p for p in range(2, mesh[d] + 1) if mesh[d] % p == 0)
+    return {**mesh, d: mesh[d] // f, axis: mesh[axis] * f}
+
+
+def _replicated_hint(r: CheckResult, limit: float) -> str:
+    """What would make the replicated share pass, from why the parameters are replicated; never the mesh or limit
+    the result already has."""
+    by = dict(r.replicated_split_by)
+    unsplittable = by.pop('', 0)
+    axis = max(by, key=lambda a: (by[a], a == 'fsdp'), default='')  # the axis that would split the most
+    grown = _grown(r.mesh, axis) if axis else None
+    split = (f'give mesh axis {axis!r} (size 1 here) devices: {_mesh_flags(r.mesh, grown)} would split '
+             f'{_pct(by[axis] / max(r.param_bytes, 1))} of the parameter bytes' if grown else '')
+    if r.replicated_param_bytes == r.param_bytes and r.param_bytes and split:
+        return f'the mesh splits no parameter; {split}'
+    raise_limit = (f'raise the limit: {REPLICATED_FLAG}={math.ceil(r.replicated_fraction * 100) / 100:g} '
+                   f'(now {limit:g})')
+    if r.replicated_param_bytes < HARMLESS_HBM_SHARE * r.hbm_bytes:
+        # Splitting is only worth naming when it alone would bring the share under the limit.
+        alt = f'; or {split}' if split and (r.replicated_param_bytes - by[axis]) / r.param_bytes <= limit else ''
+        return (f'the replicated tensors are {r.replicated_param_bytes / 2 ** 20:.2f} MiB in all '
+                f'beside {r.hbm_bytes / GiB:.0f} GiB of HBM per device: a small model\'s share, harmless; '
+                f'{raise_limit}{alt}')
+    if split and by[axis] >= unsplittable:
+        return split
+    largest = next((f' (largest: {t.path})' for t in r.largest_replicated if not t.axes), '')
+    return (f'{unsplittable / GiB:.2f} GiB of them have no dimension that config.logical_axis_rules map to a mesh '
+            f'axis{largest}: map one of their logical axes to \'fsdp\' there' + (f'; or {split}' if split else ''))
+
+
+def _memory_hint(r: CheckResult) -> str:
+    """The memory levers this config has not pulled yet."""
+    ways = []
+    if r.remat_policy != 'full':
+        ways.append(f"rematerialise more: model.remat_policy='full' (now {r.remat_policy!r}; configs arg remat=full)")
+    if r.mesh.get('data', 1) > 1:
+        ways.append(f'shard the state over more devices: {_mesh_flags(r.mesh, _grown(r.mesh, "fsdp") or r.mesh)}')
+    shards = r.mesh.get('data', 1) * r.mesh.get('fsdp', 1)
+    micro = r.batch // max(r.grad_accum, 1)
+    if micro % (2 * shards) == 0:
+        ways.append(f'halve the micro-batch to {micro // 2}: --config.train.grad_accum={2 * r.grad_accum}')
+    return '; '.join(ways) or 'a target with more HBM or more devices (every memory lever of this config is pulled)'
+
+
 def _verdict(r: CheckResult, max_hbm_fraction: float, max_replicated_fraction: float) -> None:
-    hints = ('lower memory: model.remat_policy (full saves most; configs arg remat=full), a larger FSDP degree '
-             '(config.mesh.fsdp, fewer data), smaller micro-batches (config.train.grad_accum up), or a hw= preset')
     if r.devices > 1 and r.replicated_fraction > max_replicated_fraction:
         r.reason = (f'{r.replicated_fraction:.1%} of the parameter bytes are replicated on every device (limit '
-                    f'{max_replicated_fraction:.0%}): the mesh {r.mesh} splits them over no axis')
-        r.hint = ('shard the parameters: set config.mesh.fsdp (e.g. --config.mesh.fsdp=%d --config.mesh.data=1) '
-                  'or a hw= preset' % r.devices)
+                    f'{_pct(max_replicated_fraction)}) over the mesh {r.mesh}')
+        r.hint = _replicated_hint(r, max_replicated_fraction)
     elif r.oom:
         r.reason = f'the compiler ran out of device memory ({r.oom})'
-        r.hint = hints
-    elif r.memory and r.hbm_fraction > max_hbm_fraction:
+        r.hint = _memory_hint(r)
+    elif r.memory is None:  # judged under a looser replicated limit than the one that skipped the compile
+        r.reason = 'the step was not compiled (a stricter replicated-parameter limit stopped it first)'
+        r.hint = f'run compile-check again with {REPLICATED_FLAG}={max_replicated_fraction:g}'
+    elif r.hbm_fraction > max_hbm_fraction:
         r.reason = (f'{r.memory["total"] / GiB:.1f} GiB per device is {r.hbm_fraction:.0%} of the '
-                    f'{r.hbm_bytes / GiB:.0f} GiB HBM (limit {max_hbm_fraction:.0%})')
-        r.hint = hints
+                    f'{r.hbm_bytes / GiB:.0f} GiB HBM (limit {_pct(max_hbm_fraction)})')
+        r.hint = _memory_hint(r)
     r.ok = not r.reason
 
 
@@ -337,7 +438,8 @@ def report(r: CheckResult) -> str:
     """The human-readable summary of a result."""
     lines = [f'compile-check {r.config} on {r.label}',
              f'  mesh {r.mesh}; global batch {r.batch} = {r.grad_accum} micro-batches of {r.batch // r.grad_accum}'
-             f', length {r.length}; remat {r.remat_policy!r}' + (f'; compiled in {r.compile_s:.0f}s' if r.memory else '')]
+             f', length {r.length}; remat {r.remat_policy!r}'
+             + (f'; compiled in {r.compile_s:.0f}s' if r.memory else '')]
     if r.memory:
         m = {k: v / GiB for k, v in r.memory.items()}
         lines += [f'  memory per device: arguments {m["arguments"]:.2f} GiB, outputs {m["outputs"]:.2f} GiB '
@@ -350,7 +452,7 @@ def report(r: CheckResult) -> str:
         lines.append(f'  memory per device: more than the {r.hbm_bytes / GiB:.0f} GiB HBM (the compiler refused it '
                      f'after {r.compile_s:.0f}s)')
     else:
-        lines.append('  memory per device: not compiled (the mesh replicates the parameters; fix that first)')
+        lines.append('  memory per device: not compiled (too many parameter bytes replicated: see the hint)')
     biggest = ', '.join(f'{t.path} {t.bytes / 2**20:.1f} MiB' for t in r.largest_replicated)
     lines += [f'  parameters {r.param_bytes / GiB:.2f} GiB, replicated {r.replicated_fraction:.2%}'
               + (f' (largest: {biggest})' if biggest else ''),
@@ -367,7 +469,9 @@ def compile_check(config_filename: str, config: mlc.ConfigDict, topology: str, *
                   max_replicated_fraction: float = MAX_REPLICATED_FRACTION, hbm_gib: float | None = None,
                   log: Callable[[str], None] = print) -> CheckResult:
     """Compiles the config's train step for `topology` -> the result with its verdict (`ok`, `reason`, `hint`).
-    `hbm_gib` overrides the device's HBM (tests)."""
+    Limits are fractions: of a device's HBM, and of the parameter bytes that may be replicated on every device
+    (`max_replicated_fraction`, the CLI's --max_replicated). `hbm_gib` overrides the device's HBM (tests)."""
+    _check_limits(max_hbm_fraction, max_replicated_fraction)
     target = parse_topology(topology)
     _host_cpu()
     if target.kind == 'gpu':
@@ -430,7 +534,8 @@ def run_compile_check(config_filename: str, config: mlc.ConfigDict, topology: st
                       max_hbm_fraction: float = MAX_HBM_FRACTION,
                       max_replicated_fraction: float = MAX_REPLICATED_FRACTION, hbm_gib: float | None = None,
                       json_out: str = '', log: Callable[[str], None] = print) -> bool:
-    """`medplib-jax compile-check`: prints the report; True when the step fits (see compile_check)."""
+    """`medplib-jax compile-check`: prints the report; True when the step fits (see compile_check: the limits are
+    fractions, `max_replicated_fraction` the share of parameter bytes that may be replicated on every device)."""
     r = compile_check(config_filename, config, topology, max_hbm_fraction=max_hbm_fraction,
                       max_replicated_fraction=max_replicated_fraction, hbm_gib=hbm_gib, log=log)
     log(report(r))
