@@ -245,7 +245,7 @@ def _tensors(abstract_state: Any) -> tuple[list[Tensor], int, list[Tensor]]:
                               axes))
             if part == 'params':
                 total += size
-                if not sharding._sharded_axes(leaf.sharding):  # the criterion of sharding.assert_params_sharded
+                if not sharding.sharded_axes(leaf.sharding):  # the criterion of sharding.assert_params_sharded
                     replicated.append(out[-1])
     return out, total, replicated
 

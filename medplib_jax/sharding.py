@@ -74,7 +74,7 @@ def shard_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(jax.device_put, tree, shardings)
 
 
-def _sharded_axes(sharding: jax.sharding.Sharding) -> set[str]:
+def sharded_axes(sharding: jax.sharding.Sharding) -> set[str]:
     if not isinstance(sharding, NamedSharding):
         return set()
     axes: set[str] = set()
@@ -101,7 +101,7 @@ def assert_params_sharded(params: Any, min_size: int = 2 ** 16, axes: Sequence[s
         mesh = getattr(sharding, 'mesh', None)
         if mesh is None or all(mesh.shape.get(a, 1) == 1 for a in axes):
             continue
-        if not _sharded_axes(sharding) & set(axes):
+        if not sharded_axes(sharding) & set(axes):
             offenders.append(f'{jax.tree_util.keystr(path)} {tuple(leaf.shape)} spec={sharding.spec}')
     if offenders:
         raise AssertionError(f'{len(offenders)} large parameters are not sharded over {list(axes)}: '
