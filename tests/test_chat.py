@@ -155,3 +155,29 @@ def test_overlay_paths():
     assert overlay_paths(None, '/data/ct/vol.nii.gz', None) == ('vol_overlay.png', 'vol_overlay_mask.png')
     assert overlay_paths(None, 'a/b.dcm', 3) == ('b_overlay_3.png', 'b_overlay_3_mask.png')
     assert overlay_paths('out/x.png', 'a/b.dcm', None) == ('out/x.png', 'out/x_mask.png')
+
+
+def test_sigterm_stops_chat_cleanly(params_dir, tmp_path, np_rng):
+    """SIGTERM (a scheduler, `kill`) while the interactive mode waits for questions: one line, no stack dump."""
+    import signal
+    import time
+    Image.fromarray(np_rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)).save(tmp_path / 'ok.png')
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING='utf-8')
+    log = tmp_path / 'stderr.txt'
+    with open(log, 'wb') as err:
+        proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax.cli', 'chat', f'--checkpoint={params_dir}',
+                                 f'--image={tmp_path}/ok.png'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err, env=env, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + 300
+            while 'loading the parameters' not in log.read_text():  # the model is loading, stdin still open
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    assert proc.returncode == 130 and lines[-1] == 'medplib-jax chat: stopped', lines
+    assert 'Traceback' not in log.read_text() and progress_only('\n'.join(lines[:-1]))
