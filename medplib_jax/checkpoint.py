@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 from typing import Any, Callable, Iterable, Mapping
 
@@ -30,6 +32,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -82,10 +85,25 @@ class _FailedReadsPolicy(asyncio.DefaultEventLoopPolicy):
     _loop_factory = _FailedReadsLoop
 
 
+def _quiet_discarded_reads(unraisable: Any, previous: Callable[[Any], None]) -> None:
+    """sys.unraisablehook: drops what a discarded coroutine raised on being closed. Orbax's array read
+    (`_read_array_index_and_device_put`) catches BaseException, GeneratorExit included, so each read a failed restore
+    left behind raised again when the garbage collector closed it, whenever that happened (during the restore, later,
+    at exit): one 'Exception ignored in: <coroutine ...>' with a TensorStore repr each, hundreds in all."""
+    exc = unraisable.exc_value
+    closing = isinstance(exc, GeneratorExit) or isinstance(getattr(exc, '__cause__', None), GeneratorExit)
+    if not (asyncio.iscoroutine(unraisable.object) and closing):
+        previous(unraisable)
+
+
 @contextlib.contextmanager
 def _reading():
-    """Every checkpoint read runs under this: the loops Orbax makes meanwhile are `_FailedReadsLoop`s, so a failed
-    read is its one error."""
+    """Every checkpoint read runs under this: the loops Orbax makes meanwhile are `_FailedReadsLoop`s, and
+    coroutines discarded after a failed read stay quiet (`_quiet_discarded_reads`, from then on: they are
+    collected at any time), so a failed read is its one error."""
+    hook = sys.unraisablehook
+    if getattr(hook, 'func', None) is not _quiet_discarded_reads:
+        sys.unraisablehook = functools.partial(_quiet_discarded_reads, previous=hook)
     previous = asyncio.get_event_loop_policy()
     asyncio.set_event_loop_policy(_FailedReadsPolicy())
     try:
@@ -210,6 +228,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (unreadable, or of another run layout); the message is one line."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read (truncated, missing, cut off): `config.checkpoint.fallback` may pass
+    over it to an older step, unlike a checkpoint of another config, which every older step would repeat."""
+
+
+DAMAGED = 'damaged_checkpoints'  # where `config.checkpoint.fallback` moves a run directory's damaged steps
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """`config.checkpoint`. every: steps between train-state saves (0 = only at the end and on preemption).
@@ -217,7 +243,9 @@ class CheckpointConfig:
     when set, the `keep_best` best checkpoints by it are kept too (best_mode 'min' or 'max'). async_save: write in
     the background while training goes on. resume: continue from the newest checkpoint of the run directory.
     restore_data: resume the data iterator where it was (False: restart the data order, e.g. when the process
-    count changed)."""
+    count changed). fallback: when the newest checkpoint is damaged (a truncated or missing file), resume from the
+    newest readable older one, moving the damaged ones to `workdir/damaged_checkpoints/` with a warning (False:
+    stop with an error naming the damaged file, so that nothing is retrained without the user choosing it)."""
     every: int = 0
     keep: int = 2
     best_metric: str = ''
@@ -226,6 +254,7 @@ class CheckpointConfig:
     async_save: bool = True
     resume: bool = True
     restore_data: bool = True
+    fallback: bool = False
 
     def __post_init__(self):
         for name in ('every', 'keep', 'keep_best'):
@@ -284,8 +313,68 @@ def mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> list[st
 
 
 def _one_line(e: BaseException) -> str:
+    """The innermost cause of a reader error, without the TensorStore spec Orbax and TensorStore append."""
+    seen = {id(e)}
+    while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
+        e = e.__cause__ or e.__context__
+        seen.add(id(e))
     text = ' '.join(str(e).split())
+    text = re.split(r' \[tensorstore_spec|\. See full TensorStore details', text)[0]
     return f'{type(e).__name__}: {text[:300]}'
+
+
+def _ocdbt_file(folder: str, location: str) -> tuple[str, int]:
+    """An OCDBT location ('<kind>:<base>:<file>:<offset>:<length>') -> (the file's path, where its bytes end)."""
+    head, offset, length = location.rsplit(':', 2)
+    _, base, name = head.split(':', 2)
+    return os.path.join(folder, base, name), int(offset) + int(length)
+
+
+def _short(path: str, end: int) -> str | None:
+    """What is wrong with a file that must hold `end` bytes (None: nothing)."""
+    if not os.path.isfile(path):
+        return 'missing'
+    size = os.path.getsize(path)
+    return f'truncated ({size} bytes, data up to byte {end} expected)' if size < end else None
+
+
+def damaged_file(folder: str) -> str | None:
+    """The first missing or truncated file of an Orbax array folder (OCDBT: an index of B+tree nodes pointing into
+    data files), as '<file>: <what>, holding array <path>' (None: all whole, or not OCDBT). Reads the index only,
+    no array: a truncated file found this way is named, where Orbax's own read fails with a TensorStore repr that
+    does not name it (and with every concurrent read still in flight)."""
+    import tensorstore as ts
+    if not os.path.isfile(os.path.join(folder, 'manifest.ocdbt')):
+        return None
+    try:
+        base = ts.KvStore.open({'driver': 'file', 'path': folder.rstrip('/') + '/'}).result()
+        versions = ts.ocdbt.dump(base).result().get('versions') or []
+    except Exception as e:  # noqa: BLE001 - any reader error: the manifest is what is damaged
+        return f'{os.path.join(folder, "manifest.ocdbt")}: unreadable ({_one_line(e)})'
+    root = versions[-1].get('root', {}).get('location') if versions else None
+    nodes = [(root, b'')] if root else []  # (node, the key prefix its keys continue)
+    while nodes:
+        location, prefix = nodes.pop()
+        path, end = _ocdbt_file(folder, location)
+        try:
+            problem = _short(path, end)
+            node = None if problem else ts.ocdbt.dump(base, location).result()
+        except Exception as e:  # noqa: BLE001
+            problem = f'unreadable ({_one_line(e)})'
+        if problem:
+            held = f'arrays {prefix.decode(errors="replace")}*' if prefix else 'every array'
+            return f'{path}: {problem}, holding the index of {held}'
+        for entry in node.get('entries', []):
+            key = prefix + entry.get('key', b'')
+            if 'location' in entry:  # a subtree: its keys continue this one's common prefix
+                nodes.append((entry['location'], prefix + entry.get('subtree_common_prefix', b'')))
+            elif 'indirect_value' in entry:
+                path, end = _ocdbt_file(folder, entry['indirect_value'])
+                problem = _short(path, end)
+                if problem:  # Orbax names an array's chunks '<a.b.c>/<chunk>'
+                    array = key.decode(errors='replace').rsplit('/', 1)[0].replace('.', '/')
+                    return f'{path}: {problem}, holding array {array}'
+    return None
 
 
 class RunCheckpoints:
@@ -331,7 +420,7 @@ class RunCheckpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
         except Exception as e:  # noqa: BLE001 - any reader error is one line naming the checkpoint
-            raise CheckpointError(f'{path}: unreadable checkpoint metadata ({_one_line(e)})') from None
+            raise DamagedCheckpointError(f'{path}: unreadable checkpoint metadata ({_one_line(e)})') from None
 
     @_reading()
     def check_fits(self, step: int, abstract_state: Any) -> None:
@@ -340,9 +429,9 @@ class RunCheckpoints:
         try:
             saved = tree_shapes(self.manager.item_metadata(step)[STATE])
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f'{where}: unreadable checkpoint ({_one_line(e)})') from None
+            raise DamagedCheckpointError(f'{where}: unreadable checkpoint ({_one_line(e)})') from None
         if not saved:
-            raise CheckpointError(f'{where}: unreadable checkpoint (no array metadata in {STATE}/)')
+            raise DamagedCheckpointError(f'{where}: unreadable checkpoint (no array metadata in {STATE}/)')
         problems = mismatch(saved, tree_shapes(abstract_state))
         if problems:
             raise CheckpointError(f'{where}: this checkpoint does not fit the config (another model, trained set or '
@@ -353,10 +442,15 @@ class RunCheckpoints:
     def restore(self, step: int, abstract_state: Any, iterator: grain.DatasetIterator | None
                 ) -> tuple[Any, dict[str, Any]]:
         """The state onto `abstract_state`'s shardings (each process reads only its shards) and the metadata; the
-        data iterator (when given) continues where it was saved."""
+        data iterator (when given) continues where it was saved. Checked first, before any array is read: no file
+        the arrays' index points into is missing or truncated (DamagedCheckpointError naming it), and the config
+        fits."""
+        where = os.path.join(self.directory, str(step))
+        damage = damaged_file(os.path.join(where, STATE))
+        if damage:
+            raise DamagedCheckpointError(f'{damage} (checkpoint {where})')
         self.check_fits(step, abstract_state)
         meta = self.meta(step)
-        where = os.path.join(self.directory, str(step))
         if iterator is not None:
             saved, now = meta.get('process_count', 1), jax.process_count()
             if saved != now:
@@ -368,14 +462,73 @@ class RunCheckpoints:
             args[DATA] = grain.checkpoint.CheckpointRestore(iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:  # noqa: BLE001 - a truncated or corrupted file: one line naming the step
-            raise CheckpointError(f'{where}: unreadable checkpoint ({_one_line(e)}); nothing was restored') from None
+        except Exception as e:  # noqa: BLE001 - a corrupted file: one line naming the step
+            raise DamagedCheckpointError(f'{where}: unreadable checkpoint ({_one_line(e)})') from None
         return restored[STATE], meta
+
+    def restore_latest(self, abstract_state: Any, iterator: grain.DatasetIterator | None,
+                       log: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]] | None:
+        """`restore` of the newest step -> (step, state, metadata); None when there is no checkpoint. A damaged
+        newest step is an error naming the file; with `fallback`, the newest readable step is restored instead and
+        the damaged newer ones are moved to `workdir/damaged_checkpoints/` (a warning says so). Nothing is moved
+        when no step is readable."""
+        damaged: list[tuple[int, DamagedCheckpointError]] = []
+        steps = self.all_steps()
+        for k in range(len(steps) - 1, -1, -1):
+            try:
+                state, meta = self.restore(steps[k], abstract_state, iterator)
+            except DamagedCheckpointError as e:
+                if not self.cfg.fallback:
+                    hint = (f'--config.checkpoint.fallback=true resumes from the newest readable older step '
+                            f'(steps {", ".join(map(str, steps[:k]))})' if k else
+                            f'no older checkpoint: move {os.path.join(self.directory, str(steps[k]))} aside to start '
+                            f'again')
+                    raise DamagedCheckpointError(f'{e}; nothing was restored: {hint}') from None
+                damaged.append((steps[k], e))
+                continue
+            if damaged:
+                moved = self._set_aside([s for s, _ in damaged])
+                for s, e in damaged:
+                    log(f'WARNING: checkpoint {s} is damaged: {e}')
+                log(f'WARNING: config.checkpoint.fallback: resuming from step {steps[k]}, the newest readable; '
+                    f'damaged step(s) {", ".join(str(s) for s, _ in damaged)} moved to {moved}')
+            return steps[k], state, meta
+        if damaged:
+            raise DamagedCheckpointError(f'{self.directory}: no readable checkpoint (steps '
+                                         f'{", ".join(str(s) for s, _ in damaged)}; newest: {damaged[0][1]}); nothing '
+                                         f'was restored or moved')
+        return None
+
+    def _set_aside(self, steps: list[int]) -> str:
+        """Moves damaged steps out of the manager's folder (kept for inspection, and so that the run can save those
+        steps again) -> where they went."""
+        target = os.path.join(os.path.dirname(self.directory), DAMAGED)
+        if jax.process_index() == 0:
+            os.makedirs(target, exist_ok=True)
+            for step in steps:
+                dest, k = os.path.join(target, str(step)), 1
+                while os.path.exists(dest):
+                    dest, k = os.path.join(target, f'{step}.{k}'), k + 1
+                shutil.move(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices('medplib_jax.checkpoint.damaged')
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for the save in flight and for Orbax's start-up removal of half-written steps, then closes: that
+        removal runs in a background thread which, still running at interpreter exit (a run stopped by an error
+        right after start), printed a 30-line traceback. Orbax itself awaits it only before its first save."""
+        await_cleanup = getattr(self.manager, '_maybe_await_cleanup_tmp_directory', None)  # private in Orbax 0.12
+        try:
+            if await_cleanup is not None:
+                await_cleanup()
+        except Exception as e:  # noqa: BLE001 - a leftover temporary folder is harmless; do not hide the run's error
+            logging.warning('%s: removing half-written checkpoints failed: %s', self.directory, _one_line(e))
         self.manager.close()
 
 

@@ -1,7 +1,9 @@
-"""Train-state checkpoints through `medplib-jax train` as a user runs it (subprocesses): SIGTERM saves and exits 0,
-bit-exact resume after it and after a SIGKILL, a half-written checkpoint ignored, a checkpoint of another config or
-a corrupted one is a one-line error that leaves the run directory as it was, and `export` writes the evaluators'
-params.
+"""Train-state checkpoints through `medplib-jax train` as a user runs it (subprocesses): SIGTERM at any moment
+(during start-up, mid-training, while the last checkpoint and `final_params` are written) exits 0 with everything
+saved, a resumed run writes the uninterrupted one's metrics.jsonl and parameters bit for bit (after SIGTERMs, a
+SIGKILL and a half-written checkpoint), a checkpoint of another config or a damaged one is a one-line error that
+leaves the run directory as it was (`config.checkpoint.fallback` resumes from the previous step), an error before
+the data exist is one line, and `export` writes the evaluators' params.
 
 Every run is the tiny stage-IV model for 6 steps through the grain pipeline with 2 worker processes, a checkpoint
 every 2 steps, on one CPU device.
@@ -59,11 +61,6 @@ def _wait_for(condition, proc, what, timeout=600):
         time.sleep(0.05)
 
 
-def _losses(workdir):
-    lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
-    return [(m['step'], m['loss']) for m in lines if 'loss' in m]
-
-
 def _flat_state(workdir, step):
     import jax
     tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, checkpoint.CHECKPOINTS, str(step),
@@ -102,11 +99,14 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def baseline(data, tmp_path_factory):
-    """The uninterrupted run."""
+    """The uninterrupted run. The data counters logged at a step are those of its own batch (4 records a step),
+    although its metrics are fetched a step late, after the next batch is drawn."""
     workdir = str(tmp_path_factory.mktemp('baseline') / 'run')
     res = _run(workdir, data)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(os.listdir(os.path.join(workdir, checkpoint.CHECKPOINTS))) == ['4', '6']  # keep = 2
+    seen = [(r['step'], r['data/records_seen']) for r in _records(workdir) if 'loss' in r]
+    assert seen == [(step, 4.0 * step) for step in range(1, STEPS + 1)]
     return workdir
 
 
@@ -115,48 +115,83 @@ def _log(path):
         return f.read()
 
 
-def test_preempted_then_killed_then_resumed_is_bit_exact(baseline, data, tmp_path):
-    """A run's life on preemptible machines, in one run directory:
-    1. SIGTERM (preemption) after step 1: the run saves at the next step boundary and exits 0;
-    2. the same command resumes at the next step, and is SIGKILLed (with its data workers) once checkpoint 4 exists;
-    3. what a kill in the middle of saving step 6 leaves is planted (a half-written checkpoint);
-    4. the same command ignores it, resumes from 4 and reaches step 6 with the losses, parameters, optimizer state
-       and data order of the uninterrupted run, bit for bit."""
-    workdir = str(tmp_path / 'run')
-    ckpts = os.path.join(workdir, checkpoint.CHECKPOINTS)
-    # 1. preempted
-    with open(tmp_path / 'preempted.log', 'w') as log:
+def _records(workdir):
+    """metrics.jsonl, every value but the wall-clock timings (perf/*)."""
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith('perf/')} for line in f]
+
+
+def _assert_same_run(workdir, baseline):
+    """Bit for bit the uninterrupted run: every logged value (floats round-trip through JSON exactly), the final
+    checkpoint (parameters, Adam moments, counters, data order) and the hand-off."""
+    assert _records(workdir) == _records(baseline)
+    _assert_identical(_flat_state(workdir, STEPS), _flat_state(baseline, STEPS))
+    assert _data_state(workdir, STEPS) == _data_state(baseline, STEPS)
+    final = [ocp.StandardCheckpointer().restore(os.path.join(w, checkpoint.FINAL_PARAMS)) for w in (workdir, baseline)]
+    _assert_identical(*[{k: np.asarray(v) for k, v in checkpoint.flatten(f).items()} for f in final])
+
+
+def _interrupt(workdir, data, log_path, condition, what, sig):
+    """Starts the run, sends `sig` to it (SIGKILL: with its data workers) once `condition()` holds -> (exit status,
+    everything it printed)."""
+    with open(log_path, 'w') as log:
         proc = _start(workdir, data, log)
         try:
-            _wait_for(lambda: os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
-                      and len(_losses(workdir)) >= 1, proc, 'step 1')
-            proc.send_signal(signal.SIGTERM)
+            _wait_for(condition, proc, what)
+            if sig == signal.SIGKILL:
+                os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, at once
+            else:
+                proc.send_signal(sig)
             rc = proc.wait(timeout=300)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-    out = _log(tmp_path / 'preempted.log')
+    return rc, _log(log_path)
+
+
+def _latest(workdir):
+    ckpts = checkpoint.RunCheckpoints(workdir, checkpoint.CheckpointConfig())
+    try:
+        return ckpts.latest_step()
+    finally:
+        ckpts.close()
+
+
+def _logged(workdir, predicate):
+    """Whether the running run has logged a record that satisfies `predicate`."""
+    path = os.path.join(workdir, 'metrics.jsonl')
+    try:
+        return os.path.exists(path) and any(predicate(r) for r in _records(workdir))
+    except ValueError:  # a line being written
+        return False
+
+
+def test_preempted_killed_and_preempted_while_finishing_is_bit_exact(baseline, data, tmp_path):
+    """A run's life on preemptible machines, in one run directory:
+    1. SIGTERM (preemption) after step 1: the run saves at the next step boundary and exits 0;
+    2. the same command resumes at the next step, and is SIGKILLed (with its data workers) once checkpoint 4 exists;
+    3. what a kill in the middle of saving step 6 leaves is planted (a half-written checkpoint);
+    4. the same command ignores it, resumes from 4, and gets SIGTERM once the last step is evaluated, while its
+       checkpoint and `final_params` are written: both are finished and it exits 0;
+    and metrics.jsonl, the checkpoint and `final_params` are the uninterrupted run's, bit for bit."""
+    workdir = str(tmp_path / 'run')
+    ckpts = os.path.join(workdir, checkpoint.CHECKPOINTS)
+    # 1. preempted
+    rc, out = _interrupt(workdir, data, tmp_path / 'preempted.log', lambda: _logged(workdir, lambda r: 'loss' in r),
+                         'step 1', signal.SIGTERM)
     assert rc == 0, out[-3000:]
-    saved = checkpoint.RunCheckpoints(workdir, checkpoint.CheckpointConfig()).latest_step()
+    saved = _latest(workdir)
     assert saved is not None and 1 <= saved < 4, out[-2000:]  # step 1 is logged one step late: saved is 2 or 3
     assert f'preempted (SIGTERM) at step {saved}' in out
-    assert not os.path.exists(os.path.join(workdir, 'final_params'))
+    assert not os.path.exists(os.path.join(workdir, checkpoint.FINAL_PARAMS))
 
     # 2. resumed at the next step, then killed
-    with open(tmp_path / 'killed.log', 'w') as log:
-        proc = _start(workdir, data, log)
-        try:
-            _wait_for(lambda: os.path.isdir(os.path.join(ckpts, '4')), proc, 'checkpoint 4')
-            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, at once
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL
-    out = _log(tmp_path / 'killed.log')  # unbuffered: everything up to the kill
+    rc, out = _interrupt(workdir, data, tmp_path / 'killed.log', lambda: os.path.isdir(os.path.join(ckpts, '4')),
+                         'checkpoint 4', signal.SIGKILL)
+    assert rc == -signal.SIGKILL
     assert f'resumed from {ckpts}/{saved} (step {saved} of 6)' in out and f'step {saved + 1}/6:' in out, out[-3000:]
     assert f'step {saved}/6:' not in out  # nothing trained twice
-    assert '6' not in os.listdir(ckpts) and not os.path.exists(os.path.join(workdir, 'final_params'))
+    assert '6' not in os.listdir(ckpts) and not os.path.exists(os.path.join(workdir, checkpoint.FINAL_PARAMS))
 
     # 3. a half-written step 6: Orbax writes under a temporary name, renamed when complete
     half = os.path.join(ckpts, '6.orbax-checkpoint-tmp-1700000000000000')
@@ -164,20 +199,32 @@ def test_preempted_then_killed_then_resumed_is_bit_exact(baseline, data, tmp_pat
     with open(os.path.join(half, checkpoint.STATE, '_METADATA'), 'w') as f:
         f.write('{"tree_metadata": ')  # cut off mid-write
 
-    # 4. resumed to the end
-    res = _run(workdir, data)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f'resumed from {ckpts}/4 (step 4 of 6)' in res.stdout
-    assert _losses(workdir) == _losses(baseline)  # bit for bit: floats round-trip through JSON exactly
-    _assert_identical(_flat_state(workdir, 6), _flat_state(baseline, 6))  # params, Adam moments, counters
-    assert _data_state(workdir, 6) == _data_state(baseline, 6)  # the data order
-    assert _data_state(workdir, 4) == _data_state(baseline, 4)
+    # 4. resumed to the end, SIGTERM after the last evaluation (logged just before the last save starts)
+    rc, out = _interrupt(workdir, data, tmp_path / 'finishing.log',
+                         lambda: _logged(workdir, lambda r: r['step'] == STEPS and any('eval/' in k for k in r)),
+                         'the last evaluation', signal.SIGTERM)
+    assert rc == 0, out[-3000:]
+    assert f'resumed from {ckpts}/4 (step 4 of 6)' in out
+    assert 'SIGTERM while stage' in out, out[-3000:]
+    assert sorted(os.listdir(ckpts)) == ['4', '6']  # the half-written one removed, the last one finished
+    _assert_same_run(workdir, baseline)
+
+
+def test_sigterm_during_start_up_exits_0_with_nothing_written(data, tmp_path):
+    """SIGTERM as soon as the run has started: it stops before reading or initialising the state, exit 0."""
+    workdir = str(tmp_path / 'run')
+    rc, out = _interrupt(workdir, data, tmp_path / 'start.log', lambda: f'-> {workdir}' in _log(tmp_path / 'start.log'),
+                         'start-up', signal.SIGTERM)
+    assert rc == 0 and 'preempted (SIGTERM) before ' in out, out[-3000:]
+    assert not os.listdir(os.path.join(workdir, checkpoint.CHECKPOINTS))
+    assert not os.path.exists(os.path.join(workdir, checkpoint.FINAL_PARAMS))
 
 
 def _cli_error(res):
+    """A user error: exit 2 and one line on stderr, nothing else (no traceback, no background thread's output)."""
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
-    lines = [line for line in res.stderr.splitlines() if line.startswith('medplib-jax train:')]
-    assert len(lines) == 1 and 'Traceback' not in res.stderr, res.stderr[-3000:]
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('medplib-jax train: '), res.stderr[-3000:]
     return lines[0]
 
 
@@ -194,20 +241,43 @@ def test_a_checkpoint_of_another_config_is_one_error_listing_the_keys(baseline, 
     assert _snapshot(workdir) == before
 
 
-def test_a_corrupted_checkpoint_is_a_one_line_error_and_nothing_is_written(baseline, data, tmp_path):
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_fallback_resumes(baseline, data, tmp_path):
+    """One truncated data file in the newest checkpoint: one line on stderr naming it and an array it holds, and
+    nothing else (no traceback, no TensorStore repr); the run directory is left as it was. With
+    --config.checkpoint.fallback=true the run resumes from the previous step (the damaged one moved aside) and ends
+    as the uninterrupted run."""
     workdir = str(tmp_path / 'run')
     shutil.copytree(baseline, workdir)
-    state = os.path.join(workdir, checkpoint.CHECKPOINTS, '6', checkpoint.STATE)
+    ckpts = os.path.join(workdir, checkpoint.CHECKPOINTS)
+    state = os.path.join(ckpts, str(STEPS), checkpoint.STATE)
     chunks = [os.path.join(b, f) for b, _, fs in os.walk(state) for f in fs if os.sep + 'd' + os.sep in
               os.path.join(b, f)]
-    assert chunks, os.listdir(state)
-    for path in chunks:  # every data file cut to half its length
-        with open(path, 'r+b') as f:
-            f.truncate(os.path.getsize(path) // 2)
+    damaged = max(chunks, key=os.path.getsize)  # a data file (the index nodes are small)
+    os.truncate(damaged, os.path.getsize(damaged) // 2)
     before = _snapshot(workdir)
     line = _cli_error(_run(workdir, data))
-    assert f'{os.path.join(workdir, checkpoint.CHECKPOINTS, "6")}: unreadable checkpoint' in line
+    assert line.startswith(f'medplib-jax train: {damaged}: truncated (') and ', holding array ' in line, line
+    assert '--config.checkpoint.fallback=true' in line and 'tensorstore' not in line.lower(), line
     assert _snapshot(workdir) == before
+
+    res = _run(workdir, data, '--config.checkpoint.fallback=true')
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f'resumed from {ckpts}/4 (step 4 of 6)' in res.stdout and 'WARNING: ' in res.stdout
+    moved = os.path.join(workdir, checkpoint.DAMAGED, str(STEPS))
+    assert os.path.getsize(os.path.join(moved, os.path.relpath(damaged, os.path.join(ckpts, str(STEPS))))) \
+        == os.path.getsize(damaged.replace(ckpts, os.path.join(baseline, checkpoint.CHECKPOINTS))) // 2
+    _assert_same_run(workdir, baseline)
+
+
+def test_train_before_the_demo_data_exist_is_one_line(tmp_path):
+    """In a folder without the demo data: one line saying how to write them, nothing else (no Orbax thread's
+    traceback at exit), nothing written."""
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'train',
+                          f'--config={os.path.join(ROOT, "configs", "demo.py")}', f'--workdir={tmp_path / "run"}'],
+                         capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    line = _cli_error(res)
+    assert 'medplib-jax make-demo-data' in line and 'medplib-jax demo' in line
+    assert not os.path.exists(tmp_path / 'run')
 
 
 def test_export_writes_the_merged_params_of_the_latest_checkpoint(baseline, tmp_path):
@@ -223,5 +293,50 @@ def test_export_writes_the_merged_params_of_the_latest_checkpoint(baseline, tmp_
     for k, v in final.items():  # the run's own hand-off (merged at the end of training), cast
         assert exported[k].dtype == jnp.bfloat16 and np.array_equal(np.asarray(exported[k]),
                                                                      np.asarray(jnp.asarray(v, jnp.bfloat16))), k
-    meta = json.load(open(out + '.json'))
+    meta = checkpoint.params_meta(out)
     assert meta['step'] == 6 and meta['merged_lora'] and meta['dtype'] == 'bfloat16'
+
+
+def test_sigterm_between_stages_stops_before_the_next(tmp_path, monkeypatch):
+    """The hand-off between the stages of a multi-stage config is covered too: a SIGTERM while a stage finishes
+    (here: inside a stand-in stage) lets it finish and stops before the next; SIGTERM's handler is back after."""
+    import ml_collections as mlc
+    from medplib_jax.train import loop
+    ran = []
+
+    def stage(config, workdir, log, preemption):
+        ran.append(os.path.basename(workdir))
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loop.StageResult(workdir, 1, {}, {}, '', [])
+
+    monkeypatch.setattr(loop, 'train_stage', stage)
+    config = mlc.ConfigDict({'stages': {name: {'data': {'root': str(tmp_path)}} for name in ('one', 'two')}})
+    handler = signal.getsignal(signal.SIGTERM)
+    lines = []
+    results = loop.train(config, str(tmp_path), lines.append)
+    assert ran == ['one'] and list(results) == ['one']
+    assert 'preempted (SIGTERM) before stage two' in lines[-1]
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_metrics_jsonl_is_replaced_atomically_on_resume(tmp_path, monkeypatch):
+    """A resumed run keeps the records up to its checkpoint (a line cut off by a kill dropped); the file is written
+    under another name and renamed, so a failure meanwhile leaves it as it was."""
+    from medplib_jax.train import writers
+    path = tmp_path / 'metrics.jsonl'
+    text = ''.join(json.dumps({'step': s, 'loss': 1.0 / s}) + '\n' for s in range(1, 7)) + '{"step": 7, "lo'
+    path.write_text(text)
+
+    def interrupted(src, dst):
+        raise OSError('killed')  # between writing the new file and the rename
+
+    monkeypatch.setattr(writers.os, 'replace', interrupted)
+    with pytest.raises(OSError, match='killed'):
+        writers.MetricWriter(str(tmp_path), True, resume_step=4)
+    assert path.read_text() == text
+    monkeypatch.undo()
+    writer = writers.MetricWriter(str(tmp_path), True, resume_step=4)
+    writer.write(5, {'loss': 0.5}, line=False)
+    writer.close()
+    assert [r['step'] for r in writers.read_metrics(str(path))] == [1, 2, 3, 4, 5]
+    assert sorted(os.listdir(tmp_path)) == ['metrics.jsonl', 'tensorboard']

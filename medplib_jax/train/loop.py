@@ -10,10 +10,15 @@ parameters it hands the next.
 A config with `stages` (an ordered block of whole stage configs, e.g. configs/demo.py) runs them in order, stage
 `name` in `workdir/name`; `{runs}` in `config.train.init` paths is the folder holding the stage's workdir.
 Only process 0 writes logs; every process writes its own parameter shards.
+
+SIGTERM at any moment of `train` (start-up, steps, saves, the hand-off, between stages) is a request honoured at
+the next safe point: the step in progress is saved (or the save in flight finished, and `final_params` written when
+training had finished), the run returns with `preempted`, and the same command goes on from there.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -59,22 +64,46 @@ class StageResult:
     last: dict[str, float]
     final_params: str
     history: list[dict[str, float]]
-    preempted: bool = False  # stopped by SIGTERM after saving a checkpoint; the same command resumes
+    # A SIGTERM arrived: the stage stopped at a saved step (or finished, with everything saved); the caller stops
+    # too, and the same command goes on from there.
+    preempted: bool = False
 
 
-def train(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict[str, StageResult]:
-    """Runs the config's stages (or the config itself as one stage) -> {stage name: result}. A preempted stage
-    ends the run (the later stages start when it is resumed and finished)."""
-    if 'stages' in config:
-        results = {}
-        for name, stage in config.stages.items():
-            log(f'=== {name} ===')
-            results[name] = train_stage(stage, os.path.join(workdir, name), log)
-            if results[name].preempted:
-                break
-        return results
-    stage = config.train.stage or os.path.basename(os.path.normpath(workdir))
-    return {stage: train_stage(config, workdir, log)}
+def train(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+          preemption: Preemption | None = None) -> dict[str, StageResult]:
+    """Runs the config's stages (or the config itself as one stage) -> {stage name: result}. SIGTERM anywhere in
+    here is `preemption`'s request (default: one covering this call): a preempted stage ends the run, and a SIGTERM
+    between stages stops before the next (the later stages start when the same command runs again)."""
+    if preemption is None:
+        with Preemption() as preemption:
+            return train(config, workdir, log, preemption)
+    if 'stages' not in config:
+        stage = config.train.stage or os.path.basename(os.path.normpath(workdir))
+        return {stage: train_stage(config, workdir, log, preemption=preemption)}
+    _check_data_roots(config)
+    results: dict[str, StageResult] = {}
+    for name, stage in config.stages.items():
+        if results and preemption.agreed():
+            log(f'preempted (SIGTERM) before stage {name}: stages {", ".join(results)} are done; run the same '
+                f'command to go on')
+            break
+        log(f'=== {name} ===')
+        results[name] = train_stage(stage, os.path.join(workdir, name), log, preemption=preemption)
+        if results[name].preempted:
+            break
+    return results
+
+
+def _check_data_roots(config: mlc.ConfigDict) -> None:
+    """Every stage's data folder exists, checked before the first stage starts; a demo config's are written by
+    `medplib-jax demo` or `make-demo-data`, which the error says."""
+    for name, stage in config.stages.items():
+        root = stage.data.get('root')
+        if root and not os.path.isdir(root):
+            hint = (f': write the demo data with `medplib-jax make-demo-data {root}`, or run `medplib-jax demo` '
+                    f'(writes them, trains and evaluates)' if 'demo' in config else '')
+            raise FileNotFoundError(f'config.stages.{name}.data.root={root}: no such folder (from {os.getcwd()})'
+                                    f'{hint}')
 
 
 def _check_batch(tcfg: TrainConfig, data_cfg: DataConfig, mcfg: MedPLIBConfig, mesh) -> tuple[int, int]:
@@ -108,12 +137,17 @@ class _Stage:
     shapes: ModelShapes
     mesh: Any
     runs: str
+    preemption: Preemption  # SIGTERM's request, honoured at the next safe point
 
 
 def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print,
-                devices: Any = None) -> StageResult:
+                devices: Any = None, preemption: Preemption | None = None) -> StageResult:
     """Trains one stage in `workdir` (devices: the mesh's, default all) and saves its hand-off. Resumes from the
-    newest checkpoint in `workdir/checkpoints` when there is one (config.checkpoint.resume)."""
+    newest checkpoint in `workdir/checkpoints` when there is one (config.checkpoint.resume). SIGTERM is
+    `preemption`'s request (default: one covering this call)."""
+    if preemption is None:
+        with Preemption() as preemption:
+            return train_stage(config, workdir, log, devices, preemption)
     main = jax.process_index() == 0
     tcfg = TrainConfig.from_config(config.train)
     if not tcfg.trainable:
@@ -122,8 +156,10 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
                 checkpoint.CheckpointConfig.from_config(config.get('checkpoint')),
                 MedPLIBConfig.from_model_config(config.model), DataConfig.from_config(config.data),
                 ModelShapes.from_config(config.model), sharding.make_mesh(config.mesh, devices),
-                tcfg.init.runs or os.path.dirname(os.path.abspath(workdir)))
+                tcfg.init.runs or os.path.dirname(os.path.abspath(workdir)), preemption)
     micro, group = _check_batch(tcfg, st.data_cfg, st.mcfg, st.mesh)
+    # The config's data (tokenizer, records files) are checked before anything is written or started.
+    dataset = build_dataset(st.data_cfg, st.shapes, seed=config.seed)
     os.makedirs(workdir, exist_ok=True)
     ckpts = checkpoint.RunCheckpoints(workdir, st.ccfg)
     try:
@@ -131,18 +167,18 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
         if latest is not None and not st.ccfg.resume:
             raise FileExistsError(f'{ckpts.directory}: holds checkpoints up to step {latest} and '
                                   f'config.checkpoint.resume is False: use another --workdir, or resume')
-        st.say(f'stage {tcfg.stage or "?"} -> {workdir}; devices {jax.device_count()} x {jax.devices()[0].platform} '
-               f'in {jax.process_count()} process(es), mesh {dict(st.mesh.shape)}; global batch '
-               f'{st.data_cfg.batch_size} = {tcfg.grad_accum} micro-batches of {micro}, loss groups of {group}')
-        return _start(st, ckpts, latest)
+        st.say(f'stage {tcfg.stage or "?"} -> {workdir}; devices {jax.device_count()} x '
+               f'{jax.devices()[0].platform} in {jax.process_count()} process(es), mesh {dict(st.mesh.shape)}; '
+               f'global batch {st.data_cfg.batch_size} = {tcfg.grad_accum} micro-batches of {micro}, loss groups '
+               f'of {group}')
+        return _start(st, ckpts, dataset)
     finally:
-        ckpts.close()  # waits for a save in flight
+        ckpts.close()  # waits for a save in flight (also on errors: no background work outlives the run)
 
 
-def _start(st: _Stage, ckpts: checkpoint.RunCheckpoints, latest: int | None) -> StageResult:
-    """Schedule, data, program, and the state: restored from `latest` or fresh."""
+def _start(st: _Stage, ckpts: checkpoint.RunCheckpoints, dataset: Any) -> StageResult:
+    """Schedule, program, and the state: restored from the newest checkpoint or fresh."""
     config, tcfg, data_cfg, say = st.config, st.tcfg, st.data_cfg, st.say
-    dataset = build_dataset(data_cfg, st.shapes, seed=config.seed)
     per_epoch = tcfg.steps_per_epoch or optim.steps_per_epoch(dataset.epoch_records, data_cfg.batch_size,
                                                               tcfg.grad_accum)
     total = max(1, math.ceil(tcfg.epochs * per_epoch))
@@ -154,26 +190,57 @@ def _start(st: _Stage, ckpts: checkpoint.RunCheckpoints, latest: int | None) -> 
     it = iter(dataset)
     try:
         first_host = next(it)  # its shapes build the program; a fresh run trains on it
+        first = (first_host, it.metrics())  # a batch and the data counters once it was drawn
         setup = build_stage(config, first_host, total_steps=total, warmup=warmup, mesh=st.mesh)
+        if _stop_before(st, 'reading or initialising the state'):  # both can take minutes
+            return StageResult(st.workdir, steps, {}, {}, _final_params(st.workdir), [], preempted=True)
         rng = jax.random.key(config.seed + 1)
         interval: list[dict[str, float]] = []
-        if latest is not None:
-            # Checked against the config before anything is read or written: a misfit leaves the run directory as
-            # it was. The data iterator continues where the checkpoint left it.
-            state, meta = ckpts.restore(latest, setup.abstract, it if st.ccfg.restore_data else None)
+        # Checked against the config before anything is read or written: a misfit leaves the run directory as it
+        # was. The data iterator continues where the checkpoint left it.
+        restored = ckpts.restore_latest(setup.abstract, it if st.ccfg.restore_data else None, say)
+        if restored is not None:
+            start, state, meta = restored
             rng = jax.random.wrap_key_data(np.asarray(meta['rng'], np.uint32))
             interval = list(meta.get('interval', []))
-            say(f'resumed from {ckpts.directory}/{latest} (step {latest} of {steps})'
+            say(f'resumed from {ckpts.directory}/{start} (step {start} of {steps})'
                 + ('' if st.ccfg.restore_data else '; data order restarted (config.checkpoint.restore_data=False)'))
         else:
-            state = fresh_state(setup, tcfg.init, st.runs, say)
-        return _loop(st, ckpts, it, first_host, setup, state, rng, interval, latest or 0, steps)
+            start, state = 0, fresh_state(setup, tcfg.init, st.runs, say)
+        return _loop(st, ckpts, it, first, setup, state, rng, interval, start, steps)
     finally:
-        it.close()
+        _close_data(it)
 
 
-def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first_host: dict, setup: StageSetup,
-          state: TrainState, rng: jax.Array, interval: list[dict[str, float]], start: int, steps: int) -> StageResult:
+def _close_data(it: Any) -> None:
+    """Closes the data iterator, and waits until grain has unlinked the shared memory of the batches it dropped.
+    Grain unlinks them from a thread pool that does not run at interpreter exit, so a run that stopped soon after
+    (an error, a preemption) printed 'leaked shared_memory objects' warnings after its last line."""
+    it.close()
+    gc.collect()  # batches no longer referenced: their arrays are unlinked as they are collected
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray  # no public hook in grain 0.2
+    pool = getattr(SharedMemoryArray, '_del_thread_pool', None)
+    if pool is not None and hasattr(SharedMemoryArray, '_disable_async_del'):
+        SharedMemoryArray._disable_async_del()  # later ones synchronously; the next iterator enables it again
+        pool.close()
+        pool.join()
+
+
+def _final_params(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), checkpoint.FINAL_PARAMS)
+
+
+def _stop_before(st: _Stage, what: str) -> bool:
+    """Whether a SIGTERM came during start-up (said when so): nothing new to save, the stage returns at once."""
+    if not st.preemption.agreed():
+        return False
+    st.say(f'preempted (SIGTERM) before {what}: nothing new to save; run the same command to resume')
+    return True
+
+
+def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first: tuple[dict, dict[str, int]],
+          setup: StageSetup, state: TrainState, rng: jax.Array, interval: list[dict[str, float]], start: int,
+          steps: int) -> StageResult:
     """Steps `start + 1` .. `steps`: logs, evaluations, checkpoints, preemption, and the hand-off at the end."""
     config, workdir, say, main, tcfg, ccfg, mcfg, mesh = (st.config, st.workdir, st.say, st.main, st.tcfg, st.ccfg,
                                                           st.mcfg, st.mesh)
@@ -181,6 +248,16 @@ def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first_host: dic
     runner = _Runner(setup.step, mcfg, st.data_cfg.batch_size, tcfg, mesh, say)
     writer = MetricWriter(workdir, main, echo=tqdm.write, total_steps=steps, resume_step=start if start else None)
     history: list[dict[str, float]] = list(writer.kept)
+    final = _final_params(workdir)
+
+    def result(preempted: bool) -> StageResult:
+        scalars = [h for h in history if 'loss' in h]
+        return StageResult(workdir, steps, scalars[0] if scalars else {}, scalars[-1] if scalars else {}, final,
+                           history, preempted)
+
+    if start < steps and _stop_before(st, f'step {start + 1}'):
+        writer.close()
+        return result(True)
     evaluators = build_evaluators(EvalContext(config, setup.model, mesh, rules, say))
     bar = tqdm(total=steps, initial=start, desc=f'train {tcfg.stage or ""}'.strip(), disable=not main,
                dynamic_ncols=True, mininterval=1.0)
@@ -191,15 +268,16 @@ def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first_host: dic
             'lora': dataclasses.asdict(mcfg.llm.lora), 'mesh': dict(mesh.shape), 'process_count': jax.process_count(),
             'rng': np.asarray(jax.random.key_data(rng)).tolist(), 'config': _json(config.to_dict())}
 
-    def finish(done: tuple[int, Any, int]):
-        """Metrics of a finished step (fetched one step late, so the host never waits on the device)."""
-        step, metrics, length = done
+    def finish(done: tuple[int, Any, int, dict[str, int]]):
+        """Metrics of a finished step (fetched one step late, so the host never waits on the device) with the data
+        counters of its own batch (the iterator has drawn the next one by then)."""
+        step, metrics, length, counters = done
         m = flatten_metrics(jax.device_get(metrics))
         now = time.perf_counter()
         m['perf/step_s'] = now - clock['last'] - clock['pause']
         clock.update(last=now, pause=0.0)
         m.update(runner.perf(m, length))
-        m.update({k: float(v) for k, v in it.metrics().items()})
+        m.update({k: float(v) for k, v in counters.items()})
         interval.append(m)
         bar.update(1)
         bar.set_postfix(loss=f'{m["loss"]:.4f}', lr=f'{m["lr"]:.2e}', step_s=f'{m["perf/step_s"]:.2f}')
@@ -226,9 +304,9 @@ def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first_host: dic
 
     preempted = False
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules), Preemption() as preemption:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             for step in range(start + 1, steps + 1):
-                host = first_host if step == 1 else next(it)
+                host, counters = first if step == 1 else (next(it), it.metrics())
                 batch = global_batch(host, mesh, TRAIN_KEYS)
                 started = time.perf_counter()
                 executable = runner.compiled(state, batch, rng)
@@ -239,8 +317,8 @@ def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first_host: dic
                 state, metrics = executable(state, batch, rng)
                 if pending is not None:
                     finish(pending)
-                pending = (step, metrics, int(batch['input_ids'].shape[1]))
-                preempted = step < steps and preemption.agreed()
+                pending = (step, metrics, int(batch['input_ids'].shape[1]), counters)
+                preempted = step < steps and st.preemption.agreed()
                 due = [ev for ev in evaluators if step == steps or (ev.every and step % ev.every == 0)]
                 saving = step == steps or preempted or (ccfg.every and step % ccfg.every == 0)
                 if due or saving:
@@ -270,26 +348,27 @@ def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first_host: dic
         bar.close()
         writer.close()
 
-    scalars = [h for h in history if 'loss' in h]
-    final = os.path.join(os.path.abspath(workdir), checkpoint.FINAL_PARAMS)
-    result = StageResult(workdir, steps, scalars[0] if scalars else {}, scalars[-1] if scalars else {}, final,
-                         history, preempted)
     if preempted:
-        return result
+        return result(True)
     if start >= steps:
         say(f'stage {tcfg.stage or "?"}: already trained ({ckpts.directory}/{start} is step {start} of {steps}); '
             f'a new --workdir trains again')
-        if os.path.isdir(final):
-            return result
-    merged = merge_lora(state.params, mcfg.llm.lora)
-    checkpoint.save_params(final, merged, {
-        'stage': tcfg.stage, 'steps': steps, 'merged_lora': bool(mcfg.llm.lora.rank),
-        'scan_layers': mcfg.llm.scan_layers, 'moe_layers': list(mcfg.llm.moe_layers), 'mesh': dict(mesh.shape),
-        'config': config.to_dict()})
-    if scalars:
-        say(f'stage {tcfg.stage or "?"} done: loss {result.first["loss"]:.4f} -> {result.last["loss"]:.4f} over '
+    if start < steps or not os.path.isdir(final):
+        merged = merge_lora(state.params, mcfg.llm.lora)
+        checkpoint.save_params(final, merged, {
+            'stage': tcfg.stage, 'steps': steps, 'merged_lora': bool(mcfg.llm.lora.rank),
+            'scan_layers': mcfg.llm.scan_layers, 'moe_layers': list(mcfg.llm.moe_layers), 'mesh': dict(mesh.shape),
+            'config': config.to_dict()})
+    done = result(False)
+    if done.first and start < steps:
+        say(f'stage {tcfg.stage or "?"} done: loss {done.first["loss"]:.4f} -> {done.last["loss"]:.4f} over '
             f'{steps} steps; hand-off (LoRA merged) in {final}')
-    return result
+    ckpts.wait()  # the last checkpoint too, before a SIGTERM that came meanwhile is answered
+    if st.preemption.agreed():
+        say(f'SIGTERM while stage {tcfg.stage or "?"} finished: its last checkpoint and {final} are saved; run the '
+            f'same command to go on')
+        done.preempted = True
+    return done
 
 
 @dataclasses.dataclass

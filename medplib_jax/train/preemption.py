@@ -1,5 +1,7 @@
-"""Preemption: SIGTERM (what TPU VMs and SLURM send before taking the machine) becomes a request that the train
-loop honours at the next step boundary: it saves a checkpoint and exits 0, and the same command resumes."""
+"""Preemption: SIGTERM (what TPU VMs and SLURM send before taking the machine) becomes a request that training
+honours at the next safe point (train/loop.py holds one context over the whole of `train()`: start-up, steps,
+saves, hand-offs, stages): the step in progress is saved, or the save in flight finished, the run returns and the
+command exits 0; the same command resumes."""
 from __future__ import annotations
 
 import signal

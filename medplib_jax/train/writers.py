@@ -48,6 +48,36 @@ def headline(step: int, total: int, metrics: Mapping[str, float]) -> str:
     return f'step {step}/{total}: ' + ', '.join(parts)
 
 
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """A metrics.jsonl's records. An unterminated last line (a kill mid-write) is dropped: its step comes after the
+    newest checkpoint, as a step's line is written before its checkpoint starts. Any other bad line is an error."""
+    with open(path) as f:
+        lines = f.read().split('\n')
+    torn = lines.pop()  # '' when the file ends with a newline
+    records = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f'{path}:{n}: not a JSON record ({e}); fix or remove the line') from None
+    if torn.strip():
+        try:
+            records.append(json.loads(torn))
+        except ValueError:
+            pass  # cut off mid-write
+    return records
+
+
+def _replace(path: str, text: str) -> None:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class MetricWriter:
     """Writes scalars at a step to every sink; a no-op on processes other than 0."""
 
@@ -63,13 +93,11 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, 'metrics.jsonl')
             if resume_step is not None and os.path.exists(path):
-                with open(path) as f:
-                    records = [json.loads(line) for line in f if line.strip()]
-                self.kept = [r for r in records if r['step'] <= resume_step]
-            self._jsonl = open(path, 'w')  # one run's metrics (a resumed run's: the kept ones, then its own)
-            for record in self.kept:
-                self._jsonl.write(json.dumps(record) + '\n')
-            self._jsonl.flush()
+                self.kept = [r for r in read_metrics(path) if r['step'] <= resume_step]
+            # One run's metrics (a resumed run's: the kept ones, then its own), written whole under another name and
+            # renamed over the old file, so that a kill meanwhile leaves the old one.
+            _replace(path, ''.join(json.dumps(record) + '\n' for record in self.kept))
+            self._jsonl = open(path, 'a')
             self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
                                      purge_step=None if resume_step is None else resume_step + 1)
 
