@@ -26,9 +26,8 @@ import re
 import shutil
 import sys
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -38,6 +37,9 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from medplib_jax.config_fields import known_fields
 from medplib_jax.constants import SYNTHETIC_MARKER
+
+if TYPE_CHECKING:  # grain is imported where a run's data position is saved: reading params does not need it
+    import grain
 
 FINAL_PARAMS = 'final_params'  # a run directory's hand-off: merged (LoRA folded) parameters
 CHECKPOINTS = 'checkpoints'  # a run directory's train-state checkpoints, one folder per step
@@ -393,6 +395,7 @@ class RunCheckpoints:
                                                enable_async_checkpointing=cfg.async_save,
                                                cleanup_tmp_directories=True)
         # Handlers named up front: a fresh manager (a resumed run) then reads the metadata of items it never saved.
+        import grain
         handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
                     META: ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
@@ -410,6 +413,7 @@ class RunCheckpoints:
         checkpoint for keep-best; `iterator` None saves no data position."""
         args = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave({**meta, 'versions': versions()})}
         if iterator is not None:
+            import grain
             args[DATA] = grain.checkpoint.CheckpointSave(iterator)
         self.manager.save(step, args=ocp.args.Composite(**args), metrics=dict(metrics) if metrics else None,
                           force=True)
@@ -459,6 +463,7 @@ class RunCheckpoints:
                                       f'restart the data order')
         args = {STATE: ocp.args.StandardRestore(abstract_state)}
         if iterator is not None:
+            import grain
             args[DATA] = grain.checkpoint.CheckpointRestore(iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))

@@ -266,9 +266,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _stop_on_sigterm(signum, frame) -> None:
-    """SIGTERM (a scheduler, `kill`, systemd) stops a command as Ctrl-C does: cleanly, without a stack dump.
-    Training installs its own handler (train/preemption.py) and saves first."""
+    """SIGTERM (a scheduler, `kill`, systemd) stops a command as Ctrl-C does: cleanly, without a stack dump."""
     raise KeyboardInterrupt
+
+
+_TRAINING = ('train', 'demo', 'sweep')  # SIGTERM is a preemption: what is trained is saved, exit 0, same command resumes
+_early_sigterm: list[int] = []
 
 
 def _main(argv: list[str]) -> int:
@@ -281,7 +284,10 @@ def _main(argv: list[str]) -> int:
         return 2
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax and grain narrate every save at INFO
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    training = command in _TRAINING
+    # Training commands note a SIGTERM that comes before train/preemption.py takes over (imports, JAX set-up) and
+    # hand it on; the others stop at once.
+    signal.signal(signal.SIGTERM, (lambda *_: _early_sigterm.append(1)) if training else _stop_on_sigterm)
     try:
         if spec.jax:
             from medplib_jax import runtime
@@ -292,7 +298,14 @@ def _main(argv: list[str]) -> int:
             # first, before anything touches jax devices
             distributed.initialize(F.distributed, coordinator=F.coordinator, num_processes=F.num_processes,
                                    process_id=F.process_id, local_device_ids=F.local_device_ids)
-        _run(command, args, _loaded_config() if spec.config else None)
+        config = _loaded_config() if spec.config else None
+        if training:
+            from medplib_jax.train.preemption import Preemption
+            with Preemption() as preemption:
+                preemption.requested = preemption.requested or bool(_early_sigterm)
+                _run(command, args, config, preemption)
+        else:
+            _run(command, args, config)
     except KeyboardInterrupt:
         print(f'medplib-jax {command}: stopped', file=sys.stderr)
         return 130
@@ -317,7 +330,8 @@ def _loaded_config():
     return config
 
 
-def _run(command: str, args: list[str], config) -> None:
+def _run(command: str, args: list[str], config, preemption=None) -> None:
+    """Runs one command; `preemption` (train / demo / sweep): the SIGTERM request training honours."""
     F = flags.FLAGS
     if command == 'make-demo-data':
         from medplib_jax.data.synthetic import make_demo_data
@@ -343,11 +357,11 @@ def _run(command: str, args: list[str], config) -> None:
             raise ValueError(f'{command}: set --workdir=DIR (where logs, TensorBoard events and parameters go)')
         if command == 'train':
             from medplib_jax.train.loop import train
-            train(config, F.workdir)
+            train(config, F.workdir, preemption=preemption)
         else:
             from medplib_jax.train.sweep import run_sweep
             run_sweep(F['config'].config_filename, config, F.workdir, points=F.points,
-                      print_launch=F['print-launch'].value)
+                      print_launch=F['print-launch'].value, preemption=preemption)
     elif command == 'export':
         from medplib_jax.checkpoint import export
         if not (F.workdir and F.out):
@@ -373,7 +387,7 @@ def _run(command: str, args: list[str], config) -> None:
         from medplib_jax.demo import run_demo
         if 'stages' not in config or 'demo' not in config:
             raise ValueError('demo: --config must be a multi-stage demo config such as configs/demo.py')
-        run_demo(config, F.workdir)
+        run_demo(config, F.workdir, preemption=preemption)
 
 
 def _convert(part: str, config) -> None:

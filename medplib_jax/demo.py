@@ -39,6 +39,7 @@ from medplib_jax.infer.predict import Predictor, Request
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.train.handoff import init_fn
 from medplib_jax.train.loop import train
+from medplib_jax.train.preemption import Preemption
 
 # The table: (label, evaluator, metric, what the demo must reach (None: no bar)); metrics in percent.
 TABLE = (('closed-VQA accuracy (chance 25)', 'omnimedvqa', 'mean_accuracy', 90.0),
@@ -48,8 +49,10 @@ TABLE = (('closed-VQA accuracy (chance 25)', 'omnimedvqa', 'mean_accuracy', 90.0
 GROUNDING_EXPERT = 0  # expert 0 = stage III's FFN (facts 4.5)
 
 
-def run_demo(config: mlc.ConfigDict, workdir: str = '', log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs the demo (config: configs/demo.py); returns metrics.json's content (also written and printed)."""
+def run_demo(config: mlc.ConfigDict, workdir: str = '', log: Callable[[str], None] = print,
+             preemption: Preemption | None = None) -> dict[str, Any]:
+    """Runs the demo (config: configs/demo.py); returns metrics.json's content (also written and printed), or {}
+    when training was preempted (SIGTERM: `preemption`'s request; the same command resumes)."""
     demo = config.demo
     workdir = workdir or demo.workdir
     if demo.synthetic_images:
@@ -57,16 +60,18 @@ def run_demo(config: mlc.ConfigDict, workdir: str = '', log: Callable[[str], Non
         log(f'synthetic MeCoVQA-like data: {sum(counts.values())} records over {demo.synthetic_images} images in '
             f'{demo.root}')
     start = time.perf_counter()
-    results = train(config, workdir, log)
+    results = train(config, workdir, log, preemption=preemption)
     log(f'trained {len(results)} stages in {time.perf_counter() - start:.0f}s:')
     for name, r in results.items():
+        if not r.first:  # preempted before its first logged step
+            continue
         first = {k: r.first.get(k) for k in ('loss/ce', 'mask/dice')}
         last = {k: r.last.get(k) for k in ('loss/ce', 'mask/dice')}
         dice = (f', mask Dice loss {first["mask/dice"]:.3f} -> {last["mask/dice"]:.3f}'
                 if first['mask/dice'] is not None and last['mask/dice'] is not None else '')
         log(f'  {name}: text CE {first["loss/ce"]:.3f} -> {last["loss/ce"]:.3f}{dice} ({r.steps} steps)')
     last_name = list(config.stages)[-1]
-    if results[last_name].preempted or len(results) < len(config.stages):
+    if len(results) < len(config.stages) or results[last_name].preempted:
         log('demo: training was interrupted; run the same command again to resume it')
         return {}
     return evaluate(config, workdir, results[last_name].final_params, log)

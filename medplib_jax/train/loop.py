@@ -446,10 +446,12 @@ def _evaluate(evaluators, params, step: int, writer: MetricWriter, history) -> d
     out: dict[str, float] = {}
     for ev in evaluators:
         values = ev.run(params)
-        metrics = {f'eval/{ev.name}/{k}': v for k, v in values.items()}
+        # A mean over nothing (no closed records, say) is NaN: n/a in the line, left out of the logs (JSON has no NaN).
+        metrics = {f'eval/{ev.name}/{k}': v for k, v in values.items() if not math.isnan(v)}
         writer.write(step, metrics, line=False)
         if writer.enabled:
-            writer.echo(f'eval {ev.name} at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in values.items()))
+            writer.echo(f'eval {ev.name} at step {step}: ' + ', '.join(
+                f'{k} {"n/a" if math.isnan(v) else format(v, ".4f")}' for k, v in values.items()))
         history.append({'step': step, **metrics})
         out.update(metrics)
     return out

@@ -14,6 +14,7 @@ import ml_collections as mlc
 import numpy as np
 
 from medplib_jax.train.loop import StageResult, train_stage
+from medplib_jax.train.preemption import Preemption
 
 COLUMNS = (('loss', 'loss'), ('ce', 'loss/ce'), ('accuracy', 'accuracy'), ('dice loss', 'mask/dice'),
            ('dropped', 'moe/drop_fraction'))
@@ -99,8 +100,11 @@ def table(rows: list[dict[str, Any]], settings: tuple[str, ...] = ()) -> str:
 
 
 def run_sweep(config_file: str, config: mlc.ConfigDict, workdir: str, *, points: list[str] | None = None,
-              print_launch: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Runs (or prints launch lines for) the chosen points; writes `sweep.md` and `sweep.json` in `workdir`."""
+              print_launch: bool = False, log: Callable[[str], None] = print,
+              preemption: Preemption | None = None) -> list[dict[str, Any]]:
+    """Runs (or prints launch lines for) the chosen points; writes `sweep.md` and `sweep.json` in `workdir`. A
+    SIGTERM (`preemption`'s request) ends the sweep after the point in progress is saved; the same command goes on
+    (finished points are not trained again: their run directories hold their last step)."""
     chosen = sweep_points(config_file)
     if points:
         unknown = sorted(set(points) - {n for n, _ in chosen})
@@ -111,11 +115,19 @@ def run_sweep(config_file: str, config: mlc.ConfigDict, workdir: str, *, points:
         for line in launch_lines(config_file, workdir, [(n, {**_runs(config, workdir), **o}) for n, o in chosen]):
             log(line)
         return []
+    if preemption is None:
+        with Preemption() as preemption:
+            return run_sweep(config_file, config, workdir, points=points, log=log, preemption=preemption)
     rows = []
     for name, overrides in chosen:
+        if rows and preemption.agreed():
+            log(f'preempted (SIGTERM) before sweep point {name}: run the same command to go on')
+            return rows
         log(f'=== sweep point {name}: {overrides} ===')
         result = train_stage(apply_overrides(config, {**_runs(config, workdir), **overrides}),
-                             os.path.join(workdir, name), log)
+                             os.path.join(workdir, name), log, preemption=preemption)
+        if result.preempted:
+            return rows
         rows.append(_row(name, overrides, result))
     text = table(rows, settings=tuple({k.split('.')[-1] for _, o in chosen for k in o}))
     os.makedirs(workdir, exist_ok=True)
