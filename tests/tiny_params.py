@@ -9,10 +9,12 @@ from configs.common import get_config
 from medplib_jax import checkpoint
 
 
-def random_params_dir(path: str, moe: str = 'dense') -> str:
+def random_params_dir(path: str, moe: str = 'dense', *, synthetic: bool | None = None) -> str:
     """A tiny MedPLIB's parameter tree (shapes from `jax.eval_shape` of its init: seconds, not a compiled init),
     filled with fresh random values: N(0, 0.02) weights, norm scales 1; written as a params directory with its
-    config (`moe=dense`: every layer a two-expert MoE FFN, so answers have a routing)."""
+    config (`moe=dense`: every layer a two-expert MoE FFN, so answers have a routing). `synthetic`: written as the
+    metadata's `synthetic_data` (weights trained on the synthetic demo data: chat and serve show the demo notice);
+    None leaves it to `checkpoint.describe_params_dir` (False: the config's data root holds no synthetic marker)."""
     import flax.linen as nn
     import jax.numpy as jnp
     from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
@@ -30,4 +32,7 @@ def random_params_dir(path: str, moe: str = 'dense') -> str:
     for key, s in checkpoint.flatten(shapes).items():
         norm = key.endswith(('/scale', 'norm/weight'))
         flat[key] = np.ones(s.shape, s.dtype) if norm else (0.02 * rng.standard_normal(s.shape)).astype(s.dtype)
-    return checkpoint.save_params(path, checkpoint.unflatten(flat), {'config': config.to_dict(), 'stage': 'IV'})
+    meta = {'config': config.to_dict(), 'stage': 'IV'}
+    if synthetic is not None:
+        meta['synthetic_data'] = synthetic
+    return checkpoint.save_params(path, checkpoint.unflatten(flat), meta)

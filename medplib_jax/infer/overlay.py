@@ -2,8 +2,10 @@
 question and answer, and the answer's tokens coloured by the expert each was routed to."""
 from __future__ import annotations
 
+import functools
+import math
 import textwrap
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -15,6 +17,7 @@ TRUTH = (255, 60, 60)  # ground-truth mask: red contour
 # Expert 0 = grounding (stage III's FFN), 1 = vision-language (stage II's); -1: dropped (passed through).
 EXPERT_COLOURS = {0: (255, 150, 40), 1: (60, 140, 255), -1: (160, 160, 160)}
 EXPERT_NAMES = {0: 'expert 0 (grounding)', 1: 'expert 1 (vision-language)', -1: 'dropped'}
+LEGEND = (0, 1, -1)  # the legend's order
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
@@ -64,42 +67,108 @@ def overlay(image: np.ndarray, mask: np.ndarray | None = None, truth: np.ndarray
     return out
 
 
+def flow(widths: Sequence[int], max_width: int, *, pad: int = 4, gap: int = 3) -> tuple[list[tuple[int, int]], int]:
+    """Boxes `widths` wide placed left to right from `pad`, `gap` apart, a new row before one that would pass
+    `max_width - pad` (never before a row's first box): ((x, row) of each box, the width used, `pad` included)."""
+    places, x, row, used = [], pad, 0, 0
+    for w in widths:
+        if x + w > max_width - pad and x > pad:
+            x, row = pad, row + 1
+        places.append((x, row))
+        used = max(used, x + w + pad)
+        x += w + gap
+    return places, used
+
+
+class RoutingLayout(NamedTuple):
+    """Where `routing_image` draws, as (x, y, w, h) rectangles: each token's box (its text, then one strip per
+    layer), each legend entry, the title (None without one); `size`: the picture's (width, height)."""
+    size: tuple[int, int]
+    boxes: list[tuple[int, int, int, int]]
+    legend: list[tuple[int, int, int, int]]
+    title: tuple[int, int, int, int] | None
+
+
+_PAD, _LINE = 4, 18  # margin; a line of text
+
+
+def routing_layout(texts: Sequence[str], layers: int, *, title: str = '', width: int = 720) -> RoutingLayout:
+    """The routing picture's layout for the token texts as drawn (`readable_token`): as wide as its widest row, at
+    most `width` (wider only for a single box wider than that), so a short answer is not a corner of a wide picture
+    that the page scales down; rows wrap; no rectangle overlaps another."""
+    font = _font()
+    box_h = _LINE + 2 + 3 * layers
+    widths = [max(12, _text_width(t, font) + 6) for t in texts]
+    legend = [24 + _text_width(EXPERT_NAMES[e], font) for e in LEGEND]
+    title_w = _text_width(title, font)
+    width = max(width, max([*widths, *legend, title_w]) + 2 * _PAD)
+    token_places, token_used = flow(widths, width, pad=_PAD, gap=3)
+    legend_places, legend_used = flow(legend, width, pad=_PAD, gap=0)
+    top = _PAD + (_LINE if title else 0)
+    row_h = box_h + 6
+    boxes = [(x, top + r * row_h, w, box_h) for (x, r), w in zip(token_places, widths)]
+    legend_top = top + (1 + max((r for _, r in token_places), default=0)) * row_h
+    entries = [(x, legend_top + r * _LINE, w, _LINE) for (x, r), w in zip(legend_places, legend)]
+    height = entries[-1][1] + _LINE + _PAD
+    size = (max(token_used, legend_used, title_w + 2 * _PAD), height)
+    return RoutingLayout(size, boxes, entries, (_PAD, _PAD, title_w, _LINE) if title else None)
+
+
+def readable_token(text: str) -> str:
+    """A token as the routing picture writes it: SentencePiece's word-start mark as a space; characters the font
+    cannot draw (PIL's bundled font is ASCII only: a byte-fallback piece's U+FFFD, accents) and control characters
+    (a newline token: PIL cannot measure a line break) escaped as Python writes them; a blank token quoted, so no
+    box is empty."""
+    text = ''.join(c if _drawable(c) else c.encode('unicode_escape').decode('ascii')
+                   for c in text.replace('\u2581', ' '))
+    return text if text.strip() else repr(text)
+
+
+@functools.lru_cache(maxsize=None)
+def _font() -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=13)
+
+
+@functools.lru_cache(maxsize=4096)
+def _drawable(c: str) -> bool:
+    """Whether the font has a glyph for `c`: a missing one renders as the font's box, as a private-use code does."""
+    if c == ' ':
+        return True
+    if not c.isprintable():
+        return False
+    font = _font()
+    glyph, missing = font.getmask(c), font.getmask('\U000f0000')
+    return (glyph.size, bytes(glyph)) != (missing.size, bytes(missing))
+
+
+def _text_width(text: str, font: ImageFont.FreeTypeFont) -> int:
+    return math.ceil(font.getlength(text)) if text else 0
+
+
 def routing_image(tokens: Sequence[str], experts: np.ndarray, *, title: str = '', width: int = 720) -> Image.Image:
-    """The answer's tokens in order, each box coloured by its majority expert over the MoE layers, with one thin
-    strip per layer beneath it (`experts`: (layers, tokens), -1 = dropped), and a legend."""
+    """The answer's tokens in order (as `readable_token` writes them: `<SEG>`, `</s>` literally), each box coloured
+    by its majority expert over the MoE layers, with one thin strip per layer beneath it (`experts`: (layers,
+    tokens), -1 = dropped), and a legend; at most `width` pixels wide, rows wrapping (`routing_layout`)."""
     experts = np.asarray(experts)
     if experts.shape[1] != len(tokens):
         raise ValueError(f'routing_image: {len(tokens)} tokens, routing for {experts.shape[1]}')
-    font = ImageFont.load_default(size=13)
-    scratch = ImageDraw.Draw(Image.new('RGB', (1, 1)))
-    layers, strip, pad, line_h = experts.shape[0], 3, 4, 20 + 3 * experts.shape[0] + 6
-    # SentencePiece's word-start mark has no glyph in the font; control characters (a byte-fallback newline
-    # token) are written escaped: PIL cannot measure or draw a token holding a line break.
-    tokens = [''.join(c if c.isprintable() else repr(c)[1:-1] for c in t.replace('\u2581', ' ')) for t in tokens]
-    boxes, x, y = [], pad, pad + (18 if title else 0)
-    for k, text in enumerate(tokens):
-        w = max(12, int(scratch.textlength(text, font=font)) + 6)
-        if x + w > width - pad and x > pad:
-            x, y = pad, y + line_h
-        boxes.append((x, y, w, k))
-        x += w + 3
-    height = y + line_h + 24
-    out = Image.new('RGB', (width, height), (255, 255, 255))
+    font, layers = _font(), experts.shape[0]
+    texts = [readable_token(t) for t in tokens]
+    layout = routing_layout(texts, layers, title=title, width=width)
+    out = Image.new('RGB', layout.size, (255, 255, 255))
     draw = ImageDraw.Draw(out)
-    if title:
-        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
-    for x, y, w, k in boxes:
+    if layout.title:
+        draw.text(layout.title[:2], title, fill=(0, 0, 0), font=font)
+    for k, (x, y, w, _) in enumerate(layout.boxes):
         column = experts[:, k]
         values, counts = np.unique(column, return_counts=True)
         majority = int(values[np.argmax(counts)])
-        draw.rectangle([x, y, x + w, y + 18], fill=EXPERT_COLOURS.get(majority, (0, 0, 0)))
-        draw.text((x + 3, y + 2), tokens[k], fill=(0, 0, 0), font=font)
-        for layer in range(layers):
-            top = y + 20 + strip * layer
-            draw.rectangle([x, top, x + w, top + strip - 1], fill=EXPERT_COLOURS.get(int(column[layer]), (0, 0, 0)))
-    x = pad
-    for expert in (0, 1, -1):
-        draw.rectangle([x, height - 18, x + 10, height - 8], fill=EXPERT_COLOURS[expert])
-        draw.text((x + 14, height - 21), EXPERT_NAMES[expert], fill=(0, 0, 0), font=font)
-        x += 24 + int(draw.textlength(EXPERT_NAMES[expert], font=font))
+        draw.rectangle([x, y, x + w - 1, y + _LINE - 1], fill=EXPERT_COLOURS.get(majority, (0, 0, 0)))
+        draw.text((x + 3, y + 2), texts[k], fill=(0, 0, 0), font=font)
+        for layer in range(layers):  # 2 pixels of colour, 1 of white
+            top = y + _LINE + 2 + 3 * layer
+            draw.rectangle([x, top, x + w - 1, top + 1], fill=EXPERT_COLOURS.get(int(column[layer]), (0, 0, 0)))
+    for expert, (x, y, _, _) in zip(LEGEND, layout.legend):
+        draw.rectangle([x, y + 4, x + 10, y + 14], fill=EXPERT_COLOURS[expert])
+        draw.text((x + 14, y + 1), EXPERT_NAMES[expert], fill=(0, 0, 0), font=font)
     return out
