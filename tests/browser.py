@@ -16,6 +16,9 @@ import io
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -46,6 +49,69 @@ class PageAnswer:
     mask: bool
     errors: list[str]
     pictures: dict[str, np.ndarray]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Server:
+    """A running `medplib-jax serve`: its URL, process and log file (stdout and stderr)."""
+    url: str
+    proc: subprocess.Popen
+    log: str
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM, as a service manager stops it; its exit status (killed after `timeout_s`)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def serving(checkpoint: str, log: str, *flags: str, cwd: str = ROOT, env: dict | None = None,
+            timeout_s: float = 180) -> Iterator[Server]:
+    """`medplib-jax serve --checkpoint=... FLAGS` on a free port, started from `cwd` as a user starts it; yields once
+    the page answers, stopped (SIGTERM) afterwards. A server that exits or does not answer fails with its log."""
+    port = free_port()
+    env = dict(env if env is not None else os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING='utf-8')
+    with open(log, 'wb') as out:
+        proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax.cli', 'serve', f'--checkpoint={checkpoint}',
+                                 f'--port={port}', *flags], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    server = Server(f'http://127.0.0.1:{port}/', proc, log)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f'serve exited with {proc.returncode}:\n{_tail(log)}')
+            try:
+                with urllib.request.urlopen(server.url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'serve did not answer on {server.url} in {timeout_s:.0f} s:\n{_tail(log)}')
+            time.sleep(0.5)
+        yield server
+    finally:
+        server.stop()
+
+
+def _tail(path: str, chars: int = 3000) -> str:
+    with open(path, errors='replace') as f:
+        return f.read()[-chars:]
 
 
 def check_chromium() -> None:

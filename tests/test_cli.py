@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
 
@@ -135,6 +134,34 @@ def test_a_copied_demo_run_answers_and_evaluates_from_another_directory(demo_run
     demo = json.loads((tmp_path / 'runs' / 'eval' / 'trained' / 'metrics.json').read_text())
     assert got['evaluators']['mecovqa_g']['metrics'] == demo['evaluators']['mecovqa_g']['metrics']
     assert got['synthetic'] and 'synthetic' in (out / 'report.md').read_text().lower()
+
+
+def test_a_copied_demo_run_serves_the_page_from_another_directory(demo_run):
+    """`serve` on the copied stage-IV run, started from a third directory: the page (headless chromium) answers a
+    grounding question with the answer `chat` gives on the same image (greedy), and SIGTERM stops it cleanly."""
+    from browser import ask_page, serving
+    tmp_path, moved = _moved_demo(demo_run)
+    image = sorted((moved / 'data' / 'images').glob('ct_*.png'))[0]
+    question = 'Could you segment out the liver in this image?'
+    log = moved / 'elsewhere' / 'serve.log'
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    with serving(str(moved / 'stage4'), str(log), '--temperature=0', '--shortest_edge=0', '--max_new_tokens=8',
+                 cwd=str(moved / 'elsewhere'), env=env) as server:
+        answer = ask_page(server.url, str(image), question)
+        status = server.stop()
+    assert status == 0 and 'Traceback' not in log.read_text(), log.read_text()[-3000:]
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'chat', f'--checkpoint={moved}/stage4',
+                          f'--image={image}', '--max_new_tokens=8', f'--out={moved}/elsewhere/o.png', question],
+                         capture_output=True, text=True, env=dict(env, PYTHONPATH=ROOT), cwd=moved / 'elsewhere',
+                         timeout=600)
+    assert res.returncode == 0 and not answer.errors, (res.stderr[-2000:], answer.errors)
+    said = res.stdout.splitlines()[0]
+    if '<SEG>' in said:  # the page shows the mask's size in its place
+        assert answer.mask and 'mask: ' in answer.text and '<SEG>' not in answer.text
+        assert answer.text.replace(answer.text[answer.text.index('mask: '):].split(' px')[0] + ' px', '<SEG>', 1) \
+            == said
+    else:
+        assert answer.text == said
 
 
 @pytest.mark.parametrize('name', ['quickstart', 'evaluate_checkpoint'])

@@ -9,19 +9,16 @@ one line in the server's log. Also, without a browser: the demo's stroke -> regi
 answer text, DICOM / NIfTI loading and the port check."""
 import os
 import socket
-import subprocess
-import sys
 import time
 import types
-import urllib.request
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from browser import PICTURES, ask, ask_page, browser_page, draw, info_text, picture_src, upload_file, upload_image, \
-    wait_file_info, wait_picture
+from browser import PICTURES, ask, ask_page, browser_page, draw, info_text, picture_src, serving, upload_file, \
+    upload_image, wait_file_info, wait_picture
 from medplib_jax.chat import ChatError, build_predictor, with_region_slots
 from medplib_jax.constants import DEMO_NOTICE
 from medplib_jax.data import synthetic
@@ -34,12 +31,6 @@ from tiny_params import random_params_dir
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 4
 QUESTION = 'Please segment the lesion in this region.'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def dicom_file() -> str:
@@ -61,37 +52,10 @@ def params_dir(tmp_path_factory):
 def server(params_dir, tmp_path_factory):
     """`medplib-jax serve` on a free port, `--mask_mode=always` so a random model's answer has a mask; yields
     its URL and log file once the page answers, stops it afterwards."""
-    port = free_port()
     log = tmp_path_factory.mktemp('serve_log') / 'serve.log'
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING='utf-8',
-               GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp('gradio')))
-    with open(log, 'wb') as out:
-        proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax.cli', 'serve', f'--checkpoint={params_dir}',
-                                 f'--port={port}', f'--max_new_tokens={MAX_NEW}', '--mask_mode=always'],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    url = f'http://127.0.0.1:{port}/'
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f'serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}')
-            try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f'serve did not answer on {url} in 180 s:\n{log.read_text()[-3000:]}')
-            time.sleep(0.5)
-        yield url, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path_factory.mktemp('gradio')))
+    with serving(params_dir, str(log), f'--max_new_tokens={MAX_NEW}', '--mask_mode=always', env=env) as running:
+        yield running.url, log
 
 
 def filled_rectangle(changed: np.ndarray) -> tuple[int, int, int, int]:
