@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from medplib_jax.constants import DEMO_NOTICE
-from medplib_jax.data.images import ImageError, load_dicom, load_image, load_mask
+from medplib_jax.data.images import ImageError, image_kind, load_dicom, load_image, load_mask
 from medplib_jax.data.regions import RegionPrompt
 
 REGION_SLOT = '<region></region>'
@@ -84,8 +84,8 @@ def with_region_slots(question: str, regions: int) -> str:
 
 def load_chat_image(path: str, *, slice_index: int | None = None, window: str | None = None) -> np.ndarray:
     """The image to ask about, (H, W, 3) uint8; `window` only for DICOM, `slice_index` only for NIfTI."""
-    lower = path.lower()
-    is_dicom, is_nifti = lower.endswith('.dcm'), lower.endswith(('.nii', '.nii.gz'))
+    kind = image_kind(path)
+    is_dicom, is_nifti = kind == 'dicom', kind == 'nifti'
     if window and not is_dicom:
         raise ChatError(f'--window={window}: windowing applies to DICOM (.dcm) images, not {path}')
     if slice_index is not None and not is_nifti:

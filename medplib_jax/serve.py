@@ -37,6 +37,7 @@ from PIL import Image
 
 from medplib_jax.chat import REGION_SLOT, build_predictor, token_texts, with_region_slots
 from medplib_jax.constants import DEMO_NOTICE
+from medplib_jax.data.images import image_kind
 from medplib_jax.data.regions import RegionPrompt
 from medplib_jax.data.visualize import tint
 
@@ -181,12 +182,6 @@ def respond(predictor, image: np.ndarray, strokes: np.ndarray | None, mode: str,
     return reply
 
 
-def upload_kind(path: str) -> str:
-    """'dicom', 'nifti' or 'image' (PNG / JPEG), by the name, as chat.py `load_chat_image` tells them apart."""
-    lower = path.lower()
-    return 'dicom' if lower.endswith('.dcm') else 'nifti' if lower.endswith(('.nii', '.nii.gz')) else 'image'
-
-
 def nifti_slices(path: str) -> int:
     """How many slices a NIfTI volume has along the axis `load_image` slices (the third), from its header."""
     import nibabel
@@ -243,7 +238,7 @@ def image_info(shape: tuple[int, ...], shortest_edge: int = DEMO_SHORTEST_EDGE) 
 def file_info(path: str, *, window: tuple[float, float] | None = None, slice_index: int | None = None,
               slices: int = 0) -> str:
     """The page's line about a DICOM / NIfTI file: the window or the slice shown ('' for PNG / JPEG)."""
-    name, kind = os.path.basename(path), upload_kind(path)
+    name, kind = os.path.basename(path), image_kind(path)
     if kind == 'dicom':
         shown = "the file's own window (else the modality preset)" if window is None else \
             f'window centre {window[0]:g}, width {window[1]:g}'
@@ -297,7 +292,7 @@ def build_app(predictor, *, mask_mode: str = 'auto', shortest_edge: int = DEMO_S
 
     # The editor fires no change event for a value set by the server: what follows a load is set with it.
     def load(file, chosen=None, index=None, slices=0) -> dict:
-        kind = upload_kind(file)
+        kind = image_kind(file)
         chosen = chosen if kind == 'dicom' else None
         index = None if kind != 'nifti' or index is None else int(index)
         try:
@@ -313,7 +308,7 @@ def build_app(predictor, *, mask_mode: str = 'auto', shortest_edge: int = DEMO_S
         if file is None:
             return {shown_file: '', dicom_row: gr.Row(visible=False), slice_index: gr.Slider(visible=False)}
         try:
-            kind = upload_kind(file)
+            kind = image_kind(file)
             slices = nifti_slices(file) if kind == 'nifti' else 0
         except ValueError as e:
             raise user_error(e) from None

@@ -22,10 +22,10 @@ from browser import PICTURES, ask, ask_page, browser_page, draw, info_text, pict
 from medplib_jax.chat import ChatError, build_predictor, with_region_slots
 from medplib_jax.constants import DEMO_NOTICE
 from medplib_jax.data import synthetic
-from medplib_jax.data.images import load_dicom, load_nifti
+from medplib_jax.data.images import image_kind, load_dicom, load_nifti
 from medplib_jax.serve import (DEMO_TEMPERATURE, brush_radius, build_app, check_port, demo_questions, demo_resize,
                                editor_arrays, file_info, image_info, load_upload, model_view, nifti_slices,
-                               region_picture, respond, shown_answer, stroke_region, upload_kind)
+                               region_picture, respond, shown_answer, stroke_region)
 from tiny_params import random_params_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,7 +288,7 @@ def test_dicom_and_nifti_uploads_load_with_a_window_or_a_slice():
     assert nifti_slices(nifti) == 25
     np.testing.assert_array_equal(load_upload(nifti)['background'], load_nifti(nifti, index=12))
     np.testing.assert_array_equal(load_upload(nifti, slice_index=3)['background'], load_nifti(nifti, index=3))
-    assert [upload_kind(p) for p in ('a.DCM', 'b.nii', 'c.nii.gz', 'd.png')] == ['dicom', 'nifti', 'nifti', 'image']
+    assert [image_kind(p) for p in ('a.DCM', 'b.nii', 'c.nii.gz', 'd.png')] == ['dicom', 'nifti', 'nifti', 'image']
     assert file_info(dicom) == "CT_small.dcm: the file's own window (else the modality preset)"
     assert file_info(dicom, window=(40.0, 400.0)) == 'CT_small.dcm: window centre 40, width 400'
     assert file_info(nifti, slices=25) == 'anatomical.nii: slice 12 of 0..24'

@@ -33,14 +33,20 @@ def find_image(path: str) -> str:
     return path
 
 
+def image_kind(path: str) -> str:
+    """'dicom' (.dcm), 'nifti' (.nii, .nii.gz) or 'image' (PNG / JPEG / anything Pillow reads), by the file name."""
+    lower = path.lower()
+    return 'dicom' if lower.endswith('.dcm') else 'nifti' if lower.endswith(('.nii', '.nii.gz')) else 'image'
+
+
 def load_image(path: str, *, nifti_axis: int = 2, nifti_slice: int | None = None) -> np.ndarray:
     """Any supported file -> (H, W, 3) uint8 RGB."""
     if not os.path.isfile(path):
         raise ImageError(f'{path}: image file not found')
-    lower = path.lower()
-    if lower.endswith('.dcm'):
+    kind = image_kind(path)
+    if kind == 'dicom':
         return load_dicom(path)
-    if lower.endswith(('.nii', '.nii.gz')):
+    if kind == 'nifti':
         return load_nifti(path, axis=nifti_axis, index=nifti_slice)
     try:
         with Image.open(path) as im:
