@@ -184,8 +184,8 @@ def summarize(scores: dict[str, dict], routing: dict[str, float], workdir: str) 
                     f'the model trained on): it shows that training works, not how well a model reads medical '
                     f'images, and is not comparable with the paper\'s.\n\n')
         f.write('\n'.join(table) + '\n\n')
-        f.write(f'Each evaluator\'s own report (with the definition of each metric), predictions and pictures: '
-                f'`eval/trained/`, `eval/init/`.\n')
+        f.write('Each evaluator\'s own report (with the definition of each metric), predictions and pictures: '
+                '`eval/trained/`, `eval/init/`.\n')
     with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     return summary
