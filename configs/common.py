@@ -15,6 +15,7 @@ from medplib_jax.data.pipeline import DataConfig
 from medplib_jax.data.synthetic import FILES as DEMO_FILES  # the synthetic set's files by kind
 from medplib_jax.data.tokenizer import ADDED_TOKENS
 from medplib_jax.eval.evaluators import EvalSettings
+from medplib_jax.eval.report import REFERENCE_TEST_FILES
 from medplib_jax.models.lora import LoRAConfig
 from medplib_jax.models.medplib import MedPLIBConfig
 from medplib_jax.models.moe import MoEConfig
@@ -346,11 +347,10 @@ def held_out(files: dict[str, str] | tuple[str, ...], demo: bool, max_batches: i
 
 
 
-# The paper's evaluators (medplib_jax/eval/evaluators.py) over the reference's test files (facts 8.1: the
-# `_rand200` / `_rand500` subsets exist too) or the synthetic set's test split (`make-demo-data`).
+# The paper's evaluators (medplib_jax/eval/evaluators.py) over the reference's test files or the synthetic set's
+# test split (`make-demo-data`).
 PAPER_EVAL_FILES = {
-    'mecovqa': {'omnimedvqa': 'OmniMedVQA_OA.json', 'mecovqa_c': 'MeCoVQA_Complex_VQA_test.json',
-                'mecovqa_r': 'MeCoVQA_Region_VQA_test.json', 'mecovqa_g': 'MeCoVQA_Grounding_test.json'},
+    'mecovqa': dict(REFERENCE_TEST_FILES),
     'demo': {'omnimedvqa': DEMO_FILES['closed'].format(split='test'),
              'mecovqa_c': DEMO_FILES['complex'].format(split='test'),
              'mecovqa_r': DEMO_FILES['region'].format(split='test'),

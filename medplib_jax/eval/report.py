@@ -43,10 +43,14 @@ PAPER_TABLE1 = {'CT': 62.70, 'MR': 66.97, 'OCT': 75.05, 'Der': 51.47, 'MIC': 64.
 PAPER_TABLE2 = {'Der': 79.90, 'CT': 59.83, 'PET': 64.59, 'mecovqa_g': 68.11, 'X-Ray': 28.25, 'End': 44.19,
                 'MR': 27.52, 'US': 35.64, 'FP': 25.76, 'zero_shot': 32.27}
 NA_TEXT = 'n/a'
+# The reference's test files by evaluator kind (MeCoVQA's and OmniMedVQA's release; `_rand200` / `_rand500` subsets
+# of them exist too): the records the paper's tables were computed on.
+REFERENCE_TEST_FILES = {'omnimedvqa': 'OmniMedVQA_OA.json', 'mecovqa_c': 'MeCoVQA_Complex_VQA_test.json',
+                        'mecovqa_r': 'MeCoVQA_Region_VQA_test.json', 'mecovqa_g': 'MeCoVQA_Grounding_test.json'}
 PAPER_RECORDS_RULE = (
     "The paper's MedPLIB numbers and Table 2's test / zero-shot split are shown only beside an evaluator whose "
     "records are the paper's: every records file it read is named as the reference's test file for its kind "
-    "(configs/common.py `PAPER_EVAL_FILES['mecovqa']`, or a released `_rand<N>` subset of it) and none lies under "
+    "(`REFERENCE_TEST_FILES`, or a released `_rand<N>` subset of it) and none lies under "
     "a folder written by `make-demo-data`. On other records (the synthetic demo split above all, whose modalities "
     "the demo model trained on) the paper's figures measure something else and no modality is zero-shot.")
 
@@ -68,8 +72,7 @@ def paper_records(kind: str, files: Sequence[str]) -> bool:
     """Whether an evaluator of `kind` reading the records `files` reads the paper's records (PAPER_RECORDS_RULE):
     each file named as the reference's test file of that kind, or its `_rand<N>` subset, and none synthetic. No
     files (e.g. a predictions file written before rows named theirs) -> False."""
-    from configs.common import PAPER_EVAL_FILES  # lazy: configs.common imports the evaluators, which import this
-    name = PAPER_EVAL_FILES['mecovqa'].get(kind)
+    name = REFERENCE_TEST_FILES.get(kind)
     if not name or not files:
         return False
     stem, ext = os.path.splitext(name)
