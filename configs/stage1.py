@@ -23,7 +23,7 @@ def get_config(arg=None):
     cfg.train.weights = dict(ce=1.0, bce=0.0, dice=0.0, iou=0.0, focal=0.0)  # captions only
     # The first stage starts from converted weights (an Orbax params directory) or, for tests, random.
     if not (tiny or a.init == 'random'):
-        # `medplib-jax convert llama --src vicuna-7b-v1.5 --clip ... --sam-med2d ...` writes it (README).
+        # `medplib-jax convert llama --src vicuna-7b-v1.5 --clip ... --sam-med2d ...` writes it (docs/conversion.md).
         cfg.train.init.params = '{runs}/vicuna-7b-v1.5'
         # LLaVA's pre-training starts the projector anew; the region adapter and T-projector, which no converted
         # checkpoint has, start at their initialisation (stage I does not train them).

@@ -28,7 +28,7 @@ def get_config(arg=None):
     cfg.train.weights = dict(ce=1.0, bce=1.0, dice=5.0, iou=2.0, focal=2.0)
     if a.init != 'random':
         cfg.train.init.params = '{runs}/stage1' if tiny else '{runs}/llava-v1.5-7b'
-        if not tiny:  # `medplib-jax convert llama --src llava-v1.5-7b --clip ... --sam-med2d ...` (README)
+        if not tiny:  # `medplib-jax convert llama --src llava-v1.5-7b --clip ... --sam-med2d ...` (docs/conversion.md)
             cfg.train.init.load = (f'{TRAINABLE["projector"]}={{runs}}/stage1',)
             # Not in LLaVA-v1.5-7B: the reference starts both fresh here (the region adapter from HF's missing-weight
             # init, the T-projector re-created: facts 7.1, 12.6).

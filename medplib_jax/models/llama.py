@@ -46,7 +46,7 @@ class LlamaConfig:
     scan_layers: bool = False
     remat_policy: str = 'none'
     # Query block of the causal self-attention (layers.causal_attention): 0 = one (T, T) block; > 0 skips the
-    # masked upper-triangle blocks (same result; faster on CPU, see README "Performance").
+    # masked upper-triangle blocks (same result; faster on CPU, see docs/performance.md).
     attention_block: int = 0
     lora: LoRAConfig = LoRAConfig()
     moe: MoEConfig = MoEConfig()
