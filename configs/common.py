@@ -24,7 +24,7 @@ from medplib_jax.models.sam_encoder import SamImageEncoderConfig
 from medplib_jax.train.config import TrainConfig
 
 # LLaMA decoder sizes. `llama7b` is LLaVA-v1.5-7B (LLaMA-2-7B architecture) with the MedPLIB vocab of 32267
-# (32000 + the 267 added tokens, facts section 1.1); tiny = the offline tiny tokenizer's 309 + 267.
+# (32000 + the reference's 267 `ADD_OTHERS_TOKENS`); tiny = the offline tiny tokenizer's 309 + 267.
 LLM_SIZES = {
     'tiny': dict(vocab_size=576, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -34,7 +34,7 @@ LLM_SIZES = {
                     max_position_embeddings=4096),
 }
 
-# CLIP ViT vision tower sizes. `clip_l336` is openai/clip-vit-large-patch14-336 (facts section 2).
+# CLIP ViT vision tower sizes. `clip_l336` is openai/clip-vit-large-patch14-336 (the reference's clip_encoder.py).
 VISION_SIZES = {
     # tiny keeps the 336/14 geometry: the region encoder works on the reference's 24x24 patch grid.
     'tiny': dict(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=3,
@@ -114,7 +114,7 @@ def llm_config(size: str) -> mlc.ConfigDict:
 def vision_config(size: str) -> mlc.ConfigDict:
     if size not in VISION_SIZES:
         raise ValueError(f'unknown vision size {size!r}; known: {sorted(VISION_SIZES)}')
-    # select_layer -2 / select_feature 'patch': LLaVA-v1.5's feature (facts section 2).
+    # select_layer -2 / select_feature 'patch': LLaVA-v1.5's feature (the reference's clip_encoder.py).
     return mlc.ConfigDict(dict(VISION_SIZES[size], select_layer=-2, select_feature='patch'))
 
 
@@ -135,8 +135,9 @@ def moe_config(mode: str = 'none') -> mlc.ConfigDict:
 
 
 def lora_config(**overrides) -> mlc.ConfigDict:
-    """peft-style LoRA (models/lora.py LoRAConfig; rank 0 = none). Stage recipes (facts 4.6) live in the stage
-    configs: II r16 on all seven projections, III r8 on gate/up/down, IV r8 on gate/up/down (per expert) + q/v."""
+    """peft-style LoRA (models/lora.py LoRAConfig; rank 0 = none). Stage recipes (the reference's
+    scripts/train_stage{2,3,4}.sh) live in the stage configs: II r16 on all seven projections, III r8 on gate/up/down,
+    IV r8 on gate/up/down (per expert) + q/v."""
     if 'targets' in overrides:
         overrides['targets'] = tuple(overrides['targets'])
     return _fields(LoRAConfig, **overrides)
@@ -158,8 +159,8 @@ def sam_config(size: str) -> tuple[mlc.ConfigDict, mlc.ConfigDict]:
 
 
 def set_vocab(model: mlc.ConfigDict, vocab_size: int) -> mlc.ConfigDict:
-    """Sizes a model config's vocab: the reference adds its tokens after the base vocab (facts 1.1), so `<SEG>`, the
-    first of them, is `vocab_size - len(ADDED_TOKENS)`. The one place that rule lives."""
+    """Sizes a model config's vocab: the reference adds its tokens after the base vocab (train_ds_medplib.py), so
+    `<SEG>`, the first of them, is `vocab_size - len(ADDED_TOKENS)`. The one place that rule lives."""
     model.llm.vocab_size = vocab_size
     model.medplib.seg_token_id = vocab_size - len(ADDED_TOKENS)
     return model
@@ -212,7 +213,8 @@ def data_config(model: str = 'tiny', preset: str = 'demo') -> mlc.ConfigDict:
     strict: a bad record is an error instead of a counted skip. max_skip_fraction: stop the run when more records
       than this are bad (checked from skip_check_after records on).
     mask_canvas: ground-truth masks stay at the original resolution, top-left in a canvas of this side (larger
-      images are scaled down to fit). largest_component: the reference's region step (facts 3.2).
+      images are scaled down to fit). largest_component: the reference's region step
+      (`generate_mask_with_sub_component`).
     check_duplicate_ids: one start-up pass per file. image_cache: a folder built by `build-image-cache` ('' = none).
     template: 'llava_v1' (stages II-IV) or 'plain' (stage I: image, caption, newline).
     """
@@ -263,7 +265,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage configs (configs/stage1.py .. stage4.py) share this base: the 7B recipe of the reference's
-# scripts/train_stage{2,3,4}.sh (facts 6 and 7.2), or `model=tiny` on the synthetic data for a laptop.
+# scripts/train_stage{2,3,4}.sh, or `model=tiny` on the synthetic data for a laptop.
 
 # Trainable-path patterns (regexes over '/'-joined parameter paths; `layers.*` covers layers_i and scanned `layers`).
 LORA = r'model/layers.*/lora_[AB]'

@@ -3,9 +3,9 @@
 Complex + region + public VQA, 3 epochs, lr 1e-4, max length 2048 (+ 575 image positions), micro-batch 16 x 2
 accumulation x 4 GPUs = 128; LoRA r16 / alpha 16 / dropout 0.05 on q, k, v, o, gate, up, down; fully trained:
 lm_head, embed_tokens, both layer norms of every layer, the projector. Not trained (as in the reference): the
-final norm, the region adapter (facts 12.6), the mask decoder and T-projector (no masks in its data).
-Loss weights ce 1, bce 1, dice 5 (iou 2 / focal 2 are defaults with nothing to act on).
-Start (facts 4.1): LLaVA-v1.5-7B (its LLM and CLIP, with SAM-Med2D) converted to an Orbax params directory
+final norm, the region adapter (not in the script's --sft_modules), the mask decoder and T-projector (no masks in its
+data). Loss weights ce 1, bce 1, dice 5 (iou 2 / focal 2 are defaults with nothing to act on).
+Start (the script's --version): LLaVA-v1.5-7B (its LLM and CLIP, with SAM-Med2D) converted to an Orbax params directory
 (`{runs}/llava-v1.5-7b`, `medplib-jax convert llama`), with the projector of stage I (the reference's
 --pretrain_mm_mlp_adapter) and a fresh region adapter and T-projector. `model=tiny` starts from the whole stage-I
 run (there is no tiny LLaVA).
@@ -31,7 +31,7 @@ def get_config(arg=None):
         if not tiny:  # `medplib-jax convert llama --src llava-v1.5-7b --clip ... --sam-med2d ...` (docs/conversion.md)
             cfg.train.init.load = (f'{TRAINABLE["projector"]}={{runs}}/stage1',)
             # Not in LLaVA-v1.5-7B: the reference starts both fresh here (the region adapter from HF's missing-weight
-            # init, the T-projector re-created: facts 7.1, 12.6).
+            # init, the T-projector re-created by train_ds_medplib.py).
             cfg.train.init.fresh = (TRAINABLE['region_fea_adapter'], TRAINABLE['text_hidden_fcs'])
     cfg.train.eval_every = 0 if tiny else 400
     cfg.train.log_every = 10 if tiny else 50

@@ -4,8 +4,9 @@ All of MeCoVQA, 3 epochs, lr 3e-4, max length 1024 (+ 575), micro-batch 4 x 8 ac
 FFN becomes the two-expert MoE (top-1, capacity factor 1.5, evaluation 2, aux coefficient 0, routing groups of 4
 sequences = the reference's per-GPU micro-batch); LoRA r8 / alpha 16 / dropout 0.05 on gate, up, down (per
 expert) and q, v. Fully trained: the router, lm_head, embed_tokens, mask decoder, T-projector and region adapter.
-Loss weights ce 1, bce 2, dice 0.5, iou 0, focal 0. Starts (facts 4.5) from stage II, expert 0 = stage III's FFN
-(grounding), expert 1 = stage II's (vision-language), mask decoder and T-projector from stage III.
+Loss weights ce 1, bce 2, dice 0.5, iou 0, focal 0. Starts (the reference's `initialize_moe_modules`) from stage II,
+expert 0 = stage III's FFN (grounding), expert 1 = stage II's (vision-language), mask decoder and T-projector
+from stage III.
 
 `sweep()` is the paper's Table 4 grid: `medplib-jax sweep --config=configs/stage4.py --workdir=runs/sweep`.
 """

@@ -6,12 +6,12 @@
 
 Images: PNG / JPEG (decoded as the reference decodes them), DICOM (`.dcm`, windowed: `--window=C,W`, else the file's
 own window, the modality preset or the 0.5-99.5 percentile range), NIfTI (`.nii`, `.nii.gz`; `--slice` along the
-last axis, the middle one by default). Regions (facts 3.3, as the reference's demo draws them): `--point=x,y` (a 41x41
-square), `--box=x0,y0,x1,y1` (inclusive pixel corners; without the demo's row / column mix-up), `--mask=FILE` (a PNG
-of the image's size, non-zero = inside). A question without `<region></region>` gets one appended after a space, as
-the demo does when its text lacks `<region>` (gradio_web_server.py `format_region_prompt`: "... <region></region>
-ASSISTANT:"); the demo's shorthand `<region>` is accepted too. Like the demo's worker, regions skip the dataset's
-largest-component step (every drawn part counts).
+last axis, the middle one by default). Regions (as the reference's demo draws them, gradio_web_server.py
+`generate_mask_for_feature`): `--point=x,y` (a 41x41 square), `--box=x0,y0,x1,y1` (inclusive pixel corners; without the
+demo's row / column mix-up), `--mask=FILE` (a PNG of the image's size, non-zero = inside). A question without
+`<region></region>` gets one appended after a space, as the demo does when its text lacks `<region>`
+(gradio_web_server.py `format_region_prompt`: "... <region></region> ASSISTANT:"); the demo's shorthand `<region>` is
+accepted too. Like the demo's worker, regions skip the dataset's largest-component step (every drawn part counts).
 
 A mask (`--mask_mode=auto`: when the answer holds `<SEG>`; `always`: the reference evaluation's fallback state when
 it does not; `never`) is written as an overlay PNG, `--out` or `<image name>_overlay.png` in the current directory
@@ -35,7 +35,7 @@ from medplib_jax.data.regions import RegionPrompt
 
 REGION_SLOT = '<region></region>'
 # The demo's worker feeds drawn regions to the region encoder without the dataset's largest-component step
-# (facts 3.3; model_worker.py), so chat and serve do the same.
+# (model/serve/model_worker.py), so chat and serve do the same.
 DEMO_LARGEST_COMPONENT = False
 
 

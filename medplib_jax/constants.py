@@ -1,4 +1,4 @@
-"""Sentinel ids shared by the data pipeline, the model and the losses (the reference's values, facts 1.1)."""
+"""Sentinel ids shared by the data pipeline, the model and the losses (the reference's values, utils/utils.py)."""
 IGNORE_INDEX = -100  # label of an unsupervised position
 IMAGE_TOKEN_INDEX = -200  # one per image token slot (the reference has one per image, expanded in the model)
 REGION_TOKEN_INDEX = -300  # one between each <region> </region> pair

@@ -46,7 +46,7 @@ TABLE = (('closed-VQA accuracy (chance 25)', 'omnimedvqa', 'mean_accuracy', 90.0
          ('open-VQA recall (MeCoVQA-C)', 'mecovqa_c', 'open/recall', None),
          ('region-VQA recall (MeCoVQA-R)', 'mecovqa_r', 'open/recall', None),
          ('mDice (MeCoVQA-G)', 'mecovqa_g', 'mdice', 60.0))
-GROUNDING_EXPERT = 0  # expert 0 = stage III's FFN (facts 4.5)
+GROUNDING_EXPERT = 0  # expert 0 = stage III's FFN (the reference's `initialize_moe_modules`)
 
 
 def run_demo(config: mlc.ConfigDict, workdir: str = '', log: Callable[[str], None] = print,

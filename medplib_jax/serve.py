@@ -6,12 +6,12 @@ Upload an image (or a DICOM / NIfTI file), pick the referring input type (Point 
 draw on the image, ask; the page shows the answer, the mask overlay (when the answer holds `<SEG>`, or always with
 `--mask_mode=always`), the expert of every answer token (MoE models) and the region as the model receives it.
 As the reference demo: a stroke in Point mode becomes the 41x41 square around the median stroke pixel (torch's lower
-median), in Box mode the stroke's filled bounding rectangle (without the demo's row / column mix-up, facts 12.27),
-in Sketch mode the stroke itself; no stroke, no region. A question about a region without `<region>` gets one
-appended (chat.py `with_region_slots`). Uploads are first resized so their shortest edge is 336 (PIL LANCZOS,
-int() sizes: conversation_demo.py `resize_image_to_shortest_edge`), so masks come back at that size; the strokes are
-resized with them (nearest). `--shortest_edge=0` keeps the upload's size. Decoding samples at temperature 0.2 (the
-demo's hidden slider; its worker ignores top-p), `--temperature=0` decodes greedily; the demo's 512 new tokens.
+median), in Box mode the stroke's filled bounding rectangle (without the row / column mix-up of the demo's
+`generate_mask_for_feature`), in Sketch mode the stroke itself; no stroke, no region. A question about a region without
+`<region>` gets one appended (chat.py `with_region_slots`). Uploads are first resized so their shortest edge is 336 (PIL
+LANCZOS, int() sizes: conversation_demo.py `resize_image_to_shortest_edge`), so masks come back at that size; the
+strokes are resized with them (nearest). `--shortest_edge=0` keeps the upload's size. Decoding samples at temperature
+0.2 (the demo's hidden slider; its worker ignores top-p), `--temperature=0` decodes greedily; the demo's 512 new tokens.
 
 Beyond the reference's page: the region panel previews the region while it is drawn (Point's square, Box's
 rectangle, the sketch), the brush is sized to the image (about 1 % of its shortest edge), a DICOM upload gets window

@@ -45,7 +45,8 @@ def test_tiny_tokenizer_is_a_llama_layout_sentencepiece_model(tok):
 def test_whitespace_around_added_tokens_is_stripped_not_around_eos(tok):
     enc = tok.encode
     seg, eos = tok.ids.seg, tok.ids.eos
-    # facts 1.1: no '▁' or newline piece ever touches an added token; each chunk gets its own dummy prefix
+    # transformers 4.31's slow LlamaTokenizer, as train_ds_medplib.py loads it: no '▁' or newline piece ever touches an
+    # added token; each chunk gets its own dummy prefix
     assert enc('is <SEG> here') == enc('is<SEG>here') == enc('is') + [seg] + enc('here', bos=False)
     assert enc('<im_end>\n\t Please') == enc('<im_end>Please')
     assert enc('at \u00a0<region></region>\u3000?') == enc('at<region></region>?')

@@ -1,10 +1,11 @@
 """The release converter (`convert medplib`) and the per-part converters (`convert llama | clip | sam-med2d`).
 
-A synthetic release checkpoint is written here with the released key names and layout (facts 10.2: `.bin` shards
-+ `pytorch_model.bin.index.json` as transformers 4.31 writes them, the `moe` config.json, bf16 LLM tensors, fp32
-SAM / T-projector / router), at a tiny width with 2 layers, both MoE. Its conversion must equal, array for array
-and in the model's logits and masks, the same tensors taken through the per-part converters (convert/llama.py,
-clip.py, sam.py) and assembled into the tree here, with the expert order (0 = grounding) checked by name.
+A synthetic release checkpoint is written here with the released key names and layout (as the reference's
+merge_lora_weights_and_save_hf_model_moe.py saves them: `.bin` shards + `pytorch_model.bin.index.json` as transformers
+4.31 writes them, the `moe` config.json, bf16 LLM tensors, fp32 SAM / T-projector / router), at a tiny width with 2
+layers, both MoE. Its conversion must equal, array for array and in the model's logits and masks, the same tensors taken
+through the per-part converters (convert/llama.py, clip.py, sam.py) and assembled into the tree here, with the expert
+order (0 = grounding) checked by name.
 """
 import json
 import os
@@ -99,7 +100,8 @@ def write_release_tokenizer(directory):
 
 
 def release_tensors(rng):
-    """Released key names (facts 10.2) -> arrays. LLM in bf16, the parts the merge rebuilds in fp32."""
+    """Released key names (the merged `MedPLIBForCausalLM`'s state dict) -> arrays. LLM in bf16, the parts the merge
+    rebuilds in fp32."""
     w = lambda *shape: (rng.normal(size=shape) * 0.2).astype(np.float32)  # noqa: E731
     bf16 = lambda *shape: w(*shape).astype(ml_dtypes.bfloat16)  # noqa: E731
     sd = {'model.embed_tokens.weight': bf16(VOCAB, D), 'lm_head.weight': bf16(VOCAB, D),
@@ -517,10 +519,10 @@ def _sam_file(path):
 
 
 def _release_7b_keys():
-    """The released MedPLIB-7b-2e's keys and shapes as facts 10.2 lists them (no values): LLaMA-2-7B with 32
-    two-expert MoE layers, CLIP ViT-L/14-336 (names from transformers' CLIPVisionModel on the meta device), the
-    projector, region adapter, T-projector and SAM-Med2D ViT-B (12 heads of 64; windows 14, global 2, 5, 8, 11 at
-    16 x 16; mask_downscaling 1 -> 4 -> 16 -> 256)."""
+    """The released MedPLIB-7b-2e's keys and shapes (the merged `MedPLIBForCausalLM`'s state dict, no values):
+    LLaMA-2-7B with 32 two-expert MoE layers, CLIP ViT-L/14-336 (names from transformers' CLIPVisionModel on the meta
+    device), the projector, region adapter, T-projector and SAM-Med2D ViT-B (12 heads of 64; windows 14, global
+    2, 5, 8, 11 at 16 x 16; mask_downscaling 1 -> 4 -> 16 -> 256)."""
     from transformers import CLIPVisionConfig as HFCLIPVisionConfig, CLIPVisionModel
     L, D, F, V = 32, 4096, 11008, 32267
     keys = {'model.embed_tokens.weight': (V, D), 'lm_head.weight': (V, D), 'model.norm.weight': (D,)}
@@ -560,15 +562,15 @@ class _HeaderOnlySource(CheckpointSource):
     """Names and shapes without files: what `plan_conversion` reads (it reads no tensor)."""
 
     def __init__(self, shapes):
-        self.path = self.label = 'MedPLIB-7b-2e (facts 10.2)'
+        self.path = self.label = 'MedPLIB-7b-2e (released key list)'
         self.prefix, self.notes = '', []
         self.entries = {k: Entry('pytorch_model.bin', k, s, 'bfloat16', i) for i, (k, s) in enumerate(shapes.items())}
 
 
 def test_the_7b_release_key_list_fits_the_7b_model(tmp_path):
     """The command's default config (`configs/common.py:model=7b`, whose SAM-Med2D blocks hold only overrides)
-    takes facts 10.2's config.json, and every released key plans onto the 7B model (both layouts): 0 missing,
-    0 unexpected, 0 mis-shaped, about 11.7 B parameters (facts 10.1)."""
+    takes the released checkpoint's config.json, and every released key plans onto the 7B model (both layouts):
+    0 missing, 0 unexpected, 0 mis-shaped, about 11.7 B parameters."""
     import math
     from medplib_jax.convert.hf_config import apply_settings
     from medplib_jax.convert.release import MEDPLIB_TABLE, check_unread_fields, release_settings

@@ -94,7 +94,7 @@ def test_stage4_start_reproduces_stage2_and_stage3_models(env, tmp_path, np_rng)
     dense = _model(dense_cfg)
     stage2 = _random_tree(dense, host, np_rng)
     flat3 = flatten(stage2)
-    for path in flat3:  # stage III differs in its FFNs, mask decoder and T-projector (facts 7.2)
+    for path in flat3:  # stage III differs in its FFNs, mask decoder and T-projector (scripts/train_stage3.sh)
         if re.match(r'model/layers_\d+/mlp/', path) or 'mask_decoder' in path or 'text_hidden_fcs' in path:
             flat3[path] = flat3[path] + 0.05 * jnp.asarray(np_rng.normal(size=flat3[path].shape), jnp.float32)
     stage3 = unflatten(flat3)

@@ -103,8 +103,8 @@ def _write_png(path, samples, color_type, bit_depth, palette=None, trns=None):
 
 
 def test_pngs_decode_to_the_references_pixels(tmp_path, np_rng):
-    """cv2.imread then BGR -> RGB (facts 1.5), computed here in NumPy: 16-bit samples >> 8 (not clipped), grey
-    replicated to three channels, alpha dropped, palettes expanded."""
+    """cv2.imread then BGR -> RGB (`LazySupervisedDataset.__getitem__`), computed here in NumPy: 16-bit samples >> 8
+    (not clipped), grey replicated to three channels, alpha dropped, palettes expanded."""
     h, w = 7, 9
     grey16 = np_rng.integers(0, 65536, size=(h, w), dtype=np.uint16)
     grey16[0, :4] = [0, 255, 256, 65535]  # the edges of the >> 8 rule

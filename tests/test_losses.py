@@ -1,8 +1,8 @@
 """Mask geometry and training losses against an independent PyTorch reference.
 
-The reference here is written in plain PyTorch (float64, CPU) straight from medplib_facts.md sections 5.5 and 6,
-one mask at a time at its own original (H, W) with real per-image tensors, i.e. without any canvas, padding or
-validity mask, and without calling any project function for an expected value:
+The reference here is written in plain PyTorch (float64, CPU) straight from the reference's model/MedPLIB.py
+(`postprocess_masks` and the mask losses), one mask at a time at its own original (H, W) with real per-image tensors,
+i.e. without any canvas, padding or validity mask, and without calling any project function for an expected value:
 - post-processing: 'reference' crops the 64x64 map with pad = 64 - h', top = pad // 2 and torch (= Python) slice
   semantics, then `F.interpolate(bilinear, align_corners=False)` to (H, W); 'aligned' upsamples to 256 first,
   crops the centred h' x w' region, then resizes;
@@ -71,7 +71,7 @@ def _resize(x, size):
 
 
 def ref_postprocess(low, input_size, original_size, mode):
-    """low (64, 64) -> (H, W) logits, facts 5.5 ('reference') or the corrected geometry ('aligned')."""
+    """low (64, 64) -> (H, W) logits, `postprocess_masks` ('reference') or the corrected geometry ('aligned')."""
     hp, wp = (int(v) for v in input_size)
     x = torch.from_numpy(np.asarray(low, np.float64))[None, None]
     if mode == 'reference':
@@ -86,7 +86,7 @@ def ref_postprocess(low, input_size, original_size, mode):
 
 
 def ref_mask_losses(pred, target, iou_pred):
-    """pred (H, W) float64 logits, target (H, W) {0, 1}, iou_pred float -> dict of floats (facts 6)."""
+    """pred (H, W) float64 logits, target (H, W) {0, 1}, iou_pred float -> dict of floats (model/MedPLIB.py)."""
     p = pred.reshape(1, -1)
     t = torch.as_tensor(np.asarray(target), dtype=torch.float64).reshape(1, -1)
     s = torch.sigmoid(p)

@@ -25,7 +25,7 @@ def setup():
 
 def _batch(cfg, rng, sizes=((300, 484), (512, 512))):
     seg = cfg.seg_token_id
-    base = seg  # added tokens follow the base vocab: <region> = base + 3, </region> = base + 4 (facts 1.1)
+    base = seg  # added tokens follow the base vocab: <region> = base + 3, </region> = base + 4 (ADD_OTHERS_TOKENS)
     im_start, im_end, region, region_end = base + 265, base + 266, base + 3, base + 4
     text = lambda n: list(rng.integers(3, base, size=n))  # noqa: E731
     ids = []

@@ -1,6 +1,6 @@
-"""MoE gate and layer against a naive loop reference (DeepSpeed semantics as the facts state), hand-computed
-cases, the dense-mixture limit, gradients, padding routing, mesh independence, and the grouped dispatch against
-the einsum one."""
+"""MoE gate and layer against a naive loop reference (DeepSpeed 0.13.1's top-1 gating, `deepspeed.moe.layer.MoE`),
+hand-computed cases, the dense-mixture limit, gradients, padding routing, mesh independence, and the grouped dispatch
+against the einsum one."""
 import dataclasses
 import functools
 import math

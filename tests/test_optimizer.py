@@ -10,7 +10,7 @@ from medplib_jax.train.optimizer import make_optimizer, steps_per_epoch, warmup_
 
 
 def _deepspeed(i, peak, total, warmup):
-    """DeepSpeed 0.13 WarmupDecayLR, warmup_type linear, warmup_min_lr 0 (facts 7.1), for update index i."""
+    """DeepSpeed 0.13 WarmupDecayLR, warmup_type linear, warmup_min_lr 0 (train_ds_medplib.py), for update index i."""
     if i < warmup:
         return peak * i / warmup
     return peak * max(0.0, (total - i) / max(1, total - warmup))

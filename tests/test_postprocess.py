@@ -14,7 +14,7 @@ def _torch_resize(x, size):
 
 
 def _reference_crop(low, h, w):
-    """Written from the facts' description: which rows/cols of the 64-map the reference keeps."""
+    """Written from the reference's `postprocess_masks`: which rows/cols of the 64-map it keeps."""
     def keep(n):
         pad = 64 - n
         top = pad // 2

@@ -1,5 +1,5 @@
 """SAM-Med2D image encoder, prompt encoder and mask decoder vs HF `SamModel` (PyTorch); the adapter vs NumPy;
-sam-med2d_b.pth key names as the facts list them."""
+sam-med2d_b.pth key names as the reference's model/segment_anything_med2d modules name them."""
 import os
 
 import jax
@@ -146,7 +146,7 @@ def test_adapter_matches_numpy_reference(np_rng):
 
 
 def _med2d_keys(depth, dim, mlp, out, grid, window, global_idx, emb=16, dec_mlp=32):
-    """sam-med2d_b.pth key names and shapes as facts 10.2 lists them (here at reduced sizes)."""
+    """sam-med2d_b.pth key names and shapes as the reference's `build_sam_vit_b` makes them (here at reduced sizes)."""
     hd = dim // 4
     keys = {'image_encoder.patch_embed.proj.weight': (dim, 3, 16, 16), 'image_encoder.patch_embed.proj.bias': (dim,),
             'image_encoder.pos_embed': (1, grid, grid, dim), 'image_encoder.neck.0.weight': (out, dim, 1, 1),
@@ -197,7 +197,7 @@ def _med2d_keys(depth, dim, mlp, out, grid, window, global_idx, emb=16, dec_mlp=
 
 
 def test_sam_med2d_checkpoint_keys_convert_and_run(np_rng):
-    """A synthetic sam-med2d_b.pth with the facts' key names (reduced sizes: width 64, depth 3, embed 16)."""
+    """A synthetic sam-med2d_b.pth with the reference's key names (reduced sizes: width 64, depth 3, embed 16)."""
     enc_cfg = SamImageEncoderConfig(hidden_size=64, depth=3, num_heads=4, mlp_dim=128, out_chans=16, window_size=14,
                                     global_attn_indexes=(2,))
     dec_cfg = SamDecoderConfig(embed_dim=16, num_heads=4, mlp_dim=32, iou_head_hidden_dim=16, mask_in_chans=4)

@@ -64,8 +64,8 @@ def _seven_b_paths():
 
 
 def test_stage_recipes_train_what_the_reference_trains():
-    """facts 7.2 on the 7B tree: what each stage trains, and what it must not (final norm never; stage II not the
-    region adapter; stage III not lm_head / embed_tokens; the frozen encoders never)."""
+    """The reference's scripts/train_stage{2,3,4}.sh on the 7B tree: what each stage trains, and what it must not (final
+    norm never; stage II not the region adapter; stage III not lm_head / embed_tokens; the frozen encoders never)."""
     trees = _seven_b_paths()
     never = ('model/norm/', 'model/vision_tower/', 'model/visual_model/image_encoder/',
              'model/visual_model/prompt_encoder/')

@@ -81,7 +81,8 @@ def multimodal_settings(hf: Mapping[str, Any]) -> list[Setting]:
 
 
 def moe_settings(hf: Mapping[str, Any], num_layers: int, where: str) -> list[Setting]:
-    """MedPLIB's `moe` dict (facts 10.2) -> config.model.moe; no `moe` or moe_enable false -> a dense model."""
+    """MedPLIB's `moe` dict (the released checkpoint's config.json, read by the reference's medplib_moe_llama.py) ->
+    config.model.moe; no `moe` or moe_enable false -> a dense model."""
     moe = hf.get('moe') or {}
     if not moe.get('moe_enable', bool(moe)):
         return [Setting('model.moe.mode', 'none', 'moe.moe_enable')]

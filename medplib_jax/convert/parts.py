@@ -6,12 +6,12 @@ Each writes a params directory holding its part under the MedPLIB model's own pa
 - `convert llama --src DIR`: a LLaVA-v1.5-7B or Vicuna-7B-v1.5 HF directory -> the LLM (`model/embed_tokens`,
   `model/layers_i`, `model/norm`, `lm_head`) and, when the directory has them, the projector (`model/mm_projector`)
   and the CLIP tower (`model/vision_tower`).
-  MedPLIB adds 267 tokens to LLaVA's 32000 (facts 1.1): the embedding and lm_head rows beyond the checkpoint's
-  vocabulary are drawn N(0, initializer_range) as transformers 4.31's `resize_token_embeddings` does.
-  With `--clip DIR --sam-med2d FILE` it also writes CLIP and SAM-Med2D: the stage starting points
-  `configs/stage1.py` (`{runs}/vicuna-7b-v1.5`) and `configs/stage2.py` (`{runs}/llava-v1.5-7b`) read. What a stage
-  adds fresh is left out (the region adapter and the T-projector, and Vicuna's missing projector): those stage
-  configs list them in `config.train.init.fresh` (train/handoff.py).
+  MedPLIB adds 267 tokens to LLaVA's 32000 (the reference's `ADD_OTHERS_TOKENS`, utils/utils.py): the embedding and
+  lm_head rows beyond the checkpoint's vocabulary are drawn N(0, initializer_range) as transformers 4.31's
+  `resize_token_embeddings` does. With `--clip DIR --sam-med2d FILE` it also writes CLIP and SAM-Med2D: the stage
+  starting points `configs/stage1.py` (`{runs}/vicuna-7b-v1.5`) and `configs/stage2.py` (`{runs}/llava-v1.5-7b`) read.
+  What a stage adds fresh is left out (the region adapter and the T-projector, and Vicuna's missing projector): those
+  stage configs list them in `config.train.init.fresh` (train/handoff.py).
 - `convert clip --src DIR`: an HF `CLIPVisionModel` or full `CLIPModel` directory (openai/clip-vit-large-patch14-336;
   the text tower is left out) -> `model/vision_tower`, sizes from its config.json.
 - `convert sam-med2d --src FILE`: sam-med2d_b.pth (`{'model': state_dict}`) -> `model/visual_model`, sizes from

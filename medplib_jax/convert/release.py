@@ -1,10 +1,12 @@
-"""The released MedPLIB checkpoint (`Huangxs/MedPLIB-7b-2e`, facts 10.1-10.2) -> an Orbax params directory.
+"""The released MedPLIB checkpoint (`Huangxs/MedPLIB-7b-2e`, as the reference's
+merge_lora_weights_and_save_hf_model_moe.py writes it) -> an Orbax params directory.
 
 `MEDPLIB_TABLE` names every parameter of `MedPLIBForCausalLM` by its key in the released (merged, HF-style)
 checkpoint; it is the LLaMA, CLIP, projector and SAM-Med2D tables under their prefixes, plus the MoE keys of
 DeepSpeed's layer (`mlp.deepspeed_moe.gate.wg`, `...experts.deepspeed_experts.{e}.{gate,up,down}_proj`, stacked
-on our leading expert axis in that order: expert 0 = grounding, 1 = vision-language, facts 4.5), the region
-adapter and the T-projector. Every part converter (parts.py) reads its files in this namespace too.
+on our leading expert axis in that order: expert 0 = grounding, 1 = vision-language, as the reference's
+`initialize_moe_modules` loads them), the region adapter and the T-projector. Every part converter (parts.py) reads its
+files in this namespace too.
 
 `convert_release` takes the architecture from the checkpoint's config.json (LLM sizes, the `moe` dict, out_dim),
 not from defaults; SAM-Med2D's weights from the directory where it has them, else from `--sam-med2d`.
@@ -127,8 +129,8 @@ def _norm(v: Any) -> Any:
 
 
 def release_settings(hf: dict[str, Any], config: Any, where: str) -> list[Setting]:
-    """config.json of the release -> config.model fields (facts 10.2, 13)."""
-    added = config.model.llm.vocab_size - config.model.medplib.seg_token_id  # MedPLIB's 267 tokens (facts 1.1)
+    """The released checkpoint's config.json -> config.model fields."""
+    added = config.model.llm.vocab_size - config.model.medplib.seg_token_id  # MedPLIB's 267 ADD_OTHERS_TOKENS
     settings = llm_settings(hf, where) + multimodal_settings(hf)
     settings += moe_settings(hf, int(need(hf, 'num_hidden_layers', where)), where)
     settings.append(Setting('model.medplib.seg_token_id', int(need(hf, 'vocab_size', where)) - added,

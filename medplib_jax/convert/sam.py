@@ -1,4 +1,5 @@
-"""SAM-Med2D (`sam-med2d_b.pth`) and HF `SamModel` state dicts <-> our SAM params (facts 10.2, 10.4).
+"""SAM-Med2D (`sam-med2d_b.pth`) and HF `SamModel` state dicts <-> our SAM params (the modules the reference's
+`build_sam_vit_b` builds, model/segment_anything_med2d/build_sam.py).
 
 Both tables map onto the same trees: the image encoder (`models/sam_encoder.py`) and the prompt encoder / mask
 decoder (`models/sam_decoder.py`). Keys are relative to the component prefix (`image_encoder.`, `prompt_encoder.`,

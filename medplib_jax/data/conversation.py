@@ -1,4 +1,5 @@
-"""The reference's `llava_v1` conversation template, tokenisation and label masking (facts 1.2).
+"""The reference's `llava_v1` conversation template, tokenisation and label masking (model/medplib/conversation.py;
+`preprocess_multimodal`, `tokenizer_image_token`, `preprocess_v1` in datasets/LazySupervisedDataset.py).
 
 Prompt (`Conversation.get_prompt`, SeparatorStyle.TWO): `{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ...`,
 the first question starting with `<im_start><image><im_end>\\n`; an empty message is written `ROLE:` with no
@@ -35,7 +36,7 @@ from medplib_jax.data.tokenizer import MedPLIBTokenizer
 SYSTEM_LLAVA_V1 = ('A chat between a curious human and an artificial intelligence assistant. The assistant gives '
                    "helpful, detailed, and polite answers to the human's questions.")
 # The reference's evaluation (model/eval/vqa_infer.py) selects conv_templates['v1'], whose system text says "user"
-# where training's says "human" (facts 12.4): an option for reproducing its numbers, not the default.
+# where training's `llava_v1` says "human": an option for reproducing its numbers, not the default.
 SYSTEM_VICUNA_V1 = ('A chat between a curious user and an artificial intelligence assistant. The assistant gives '
                     "helpful, detailed, and polite answers to the user's questions.")
 SYSTEMS = {'train': SYSTEM_LLAVA_V1, 'reference_eval': SYSTEM_VICUNA_V1}
@@ -129,7 +130,7 @@ def prompt_ids(tokenizer: MedPLIBTokenizer, turns: Sequence[tuple[str, str]], qu
     """The prompt a model answers: earlier (question, answer) turns, then `question` and `ASSISTANT:` (the
     reference's `append_message(roles[1], None)`), ids as in training (the image placeholder repeated
     `num_image_tokens` times). Built from the conversation itself, never by cutting a tokenised answer at its last
-    colon as the reference's vqa_infer.py does (which leaks answers holding a colon, facts 12.5)."""
+    colon as the reference's vqa_infer.py does (which leaks answers holding a colon)."""
     turns = list(turns) + [(question, '')]
     turns[0] = (with_image_prefix(turns[0][0]), turns[0][1])
     ids = np.asarray(image_token_ids(tokenizer, build_prompt(turns, system=system)), np.int64)

@@ -1,5 +1,5 @@
 """Medical image loading (PNG/JPEG, DICOM, NIfTI -> RGB uint8) and the reference's CLIP / SAM-Med2D
-preprocessing (facts 1.5). Images are HWC numpy arrays; errors name the file.
+preprocessing (`LazySupervisedDataset.__getitem__`). Images are HWC numpy arrays; errors name the file.
 """
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ def clip_normalize(canvas: np.ndarray) -> np.ndarray:
 
 
 def clip_preprocess(image: np.ndarray) -> np.ndarray:
-    """RGB uint8 -> (336, 336, 3) float32, the reference's 'pad' branch (facts 1.5)."""
+    """RGB uint8 -> (336, 336, 3) float32, the reference's 'pad' branch (`LazySupervisedDataset.__getitem__`)."""
     return clip_normalize(clip_canvas(image))
 
 

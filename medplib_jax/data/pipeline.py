@@ -1,4 +1,5 @@
-"""The grain input pipeline: MeCoVQA / VQA record files -> static-shape batches for MedPLIB (facts 1.5, 3.2, 8).
+"""The grain input pipeline: MeCoVQA / VQA record files -> static-shape batches for MedPLIB (as the reference's
+datasets/LazySupervisedDataset.py and DataCollatorForSupervisedDataset.py prepare them).
 
     RecordSource per file (JSON list, JSON lines or ArrayRecord; one raw JSON payload per record)
       -> shuffle per dataset (seeded; reshuffled each epoch)  -> mix by weight  -> repeat
@@ -315,7 +316,7 @@ class Preprocessor:
             if self.cfg.strict:
                 raise RecordError(message)
             logging.warning('%s', message)
-        if tok.num_seg != len(masks):  # prompts and ground truths pair by order (facts 12.28)
+        if tok.num_seg != len(masks):  # prompts and ground truths pair by order (the reference's `model_forward`)
             raise RecordError(f'{rec.where}: field conversations: {tok.num_seg} <SEG> tokens for {len(masks)} '
                               f'<mask> references')
         if tok.num_regions != len(prompts):

@@ -1,4 +1,5 @@
-"""MeCoVQA / LLaVA-style records: typed parsing and validation (facts 8.1, 8.3).
+"""MeCoVQA / LLaVA-style records: typed parsing and validation (as the reference's datasets/LazySupervisedDataset.py
+reads them; SA-Med2D-20M's file names).
 
 A record is `{"image": path, "conversations": [{"from": "human"|"gpt", "value": str}, ...], "answer_type"?,
 "id"?}`. Masks are referenced inside the text: grounding answers carry `<SEG>` and `<mask>PATH</mask>`, region
@@ -119,7 +120,8 @@ def record_id(raw: Any) -> Any:
 
 
 def _options(raw: dict, answer: str, where: str) -> tuple[str, ...] | None:
-    """Closed-set choices, checked to be strings and to hold the answer (scored by exact text, facts 9.3)."""
+    """Closed-set choices, checked to be strings and to hold the answer (scored by exact text, as the reference's
+    model/eval/cal_metric_omniMedVQA.py does)."""
     options = raw.get('options')
     if options is None:
         letters = sorted(k for k in raw if re.fullmatch(r'option_[A-Z]', k))

@@ -1,10 +1,11 @@
 """Region prompts (points, boxes, free-form masks) -> the 24x24 grid masks the region encoder consumes.
 
 The released model only ever saw region *masks*; the reference's demo turns a point into a 41x41 square and a box
-into a filled rectangle (facts 3.3; we do it without the demo's row/column mix-up). Every mask then goes through
-the reference's dataset steps (facts 3.2): resize-longest-side to 336 (PIL bilinear on the 0/1 uint8 mask),
-centred zero-pad to 336x336, nearest downsampling by 14 (cv2 INTER_NEAREST picks pixel 14*i), and, behind a
-switch that is on by default for parity, the largest-8-connected-component step.
+into a filled rectangle (gradio_web_server.py `generate_mask_for_feature`; we do it without the demo's row/column
+mix-up). Every mask then goes through the reference's dataset steps (`LazySupervisedDataset.__getitem__`):
+resize-longest-side to 336 (PIL bilinear on the 0/1 uint8 mask), centred zero-pad to 336x336, nearest downsampling by 14
+(cv2 INTER_NEAREST picks pixel 14*i), and, behind a switch that is on by default for parity, the
+largest-8-connected-component step.
 """
 from __future__ import annotations
 
@@ -80,8 +81,9 @@ def mask_to_grid(mask: np.ndarray, *, largest_component: bool = True,
                  rng: np.random.Generator | None = None) -> np.ndarray:
     """(H, W) binary mask -> (24, 24) uint8 grid, as the reference's dataset does.
 
-    `rng` drives the reference's random sub-component step (only with `largest_component`); without it the
-    whole largest component is kept, which is what the reference does almost always (facts 3.2, item 4).
+    `rng` drives the reference's random sub-component step (`generate_mask_with_sub_component`, only with
+    `largest_component`); without it the whole largest component is kept, which is what the reference does almost
+    always.
     """
     if mask.ndim != 2:
         raise RegionError(f'region mask must be 2-D, got shape {mask.shape}')

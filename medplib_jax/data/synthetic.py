@@ -1,4 +1,5 @@
-"""Synthetic MeCoVQA-like data: real PNG images and masks and JSON files in the reference's formats (facts 8).
+"""Synthetic MeCoVQA-like data: real PNG images and masks and JSON files in the reference's formats (as its
+datasets/LazySupervisedDataset.py reads them).
 
 Each image is a "modality" (CT-, MR-, X-ray- or dermoscopy-like intensity statistics and texture) holding one to
 three labelled shapes (organs / lesions) that do not overlap, each class with its own look (LOOKS). From it come

@@ -1,6 +1,6 @@
 """MedPLIB's tokenizer: LLaMA's SentencePiece model plus the reference's 267 added tokens, with the encoding of
 transformers 4.31's slow `LlamaTokenizer` (`use_fast=False`, `legacy=True`) that the released checkpoint was
-trained under (facts 1.1).
+trained under (the reference's train_ds_medplib.py, with utils/utils.py `ADD_OTHERS_TOKENS`).
 
 Ids: the added tokens follow the base vocab in the reference's order, so on LLaMA's 32000 `<SEG>` is 32000,
 `<region>` / `</region>` 32003 / 32004, `<im_start>` / `<im_end>` 32265 / 32266, vocab 32267.

@@ -6,9 +6,10 @@ lengths decodes as each prompt alone. Shapes are static: one compiled program pe
 max_new_tokens, sampling settings); callers pad prompts to a few length buckets. Steps run in a `lax.while_loop`
 that ends when every sample has produced `eos_id` (or after `max_new_tokens`).
 
-`<SEG>` (facts 5.6, `MedPLIBForCausalLM.evaluate`): the mask prompt is the last-layer state that predicted the first
-generated `<SEG>` (the state one position before it in prompt + generation). With no `<SEG>` the reference takes
-the second-to-last of the concatenated states (prefill's, then one per step); both are returned, with a flag.
+`<SEG>` (the reference's `MedPLIBForCausalLM.evaluate`, model/MedPLIB.py): the mask prompt is the last-layer state
+that predicted the first generated `<SEG>` (the state one position before it in prompt + generation). With no
+`<SEG>` the reference takes the second-to-last of the concatenated states (prefill's, then one per step); both are
+returned, with a flag.
 """
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
 """MedPLIB: CLIP tower + projector + region encoder + LLaMA (dense or MoE FFNs) + `<SEG>` -> SAM-Med2D masks.
 
-Parameter tree mirrors the released checkpoint (facts 10.2): `model/{embed_tokens, layers_i, norm}` (the LLM),
-`model/vision_tower/vision_model/...`, `model/mm_projector/{0,2}`, `model/region_fea_adapter`,
-`model/text_hidden_fcs/0/{0,2}`, `model/visual_model/{image_encoder, prompt_encoder, mask_decoder}`, `lm_head`.
+Parameter tree mirrors the released checkpoint (the reference's merged `MedPLIBForCausalLM` state dict):
+`model/{embed_tokens, layers_i, norm}` (the LLM), `model/vision_tower/vision_model/...`, `model/mm_projector/{0,2}`,
+`model/region_fea_adapter`, `model/text_hidden_fcs/0/{0,2}`, `model/visual_model/{image_encoder, prompt_encoder,
+mask_decoder}`, `lm_head`.
 
-One forward (facts 1.6): images -> CLIP layer -2 patch features (frozen) -> projector -> image tokens; regions
--> region embeddings; both merged into the token embeddings at their placeholders; LLM -> logits and final-norm
-hidden states; the state *before* each `<SEG>` -> T-projector (`text_hidden_fcs`) -> SAM prompt (alone: no
-points, boxes or mask) -> mask decoder on the image's (frozen) SAM embedding -> 64x64 mask logits + IoU.
+One forward (the reference's `MedPLIBForCausalLM.model_forward`, model/MedPLIB.py): images -> CLIP layer -2 patch
+features (frozen) -> projector -> image tokens; regions -> region embeddings; both merged into the token embeddings at
+their placeholders; LLM -> logits and final-norm hidden states; the state *before* each `<SEG>` -> T-projector
+(`text_hidden_fcs`) -> SAM prompt (alone: no points, boxes or mask) -> mask decoder on the image's (frozen) SAM
+embedding -> 64x64 mask logits + IoU.
 """
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ DISPATCH = ('einsum', 'grouped')  # see the module docstring
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """Defaults are the reference's stage-IV recipe (facts section 4.2)."""
+    """Defaults are the reference's stage-IV recipe (scripts/train_stage4.sh)."""
     mode: str = 'none'  # which layers are MoE: the reference's moe_mode ('dense' = all layers)
     num_experts: int = 2
     top_k: int = 1
@@ -390,7 +390,8 @@ def experts_from_dense(ffns: list[Mapping[str, Any]]) -> dict:
 
 def moe_llm_params_from_dense(fresh: Mapping[str, Any], ground: Mapping[str, Any], vl: Mapping[str, Any],
                               moe_layers: tuple[int, ...]) -> dict:
-    """Stage-IV start (facts 4.5), on unscanned LLaMA param trees (LoRA already merged into ground / vl).
+    """Stage-IV start (the reference's `initialize_moe_modules`), on unscanned LLaMA param trees (LoRA already merged
+    into ground / vl).
 
     - MoE layers' experts: expert 0 <- `ground` (stage III) FFN, expert 1 <- `vl` (stage II) FFN.
     - Router and adapters from `fresh` (the MoE model's own init); every expert gets expert 0's LoRA A, as the

@@ -1,4 +1,5 @@
-"""Static-shape sequence assembly for MedPLIB (facts 1.3, 1.6).
+"""Static-shape sequence assembly for MedPLIB (the reference's medplib_arch.py `prepare_inputs_labels_for_multimodal`
+and MedPLIB.py `MedPLIBForCausalLM.model_forward`).
 
 Input ids carry placeholders instead of the reference's single -200 / -300 sentinels: the data pipeline expands
 `<image>` to `num_image_tokens` IMAGE_TOKEN_INDEX positions (between `<im_start>` and `<im_end>`) and puts one
@@ -37,8 +38,8 @@ def embeddable_ids(input_ids: jax.Array) -> jax.Array:
 
 def seg_positions(input_ids: jax.Array, seg_token_id: int, max_seg: int) -> tuple[jax.Array, jax.Array]:
     """Positions whose hidden state feeds the mask decoder: the one *before* each `<SEG>` (the state that
-    predicts it, facts 1.6 step 2). Returns (B, max_seg) positions and validity; `<SEG>`s past `max_seg` are
-    ignored (the pipeline rejects such records)."""
+    predicts it, as the reference's `build_seg_token_mask`). Returns (B, max_seg) positions and validity; `<SEG>`s past
+    `max_seg` are ignored (the pipeline rejects such records)."""
     before_seg = jnp.concatenate([input_ids[:, 1:] == seg_token_id,
                                   jnp.zeros((input_ids.shape[0], 1), bool)], axis=1)
     positions = jax.vmap(lambda m: jnp.nonzero(m, size=max_seg, fill_value=0)[0])(before_seg)

@@ -1,4 +1,5 @@
-"""Region encoder: one embedding per region prompt, spliced between `<region>` and `</region>` (facts 3.1).
+"""Region encoder: one embedding per region prompt, spliced between `<region>` and `</region>` (the reference's
+`extract_region_feature`, model/medplib/model/medplib_arch.py).
 
 The reference applies `region_fea_adapter` (Linear 1024 -> LLM width) to the raw layer -2 CLIP patch features,
 samples the adapted 24x24 map bilinearly (grid_sample, align_corners=True, at (col/24, row/24) * 2 - 1, i.e. at

@@ -1,4 +1,5 @@
-"""SAM-Med2D prompt encoder and mask decoder (facts 5.2, 5.3), NHWC.
+"""SAM-Med2D prompt encoder and mask decoder, NHWC (the reference's prompt_encoder.py and mask_decoder.py in
+model/segment_anything_med2d/modeling/).
 
 MedPLIB prompts the decoder with the T-projected `<SEG>` state alone (`text_embeds`), with `no_mask_embed` as the
 dense prompt; points, boxes and masks are implemented too (checkpoint compatibility, HF parity, future use).

@@ -1,5 +1,6 @@
 """SAM-Med2D image encoder: ViT-B at 256x256 with decomposed relative positions and an adapter in every block
-(facts 5.1). Frozen in MedPLIB. NHWC in (B, 256, 256, 3), NHWC out (B, 16, 16, 256).
+(the reference's model/segment_anything_med2d/modeling/image_encoder.py). Frozen in MedPLIB. NHWC in (B, 256, 256, 3),
+NHWC out (B, 16, 16, 256).
 
 Names mirror `sam-med2d_b.pth` (`image_encoder.blocks.3.attn.qkv.weight` <-> `blocks_3/attn/qkv/kernel`).
 With `adapter=False` it is the original SAM ViT (what HF `SamModel`'s vision encoder computes), used for parity.

@@ -5,12 +5,13 @@ the reference's merge_lora_weights_and_save_hf_model*.py do) and saving a plain 
 stage starts from such trees as `config.train.init` says (train/config.py InitConfig):
 
 - stage I from converted weights (Vicuna-7B-v1.5, CLIP, SAM-Med2D) with a fresh projector (LLaVA-1.5's recipe);
-- stage II from LLaVA-v1.5-7B's converted weights with stage I's projector (facts 4.1; `model=tiny` takes the
-  whole stage-I run, there being no tiny LLaVA);
+- stage II from LLaVA-v1.5-7B's converted weights with stage I's projector (the reference's scripts/train_stage2.sh;
+  `model=tiny` takes the whole stage-I run, there being no tiny LLaVA);
 - stage III from stage II's, with a fresh T-projector (the reference re-creates `text_hidden_fcs`);
-- stage IV (facts 4.5): everything from stage II, expert 0 of every MoE layer from stage III's FFN and expert 1
-  from stage II's, the mask decoder and T-projector from stage III, the region adapter from stage II (the base),
-  a fresh router and fresh LoRA adapters (every expert with expert 0's A, as the reference deep-copies one MLP).
+- stage IV (the reference's `initialize_moe_modules`): everything from stage II, expert 0 of every MoE layer from stage
+  III's FFN and expert 1 from stage II's, the mask decoder and T-projector from stage III, the region adapter from stage
+  II (the base), a fresh router and fresh LoRA adapters (every expert with expert 0's A, as the reference deep-copies
+  one MLP).
 
 Leaves a source does not have are kept from the model's own initialisation only when they are adapters the new
 stage adds (LoRA A / B, the MoE router); anything else missing, unexpected or mis-shaped is one error listing it.
