@@ -34,10 +34,11 @@ QUESTION = 'Could you segment out the liver in this image?'
 def demo_checkpoint(folder: str) -> tuple[str, str]:
     """(params directory, image): the demo's stage-IV model at initialisation over freshly written demo data."""
     import importlib
+
     from medplib_jax import runtime
     from medplib_jax.data.synthetic import make_demo_data
     runtime.host_platforms()
-    from medplib_jax.demo import init_params_dir
+    from medplib_jax.main.demo import init_params_dir
     data = os.path.join(folder, 'data')
     make_demo_data(data, num_images=4, seed=0)
     config = importlib.import_module('configs.demo').get_config(f'root={data}')
@@ -54,7 +55,7 @@ def timed_run(checkpoint: str, image: str, cache: str, cwd: str) -> dict[str, fl
     """One `medplib-jax chat` process: seconds to its first output line (either stream) and to its answer."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop('JAX_COMPILATION_CACHE_DIR', None)
-    command = [sys.executable, '-m', 'medplib_jax.cli', 'chat', f'--checkpoint={checkpoint}', f'--image={image}',
+    command = [sys.executable, '-m', 'medplib_jax', 'chat', f'--checkpoint={checkpoint}', f'--image={image}',
                f'--compilation_cache={cache}', '--max_new_tokens=8', '--mask_mode=always', f'--out={cwd}/overlay.png',
                QUESTION]
     start = time.perf_counter()
@@ -110,7 +111,8 @@ def main() -> None:
     result = dict(
         benchmark='chat_start', date=datetime.date.today().isoformat(), machine=platform.platform(),
         cpus=os.cpu_count(), load_average_at_start=load, python=platform.python_version(),
-        jax=importlib.metadata.version('jax'), checkpoint=source, question=QUESTION, max_new_tokens=8, mask_mode='always',
+        jax=importlib.metadata.version('jax'), checkpoint=source, question=QUESTION, max_new_tokens=8,
+        mask_mode='always',
         method='whole `medplib-jax chat` processes; each pair: a fresh compilation cache (first run), then the same '
                'cache (second run); times from process start',
         first_run=summary(cold), second_run=summary(warm), runs=dict(first=cold, second=warm))

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from medplib_jax.compile_check import compile_check, report  # noqa: E402
+from medplib_jax.train.compile_check import compile_check, report  # noqa: E402
 
 # name -> (config file, config arg, topology, overrides as {dotted field: value})
 CASES = {

@@ -57,6 +57,7 @@ def write_release(directory: str, layers: int) -> dict:
     """Every key the model needs, named by the release table, bf16 random, shard by shard."""
     import numpy as np
     import torch
+
     from medplib_jax.convert.release import MEDPLIB_TABLE, model_shapes
     from medplib_jax.convert.stream import _expected_slots
     config = _config(layers)
@@ -107,6 +108,7 @@ def _status() -> dict[str, int]:
 
 def convert(src: str, out: str, layers: int) -> dict:
     import jax
+
     from medplib_jax.convert.release import convert_release, model_shapes
     config = _config(layers)
     model_shapes(config.model)  # trace once before measuring: what is measured is the conversion itself
@@ -182,7 +184,8 @@ def main() -> None:
     for layers in args.layers:
         r = measure(layers)
         runs.append(r)
-        print(f'{layers} layers: checkpoint {r["checkpoint_mib"]} MiB ({r["tensors"]} tensors) -> {r["output_mib"]} MiB '
+        print(f'{layers} layers: checkpoint {r["checkpoint_mib"]} MiB ({r["tensors"]} tensors) '
+              f'-> {r["output_mib"]} MiB '
               f'float32 in {r["seconds"]} s; peak RSS +{r["peak_rss_growth_mib"]} MiB (anonymous '
               f'+{r["peak_anon_growth_mib"]}, file-backed +{r["peak_file_backed_growth_mib"]})')
     results = {'runs': runs,

@@ -30,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 from results_file import write_result  # noqa: E402  (benchmarks/results_file.py)
+
 IMAGE_TOKENS = 576
 
 
@@ -80,6 +81,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from medplib_jax.infer.generate import generate, init_cache, positions_from_mask
     from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -136,7 +138,8 @@ def main() -> None:
         rows.append(row)
         print(f'batch {b}: prefill {t_prefill * 1e3:.1f} ms ({row["prefill_tokens_per_s"]:.0f} tokens/s); decode '
               f'{per_step * 1e3:.2f} ms/step = {tokens_per_s:.0f} tokens/s; roofline '
-              f'{roof["bytes_per_step"] / 2**20:.2f} MiB/step -> bound {roof["bound_tokens_per_s"]:.0f} tokens/s, share {row["roofline_share"]:.1%}',
+              f'{roof["bytes_per_step"] / 2**20:.2f} MiB/step -> bound {roof["bound_tokens_per_s"]:.0f} tokens/s, '
+              f'share {row["roofline_share"]:.1%}',
               flush=True)
     result = dict(benchmark='decode', date=datetime.date.today().isoformat(), command=' '.join(sys.argv),
                   platform=platform_name, device=str(jax.devices()[0].device_kind), cpu_count=os.cpu_count(),

@@ -25,11 +25,11 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from results_file import write_result  # benchmarks/results_file.py
 
 from medplib_jax.models.llama import LlamaConfig, LlamaMLP
 from medplib_jax.models.lora import LoRAConfig
 from medplib_jax.models.moe import MoEConfig, MoEFFN
-from results_file import write_result  # benchmarks/results_file.py
 
 VARIANTS = ('dense', 'einsum', 'grouped')
 

@@ -49,6 +49,7 @@ def _peak_mib() -> float:
 
 def write(directory: str, count: int) -> None:
     import jax
+
     from medplib_jax.checkpoint import CheckpointConfig, RunCheckpoints
     mesh = _mesh(MESHES['written (2, 2, 2)'])
     tree = jax.tree.map(lambda s: jax.jit(lambda: jax.random.normal(jax.random.key(0), s.shape),
@@ -61,6 +62,7 @@ def write(directory: str, count: int) -> None:
 def restore(directory: str, count: int, target: str) -> dict:
     import jax
     import numpy as np
+
     from medplib_jax.checkpoint import CheckpointConfig, RunCheckpoints
     mesh = _mesh(MESHES[target])
     ckpts = RunCheckpoints(directory, CheckpointConfig(async_save=False))

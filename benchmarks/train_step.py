@@ -125,11 +125,12 @@ def main() -> None:
     parser.add_argument('--out', default=None)
     args = parser.parse_args()
 
-    import jax
     import flax.linen as nn
-    from medplib_jax.compile_check import example_batch
+    import jax
+
     from medplib_jax.models.medplib import MedPLIBConfig
     from medplib_jax.train import flops as flops_lib
+    from medplib_jax.train.compile_check import example_batch
     from medplib_jax.train.inputs import global_batch
     from medplib_jax.train.loop import setup_stage
     from medplib_jax.train.step import TRAIN_KEYS

@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+
 from results_file import write_result  # benchmarks/results_file.py
 
 # name -> (attention, extra XLA flags, donate, remat policy[, llm.attention_block])

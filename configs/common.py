@@ -10,18 +10,13 @@ import dataclasses
 
 import ml_collections as mlc
 
-from medplib_jax.checkpoint import CheckpointConfig
-from medplib_jax.data.pipeline import DataConfig
+from medplib_jax.axis_rules import LOGICAL_AXIS_RULES
+from medplib_jax.data.config import DataConfig
 from medplib_jax.data.synthetic import FILES as DEMO_FILES  # the synthetic set's files by kind
 from medplib_jax.data.tokenizer import ADDED_TOKENS
-from medplib_jax.eval.evaluators import EvalSettings
-from medplib_jax.eval.report import REFERENCE_TEST_FILES
-from medplib_jax.models.lora import LoRAConfig
-from medplib_jax.models.medplib import MedPLIBConfig
-from medplib_jax.models.moe import MoEConfig
-from medplib_jax.models.sam_decoder import SamDecoderConfig
-from medplib_jax.models.sam_encoder import SamImageEncoderConfig
-from medplib_jax.train.config import TrainConfig
+from medplib_jax.eval.config import REFERENCE_TEST_FILES, EvalSettings
+from medplib_jax.models.config import LoRAConfig, MedPLIBConfig, MoEConfig, SamDecoderConfig, SamImageEncoderConfig
+from medplib_jax.train.config import CheckpointConfig, TrainConfig
 
 # LLaMA decoder sizes. `llama7b` is LLaVA-v1.5-7B (LLaMA-2-7B architecture) with the MedPLIB vocab of 32267
 # (32000 + the reference's 267 `ADD_OTHERS_TOKENS`); tiny = the offline tiny tokenizer's 309 + 267.
@@ -52,39 +47,6 @@ SAM_SIZES = {
              dict(embed_dim=16, num_heads=2, mlp_dim=32, iou_head_hidden_dim=16, mask_in_chans=4)),
     'med2d_b': ({}, {}),
 }
-
-# Logical axis -> mesh axis. One table for parameters and activations (MaxText's `logical_axis_rules`).
-# Parameters: the model ("embed") dimension is FSDP-sharded, heads / FFN / vocab tensor-parallel.
-# Activations: batch over data x fsdp, heads / mlp / vocab over tensor.
-LOGICAL_AXIS_RULES = (
-    ('activation_batch', ('data', 'fsdp')),
-    ('activation_length', None),
-    ('activation_embed', None),
-    ('activation_heads', 'tensor'),
-    ('activation_kv_heads', 'tensor'),
-    ('activation_mlp', 'tensor'),
-    ('activation_vocab', 'tensor'),
-    ('layers', None),
-    ('vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('norm', None),
-    ('expert', None),
-    ('vision_embed', 'fsdp'),
-    ('vision_heads', 'tensor'),
-    ('vision_mlp', 'tensor'),
-    ('vision_channels', None),
-    ('vision_positions', None),
-    # SAM-Med2D (image encoder, prompt encoder, mask decoder)
-    ('sam_embed', 'fsdp'),
-    ('sam_heads', 'tensor'),
-    ('sam_mlp', 'tensor'),
-    ('sam_channels', None),
-    ('sam_positions', None),
-)
-
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     """Parses a big_vision-style arg string `a=1,b=x` over typed defaults; unknown keys are an error."""
@@ -129,13 +91,13 @@ def _fields(cls: type, exclude: tuple[str, ...] = (), **overrides) -> mlc.Config
 
 
 def moe_config(mode: str = 'none') -> mlc.ConfigDict:
-    """Two-expert MoE FFN (models/moe.py MoEConfig: the reference's stage-IV recipe). Sweep capacity_factor / top_k
+    """Two-expert MoE FFN (models/config.py MoEConfig: the reference's stage-IV recipe). Sweep capacity_factor / top_k
     here; the aux loss is computed and logged whatever `aux_loss_coef` is."""
     return _fields(MoEConfig, mode=mode)
 
 
 def lora_config(**overrides) -> mlc.ConfigDict:
-    """peft-style LoRA (models/lora.py LoRAConfig; rank 0 = none). Stage recipes (the reference's
+    """peft-style LoRA (models/config.py LoRAConfig; rank 0 = none). Stage recipes (the reference's
     scripts/train_stage{2,3,4}.sh) live in the stage configs: II r16 on all seven projections, III r8 on gate/up/down,
     IV r8 on gate/up/down (per expert) + q/v."""
     if 'targets' in overrides:
@@ -176,7 +138,7 @@ def model_config(llm: str = 'tiny', vision: str = 'tiny', dtype: str = 'float32'
     cfg.dtype = dtype  # compute dtype
     cfg.param_dtype = param_dtype
     cfg.scan_layers = scan_layers  # nn.scan over decoder layers; both layouts load the same weights
-    cfg.remat_policy = remat_policy  # see medplib_jax.models.llama.REMAT_POLICIES
+    cfg.remat_policy = remat_policy  # see medplib_jax.models.config.REMAT_POLICIES
     cfg.moe = moe_config(moe)
     cfg.lora = lora_config()
     cfg.sam_encoder, cfg.sam_decoder = sam_config(sam)
@@ -195,6 +157,11 @@ def dataset(path: str, weight: float = 1.0, image_folder: str = '') -> mlc.Confi
 DEMO_DATASETS = {'complex': ('MeCoVQA_Complex_VQA_train.json', 1.0),
                  'region': ('MeCoVQA_Region_VQA_train.json', 1.0),
                  'grounding': ('MeCoVQA_Grounding_train.json', 1.0)}
+
+
+# The tiny model's data settings (DataConfig's defaults are the 7B recipe's). Its offline tokenizer spells most
+# words in bytes, so conversations are long for their text.
+TINY_DATA = dict(tokenizer='tiny', batch_size=4, length_buckets=(640, 768, 1024), mask_canvas=256)
 
 
 def data_config(model: str = 'tiny', preset: str = 'demo') -> mlc.ConfigDict:
@@ -218,11 +185,7 @@ def data_config(model: str = 'tiny', preset: str = 'demo') -> mlc.ConfigDict:
     check_duplicate_ids: one start-up pass per file. image_cache: a folder built by `build-image-cache` ('' = none).
     template: 'llava_v1' (stages II-IV) or 'plain' (stage I: image, caption, newline).
     """
-    tiny = model == 'tiny'
-    cfg = _fields(DataConfig, exclude=('datasets',), tokenizer='tiny' if tiny else '', batch_size=4 if tiny else 128,
-                  # tiny: the offline tokenizer spells most words in bytes, so conversations are long for their text.
-                  length_buckets=(640, 768, 1024) if tiny else (1024, 1536, 2048, 2623),
-                  mask_canvas=256 if tiny else 1024)
+    cfg = _fields(DataConfig, exclude=('datasets',), **(TINY_DATA if model == 'tiny' else {}))
     cfg.datasets = mlc.ConfigDict()
     if preset == 'demo':
         cfg.root = 'outputs/demo_data'
@@ -253,13 +216,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.data = data_config(a.model, a.data)
     # The train step's recipe (medplib_jax/train/config.py); the stage configs set it.
     cfg.train = _fields(TrainConfig)
-    # Train-state checkpoints, resume and their retention (medplib_jax/checkpoint.py CheckpointConfig).
+    # Train-state checkpoints, resume and their retention (medplib_jax/train/config.py CheckpointConfig).
     cfg.checkpoint = _fields(CheckpointConfig)
     # Evaluators run every config.train.eval_every steps: name -> dict(kind=..., settings); see eval/registry.py.
     cfg.evals = mlc.ConfigDict()
-    # The main job: writes `synthetic_images` synthetic images (7 to 11 records each) to config.data.root first
-    # (0 = use config.data as it is), trains nothing yet, and draws the batch it ran to `picture` ('' = no picture).
-    cfg.demo = mlc.ConfigDict(dict(synthetic_images=24, picture='outputs/demo/batch.png', decode_tokens=8))
     return cfg
 
 
@@ -285,8 +245,8 @@ STAGE_ARGS = dict(model='7b', init='prev', dtype='float32', scan=False, remat=''
 # global batch config.data.batch_size stays 128), the remat policy and the scanned layer layout, per target and
 # stage. Keys: the hw name, then the stage ('*' = any stage without its own entry). `remat=` in the arg and
 # `--config.*` flags still override a preset. FSDP over every chip (7B's vocab 32267 is odd, so no tensor axis).
-# Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?"), 7B stage IV: v5p-64 13.5 GiB per chip (14% of
-# HBM), v5p-256 17.2 GiB (18%), 8 x H100 24.8 GiB (31%, a CPU estimate); without remat the v5p-64 step's
+# Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?"), 7B stage IV: v5p-64 13.5 GiB per chip
+# (14% of HBM), v5p-256 17.2 GiB (18%), 8 x H100 24.8 GiB (31%, a CPU estimate); without remat the v5p-64 step's
 # temporaries alone are 119 GiB.
 # Scanned layers also make the 7B compile take minutes instead of hours (one decoder layer compiled, not 32).
 HW_PRESETS = {

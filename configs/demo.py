@@ -40,7 +40,7 @@ DEMO_LR = {'stage1': 1e-2, 'stage2': 3e-3, 'stage3': 1e-3, 'stage4': 5e-4}
 # III's held-out mDice then grows with its steps (about 0.35 s each), and stage IV's (about 0.43 s) add to it:
 # 500 + 60 stage III + IV steps 63.5, 500 + 200 66.8 (the same stages I-III), 400 + 200 63.8, 450 + 200 70.4
 # (800 stage-II steps; 67.5 / 69.8 with 150 / 250 stage-IV steps), 800 + 60 85.4 (which does not fit 15 minutes).
-# Stage IV needs its steps for the routing too (see medplib_jax/demo.py: the share of question tokens sent to the
+# Stage IV needs its steps for the routing too (see medplib_jax/main/demo.py: the share of question tokens sent to the
 # grounding expert, grounding against VQA questions): with its recipe (top-1, p-scaled expert output, no aux loss)
 # the router only learns whether more of the chosen expert's output helps, and 90 % of the routed tokens are image
 # tokens, which precede the question and cannot tell the tasks apart. On the stages I-III of 30:900:500, its random

@@ -13,7 +13,7 @@
 #
 # Environment:
 #   MEDPLIB_JAX   the entry point (default: the medplib-jax console script if it is on PATH, else
-#                 `$PYTHON -m medplib_jax.cli`; PYTHON defaults to python3)
+#                 `$PYTHON -m medplib_jax`; PYTHON defaults to python3)
 #   CPU_DEVICES   split the CPU into N fake devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)
 set -euo pipefail
 
@@ -28,7 +28,7 @@ if [[ -n ${MEDPLIB_JAX:-} ]]; then
 elif [[ -z ${PYTHON:-} ]] && command -v medplib-jax > /dev/null; then
   entry=(medplib-jax)
 else
-  entry=("${PYTHON:-python3}" -m medplib_jax.cli)
+  entry=("${PYTHON:-python3}" -m medplib_jax)
 fi
 
 if [[ -n ${CPU_DEVICES:-} ]]; then

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -29,14 +28,13 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import traverse_util
 from orbax.checkpoint import checkpoint_managers as policies
 
-from medplib_jax.config_fields import known_fields
 from medplib_jax.constants import SYNTHETIC_MARKER
+from medplib_jax.train.config import CheckpointConfig
+from medplib_jax.tree import flatten, tree_shapes, unflatten
 
 if TYPE_CHECKING:  # grain is imported where a run's data position is saved: reading params does not need it
     import grain
@@ -44,14 +42,6 @@ if TYPE_CHECKING:  # grain is imported where a run's data position is saved: rea
 FINAL_PARAMS = 'final_params'  # a run directory's hand-off: merged (LoRA folded) parameters
 CHECKPOINTS = 'checkpoints'  # a run directory's train-state checkpoints, one folder per step
 STATE, DATA, META = 'state', 'data', 'meta'  # the items of one train-state checkpoint
-
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-    return traverse_util.flatten_dict(tree, sep='/')
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    return traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
 def versions() -> dict[str, str]:
@@ -99,7 +89,7 @@ def _quiet_discarded_reads(unraisable: Any, previous: Callable[[Any], None]) -> 
 
 
 @contextlib.contextmanager
-def _reading():
+def reading():
     """Every checkpoint read runs under this: the loops Orbax makes meanwhile are `_FailedReadsLoop`s, and
     coroutines discarded after a failed read stay quiet (`_quiet_discarded_reads`, from then on: they are
     collected at any time), so a failed read is its one error."""
@@ -205,14 +195,14 @@ def resolve_params_dir(path: str, field: str) -> str:
                             f'Orbax params directory); train that stage first or point the field elsewhere')
 
 
-@_reading()
+@reading()
 def params_shapes(path: str) -> dict[str, tuple[tuple[int, ...], Any]]:
     """'/'-joined path -> (shape, dtype) of every array in a params directory, without reading the arrays."""
     tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     return {k: (tuple(m.shape), m.dtype) for k, m in flatten(tree).items()}
 
 
-@_reading()
+@reading()
 def restore_params(path: str, sharding_of: Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
                    ) -> dict[str, jax.Array]:
     """Reads a params directory with `sharding_of(path, shape)` for each leaf -> flat '/'-joined dict."""
@@ -236,58 +226,6 @@ class DamagedCheckpointError(CheckpointError):
 
 
 DAMAGED = 'damaged_checkpoints'  # where `config.checkpoint.fallback` moves a run directory's damaged steps
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    """`config.checkpoint`. every: steps between train-state saves (0 = only at the end and on preemption).
-    keep: the newest checkpoints kept. best_metric: an evaluation metric as logged (e.g. 'eval/held_out/loss');
-    when set, the `keep_best` best checkpoints by it are kept too (best_mode 'min' or 'max'). async_save: write in
-    the background while training goes on. resume: continue from the newest checkpoint of the run directory.
-    restore_data: resume the data iterator where it was (False: restart the data order, e.g. when the process
-    count changed). fallback: when the newest checkpoint is damaged (a truncated or missing file), resume from the
-    newest readable older one, moving the damaged ones to `workdir/damaged_checkpoints/` with a warning (False:
-    stop with an error naming the damaged file, so that nothing is retrained without the user choosing it)."""
-    every: int = 0
-    keep: int = 2
-    best_metric: str = ''
-    best_mode: str = 'min'
-    keep_best: int = 1
-    async_save: bool = True
-    resume: bool = True
-    restore_data: bool = True
-    fallback: bool = False
-
-    def __post_init__(self):
-        for name in ('every', 'keep', 'keep_best'):
-            if getattr(self, name) < (1 if name == 'keep' else 0):
-                raise ValueError(f'config.checkpoint.{name}={getattr(self, name)}: must be >= '
-                                 f'{1 if name == "keep" else 0}')
-        if self.best_mode not in ('min', 'max'):
-            raise ValueError(f'config.checkpoint.best_mode={self.best_mode!r}: expected min or max')
-
-    @classmethod
-    def from_config(cls, d: Mapping[str, Any] | None) -> 'CheckpointConfig':
-        return cls(**known_fields(cls, d or {}, 'config.checkpoint'))
-
-
-def _key_name(entry: Any) -> str:
-    for attr in ('key', 'name', 'idx'):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def key_path(path: Iterable[Any]) -> str:
-    """A jax key path -> 'params/model/.../kernel' (attribute, dict key and sequence index alike)."""
-    return '/'.join(_key_name(k) for k in path)
-
-
-def tree_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """'/'-joined path -> (shape, dtype name) of every array leaf: a TrainState and the metadata Orbax keeps of one
-    give the same paths (attribute, dict key and sequence index all become path parts)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {key_path(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name) for path, leaf in leaves}
 
 
 def _grouped(paths: Iterable[str]) -> str:
@@ -314,7 +252,7 @@ def mismatch(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> list[st
     return out
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """The innermost cause of a reader error, without the TensorStore spec Orbax and TensorStore append."""
     seen = {id(e)}
     while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
@@ -352,7 +290,7 @@ def damaged_file(folder: str) -> str | None:
         base = ts.KvStore.open({'driver': 'file', 'path': folder.rstrip('/') + '/'}).result()
         versions = ts.ocdbt.dump(base).result().get('versions') or []
     except Exception as e:  # noqa: BLE001 - any reader error: the manifest is what is damaged
-        return f'{os.path.join(folder, "manifest.ocdbt")}: unreadable ({_one_line(e)})'
+        return f'{os.path.join(folder, "manifest.ocdbt")}: unreadable ({one_line(e)})'
     root = versions[-1].get('root', {}).get('location') if versions else None
     nodes = [(root, b'')] if root else []  # (node, the key prefix its keys continue)
     while nodes:
@@ -362,7 +300,7 @@ def damaged_file(folder: str) -> str | None:
             problem = _short(path, end)
             node = None if problem else ts.ocdbt.dump(base, location).result()
         except Exception as e:  # noqa: BLE001
-            problem = f'unreadable ({_one_line(e)})'
+            problem = f'unreadable ({one_line(e)})'
         if problem:
             held = f'arrays {prefix.decode(errors="replace")}*' if prefix else 'every array'
             return f'{path}: {problem}, holding the index of {held}'
@@ -418,22 +356,22 @@ class RunCheckpoints:
         self.manager.save(step, args=ocp.args.Composite(**args), metrics=dict(metrics) if metrics else None,
                           force=True)
 
-    @_reading()
+    @reading()
     def meta(self, step: int) -> dict[str, Any]:
         path = os.path.join(self.directory, str(step), META)
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
         except Exception as e:  # noqa: BLE001 - any reader error is one line naming the checkpoint
-            raise DamagedCheckpointError(f'{path}: unreadable checkpoint metadata ({_one_line(e)})') from None
+            raise DamagedCheckpointError(f'{path}: unreadable checkpoint metadata ({one_line(e)})') from None
 
-    @_reading()
+    @reading()
     def check_fits(self, step: int, abstract_state: Any) -> None:
         """One error listing every missing, unexpected and mis-shaped array, before anything is read."""
         where = os.path.join(self.directory, str(step))
         try:
             saved = tree_shapes(self.manager.item_metadata(step)[STATE])
         except Exception as e:  # noqa: BLE001
-            raise DamagedCheckpointError(f'{where}: unreadable checkpoint ({_one_line(e)})') from None
+            raise DamagedCheckpointError(f'{where}: unreadable checkpoint ({one_line(e)})') from None
         if not saved:
             raise DamagedCheckpointError(f'{where}: unreadable checkpoint (no array metadata in {STATE}/)')
         problems = mismatch(saved, tree_shapes(abstract_state))
@@ -442,7 +380,7 @@ class RunCheckpoints:
                                   f'optimizer): ' + '; '.join(problems) + '. Nothing was restored; use another '
                                   '--workdir, or the config it was written with')
 
-    @_reading()
+    @reading()
     def restore(self, step: int, abstract_state: Any, iterator: grain.DatasetIterator | None
                 ) -> tuple[Any, dict[str, Any]]:
         """The state onto `abstract_state`'s shardings (each process reads only its shards) and the metadata; the
@@ -468,7 +406,7 @@ class RunCheckpoints:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # noqa: BLE001 - a corrupted file: one line naming the step
-            raise DamagedCheckpointError(f'{where}: unreadable checkpoint ({_one_line(e)})') from None
+            raise DamagedCheckpointError(f'{where}: unreadable checkpoint ({one_line(e)})') from None
         return restored[STATE], meta
 
     def restore_latest(self, abstract_state: Any, iterator: grain.DatasetIterator | None,
@@ -533,77 +471,5 @@ class RunCheckpoints:
             if await_cleanup is not None:
                 await_cleanup()
         except Exception as e:  # noqa: BLE001 - a leftover temporary folder is harmless; do not hide the run's error
-            logging.warning('%s: removing half-written checkpoints failed: %s', self.directory, _one_line(e))
+            logging.warning('%s: removing half-written checkpoints failed: %s', self.directory, one_line(e))
         self.manager.close()
-
-
-def _export_sharding(mesh: jax.sharding.Mesh) -> Callable[[str, tuple[int, ...]], jax.sharding.Sharding]:
-    """Export needs no model: each array is split along its largest dimension the devices divide (else kept
-    whole), so no device holds a full copy of a big tree."""
-    n = mesh.devices.size
-
-    def sharding_of(_: str, shape: tuple[int, ...]) -> jax.sharding.Sharding:
-        dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % n == 0]
-        spec = [None] * len(shape)
-        if dims:
-            spec[dims[0]] = mesh.axis_names[0]
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-
-    return sharding_of
-
-
-@_reading()
-def export(workdir: str, out: str, *, dtype: str | None = None, step: int | None = None,
-           log: Callable[[str], None] = print) -> str:
-    """`medplib-jax export`: the parameters of a run's train-state checkpoint (newest, or `step`) as a params
-    directory for evaluators, LoRA adapters folded into their kernels, floating arrays cast to `dtype`."""
-    from medplib_jax.models.lora import LoRAConfig
-    from medplib_jax.train.handoff import merge_lora
-    directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f'export: {workdir}: no {CHECKPOINTS}/ here (train with config.checkpoint.every > 0, '
-                                f'or use {os.path.join(workdir, FINAL_PARAMS)}, already a params directory)')
-    if dtype is not None:
-        try:
-            cast = np.dtype(jax.numpy.dtype(dtype))
-        except TypeError:
-            raise ValueError(f'export: --dtype={dtype!r} is not a dtype (e.g. bfloat16, float32)') from None
-    ckpts = RunCheckpoints(workdir, CheckpointConfig(async_save=False))
-    try:
-        steps = ckpts.all_steps()
-        step = step or (steps[-1] if steps else None)
-        if step not in steps:
-            raise FileNotFoundError(f'export: {directory}: no checkpoint of step {step} (have {steps or "none"})')
-        meta = ckpts.meta(step)
-        saved = ckpts.manager.item_metadata(step)[STATE]
-        mesh = jax.make_mesh((jax.device_count(),), ('fsdp',),
-                             axis_types=(jax.sharding.AxisType.Auto,))
-        sharding_of = _export_sharding(mesh)
-        shapes = {k: v for k, v in tree_shapes(saved).items() if k.startswith('params/')}
-        abstract = unflatten({k[len('params/'):]: jax.ShapeDtypeStruct(shape, dtype_, sharding=sharding_of(k, shape))
-                              for k, (shape, dtype_) in shapes.items()})
-        target = {'params': abstract}
-        try:  # the parameters only: the optimizer moments are never read
-            restored = ocp.PyTreeCheckpointer().restore(
-                os.path.join(directory, str(step), STATE), args=ocp.args.PyTreeRestore(
-                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True))
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f'{directory}/{step}: unreadable checkpoint ({_one_line(e)})') from None
-    finally:
-        ckpts.close()
-    params = restored['params']
-    saved_lora = dict(meta.get('lora') or {})
-    if 'targets' in saved_lora:
-        saved_lora['targets'] = tuple(saved_lora['targets'])
-    lora = LoRAConfig(**saved_lora)
-    params = merge_lora(params, lora)
-    if dtype is not None:
-        params = jax.tree.map(lambda x: x.astype(cast) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
-                              params)
-    path = save_params(out, params, {**{k: v for k, v in meta.items() if k not in ('versions', 'interval')},
-                                     'step': step, 'merged_lora': bool(lora.rank), 'exported_from': directory,
-                                     'dtype': dtype or 'as saved'})
-    log(f'export: step {step} of {workdir} -> {path} ({sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20:.1f} MiB'
-        f'{", LoRA merged" if lora.rank else ""}{", " + dtype if dtype else ""})')
-    return path

@@ -8,3 +8,8 @@ SYNTHETIC_MARKER = '.medplib_synthetic'
 # Shown by chat, serve and the reports wherever weights or records are the synthetic demo's.
 DEMO_NOTICE = ('synthetic-data demo weights: a tiny model trained on synthetic shapes, not on medical images; '
                'not for clinical use')
+# The reference's fixed image geometry: CLIP ViT-L/14-336's input side, its 24 x 24 patch grid (the region
+# encoder's), and SAM-Med2D's input side.
+CLIP_SIZE = 336
+GRID = 24
+SAM_SIZE = 256

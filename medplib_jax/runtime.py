@@ -24,6 +24,7 @@ def _accelerator_plugins() -> list[str]:
     names = [e.name for e in importlib.metadata.entry_points(group='jax_plugins')]
     if importlib.util.find_spec('jax_plugins') is not None:
         import pkgutil
+
         import jax_plugins
         names += [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
     return [n for n in names if 'tpu' not in n.lower()]

@@ -11,10 +11,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+from medplib_jax.axis_rules import BATCH, LOGICAL_AXIS_RULES, MESH_AXES, mesh_axes
+from medplib_jax.tree import key_path
+
 Rules = Sequence[tuple[str, Any]]
 
 
@@ -87,27 +88,44 @@ def sharded_axes(sharding: jax.sharding.Sharding) -> set[str]:
     return axes
 
 
+def unsharded_params(params: Any, min_size: int = 0, axes: Sequence[str] | None = None
+                     ) -> list[tuple[str, Any]]:
+    """(path, leaf) of every parameter with at least `min_size` elements that is split over none of `axes` (None:
+    no mesh axis at all) although its mesh has such an axis bigger than 1: the weights every device holds whole."""
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        sharding = getattr(leaf, 'sharding', None)
+        mesh = getattr(sharding, 'mesh', None)
+        if mesh is None or math.prod(leaf.shape) < min_size:
+            continue
+        wanted = set(mesh.axis_names if axes is None else axes)
+        if all(mesh.shape.get(a, 1) == 1 for a in wanted):
+            continue
+        if not sharded_axes(sharding) & wanted:
+            out.append((key_path(path), leaf))
+    return out
+
+
 def assert_params_sharded(params: Any, min_size: int = 2 ** 16, axes: Sequence[str] = ('fsdp', 'tensor')) -> None:
     """Fails if any parameter with at least `min_size` elements is not split over one of `axes`.
 
-    Replicating a big weight on every device is how a 7B run silently OOMs; this catches it at start-up.
-    A no-op when the mesh has no axis of `axes` bigger than 1.
+    Replicating a big weight on every device is how a 7B run silently OOMs; training calls this at start-up. A
+    no-op when the mesh has no axis of `axes` bigger than 1.
     """
-    offenders = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        sharding = getattr(leaf, 'sharding', None)
-        if sharding is None or np.prod(leaf.shape) < min_size:
-            continue
-        mesh = getattr(sharding, 'mesh', None)
-        if mesh is None or all(mesh.shape.get(a, 1) == 1 for a in axes):
-            continue
-        if not sharded_axes(sharding) & set(axes):
-            offenders.append(f'{jax.tree_util.keystr(path)} {tuple(leaf.shape)} spec={sharding.spec}')
+    offenders = [f'{path} {tuple(leaf.shape)} spec={leaf.sharding.spec}'
+                 for path, leaf in unsharded_params(params, min_size, axes)]
     if offenders:
-        raise AssertionError(f'{len(offenders)} large parameters are not sharded over {list(axes)}: '
-                             + '; '.join(offenders))
+        raise ValueError(f'{len(offenders)} large parameters are not sharded over {list(axes)} (see '
+                         f'config.logical_axis_rules and config.mesh): ' + '; '.join(offenders))
 
 
-def data_sharding(mesh: Mesh, rank: int) -> NamedSharding:
-    """Batch-leading arrays: first axis over ('data', 'fsdp'), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(('data', 'fsdp'), *([None] * (rank - 1))))
+def batch_shards(mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES) -> int:
+    """How many ways the rules table splits the batch over this mesh."""
+    return math.prod(mesh.shape[a] for a in mesh_axes(BATCH, rules))
+
+
+def data_sharding(mesh: Mesh, rank: int, rules: Rules | None = None) -> NamedSharding:
+    """Batch-leading arrays: the first axis as the rules table splits `activation_batch` (`rules`, else linen's
+    current `logical_axis_rules`, else the project's table), the rest replicated."""
+    rules = rules if rules is not None else (nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+    return NamedSharding(mesh, PartitionSpec(mesh_axes(BATCH, rules) or None, *([None] * (rank - 1))))

@@ -9,12 +9,20 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from support.tiny_params import random_params_dir
 
-from medplib_jax.chat import (ChatError, build_predictor, check_mask_mode, numbers, overlay_paths,
-                              region_from_flags, routing_line, token_texts, with_region_slots)
 from medplib_jax.data.images import load_dicom
 from medplib_jax.data.regions import RegionError, RegionPrompt
-from tiny_params import random_params_dir
+from medplib_jax.infer.session import (
+    ChatError,
+    build_predictor,
+    check_mask_mode,
+    numbers,
+    region_from_flags,
+    token_texts,
+    with_region_slots,
+)
+from medplib_jax.main.chat import overlay_paths, routing_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 4
@@ -23,7 +31,7 @@ CT_SMALL = 'CT_small.dcm'  # pydicom's own test data: a real 128x128 CT slice
 
 def start_cli(*args, stdin=None, cwd=None):
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING='utf-8')
-    proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax.cli', *args], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax', *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd or ROOT)
     return proc, (stdin or '').encode()
 
@@ -165,7 +173,7 @@ def test_sigterm_stops_chat_cleanly(params_dir, tmp_path, np_rng):
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING='utf-8')
     log = tmp_path / 'stderr.txt'
     with open(log, 'wb') as err:
-        proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax.cli', 'chat', f'--checkpoint={params_dir}',
+        proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax', 'chat', f'--checkpoint={params_dir}',
                                  f'--image={tmp_path}/ok.png'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=err, env=env, cwd=ROOT)
         try:

@@ -6,10 +6,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from support.train_utils import host_batch, make_data, stage_config
 
 from medplib_jax import checkpoint
 from medplib_jax.train.loop import build_stage
-from train_utils import host_batch, make_data, stage_config
 
 MESHES = {'written': dict(data=2, fsdp=2, tensor=2), 'one device': dict(data=1, fsdp=1, tensor=1),
           '(4, 2)': dict(data=4, fsdp=2, tensor=1)}

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_refs import state_dict_numpy, tiny_hf_clip
+from support.hf_refs import state_dict_numpy, tiny_hf_clip
 
 from configs.common import get_config
 from medplib_jax.convert.clip import hf_to_clip_params, hf_to_projector_params

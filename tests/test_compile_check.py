@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from configs import stage4
-from medplib_jax import compile_check as cc
 from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset
 from medplib_jax.data.synthetic import make_demo_data
+from medplib_jax.train import compile_check as cc
 from medplib_jax.train.step import TRAIN_KEYS
 
 pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
@@ -218,7 +218,7 @@ def test_indivisible_mesh_axis_is_one_line():
 def test_cli_unknown_topology_is_one_line():
     import subprocess
     import sys
-    done = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'compile-check',
+    done = subprocess.run([sys.executable, '-m', 'medplib_jax', 'compile-check',
                            '--config=configs/stage4.py:model=tiny,init=random', '--topology=v9-8'],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr

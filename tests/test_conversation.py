@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from medplib_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
-from medplib_jax.data.conversation import (ConversationError, SYSTEM_LLAVA_V1, build_prompt, tokenize_conversation,
-                                           with_image_prefix)
+from medplib_jax.data.conversation import (
+    SYSTEM_LLAVA_V1,
+    ConversationError,
+    build_prompt,
+    tokenize_conversation,
+    with_image_prefix,
+)
 from medplib_jax.data.tokenizer import ADDED_TOKENS, TINY_BASE_VOCAB, TokenIds, tiny_tokenizer
 
 

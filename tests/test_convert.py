@@ -5,10 +5,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from hf_refs import state_dict_numpy, tiny_hf_clip, tiny_hf_llama
+from support.hf_refs import state_dict_numpy, tiny_hf_clip, tiny_hf_llama
 
-from medplib_jax.convert.clip import clip_params_to_hf, hf_to_clip_params, hf_to_projector_params, \
-    projector_params_to_hf
+from medplib_jax.convert.clip import (
+    clip_params_to_hf,
+    hf_to_clip_params,
+    hf_to_projector_params,
+    projector_params_to_hf,
+)
 from medplib_jax.convert.common import ConversionError, load_state_dict, stack_layers, strip_prefix, unstack_layers
 from medplib_jax.convert.llama import hf_to_params, params_to_hf
 from medplib_jax.models.clip import CLIPVisionConfig

@@ -20,22 +20,31 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from hf_refs import state_dict_numpy, tiny_hf_clip, tiny_hf_llama
-from test_sam import _med2d_keys
+from support.hf_refs import state_dict_numpy, tiny_hf_clip, tiny_hf_llama
+from support.sam_keys import med2d_keys
 
 from configs.common import get_config
 from configs.stage1 import get_config as stage1
 from configs.stage2 import get_config as stage2
 from medplib_jax import checkpoint
-from medplib_jax.convert.clip import clip_params_to_hf, hf_to_clip_params, hf_to_projector_params, \
-    projector_params_to_hf
+from medplib_jax.convert.clip import (
+    clip_params_to_hf,
+    hf_to_clip_params,
+    hf_to_projector_params,
+    projector_params_to_hf,
+)
 from medplib_jax.convert.common import ConversionError, MissingExtraError, require_torch, strip_prefix
 from medplib_jax.convert.hf_config import ConfigConflictError
 from medplib_jax.convert.llama import hf_to_params, params_to_hf
 from medplib_jax.convert.parts import convert_clip, convert_llama, convert_sam_med2d
 from medplib_jax.convert.release import check_model_config, convert_release, model_shapes
-from medplib_jax.convert.sam import decoder_to_ours, decoder_to_source, image_encoder_to_ours, \
-    image_encoder_to_source, split_components
+from medplib_jax.convert.sam import (
+    decoder_to_ours,
+    decoder_to_source,
+    image_encoder_to_ours,
+    image_encoder_to_source,
+    split_components,
+)
 from medplib_jax.convert.sources import CheckpointSource, Entry
 from medplib_jax.infer.predict import params_config
 from medplib_jax.models.clip import CLIPVisionConfig
@@ -125,7 +134,7 @@ def release_tensors(rng):
                'model.region_fea_adapter.weight': bf16(D, 32), 'model.region_fea_adapter.bias': bf16(D),
                'model.text_hidden_fcs.0.0.weight': w(D, D), 'model.text_hidden_fcs.0.0.bias': w(D),
                'model.text_hidden_fcs.0.2.weight': w(OUT, D), 'model.text_hidden_fcs.0.2.bias': w(OUT)})
-    sam = {k: w(*s) for k, s in _med2d_keys(**SAM_ARGS).items()}
+    sam = {k: w(*s) for k, s in med2d_keys(**SAM_ARGS).items()}
     return sd, sam
 
 
@@ -208,7 +217,8 @@ def per_part_tree(sd, sam, config):
     tree['model']['mm_projector'] = hf_to_projector_params(strip_prefix(f32, 'model.mm_projector.'), 32, D)
     lin = lambda p: {'kernel': f32[p + '.weight'].T, 'bias': f32[p + '.bias']}  # noqa: E731
     tree['model']['region_fea_adapter'] = lin('model.region_fea_adapter')
-    tree['model']['text_hidden_fcs'] = {'0': {'0': lin('model.text_hidden_fcs.0.0'), '2': lin('model.text_hidden_fcs.0.2')}}
+    tree['model']['text_hidden_fcs'] = {'0': {'0': lin('model.text_hidden_fcs.0.0'),
+                                              '2': lin('model.text_hidden_fcs.0.2')}}
     parts = split_components(sam)
     decoder_sd = strip_prefix(f32, 'model.visual_model.mask_decoder.')
     enc = image_encoder_to_ours(parts['image_encoder'], SamImageEncoderConfig.from_dict(model.sam_encoder))
@@ -319,7 +329,8 @@ def test_missing_and_renamed_keys_are_named_and_nothing_is_written(release, tmp_
     assert os.listdir(tmp_path) == ['bad']  # no out, no out.json, no temporary sibling
 
     # a mis-shaped tensor, and a directory with SAM-Med2D's mask decoder only and no --sam-med2d
-    src = _edit_release(release, tmp_path / 'b', lambda sd: sd.update({'model.norm.weight': np.ones(D + 1, np.float32)}))
+    src = _edit_release(release, tmp_path / 'b',
+                        lambda sd: sd.update({'model.norm.weight': np.ones(D + 1, np.float32)}))
     decoder = sum(k.startswith('mask_decoder.') for k in release['sam'])
     with pytest.raises(ConversionError, match=rf'model\.norm\.weight -> model/norm/weight: \(65,\), the model wants '
                                               rf'\(64,\).*holds {decoder} SAM-Med2D tensors .* pass --sam-med2d'):
@@ -365,7 +376,7 @@ def test_config_conflicts_and_the_missing_extra_are_one_line(release, tmp_path, 
 def test_cli_convert_reads_flags_and_reports_conflicts_in_one_line(release, tmp_path):
     src, sam = str(release['root'] / 'MedPLIB-7b-2e'), str(release['root'] / 'sam-med2d_b.pth')
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    run = lambda *a: subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'convert', *a], capture_output=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, '-m', 'medplib_jax', 'convert', *a], capture_output=True,  # noqa: E731
                                     text=True, env=env, cwd=ROOT, timeout=300)
     res = run('medplib', f'--src={src}', f'--sam-med2d={sam}', f'--out={tmp_path}/o', '--config=configs/common.py',
               '--config.model.moe.top_k=2')
@@ -391,7 +402,7 @@ def test_the_readme_command_converts_a_real_release_and_chat_answers_from_elsewh
     src, sam = release['root'] / 'MedPLIB-7b-2e', release['root'] / 'sam-med2d_b.pth'
     out = tmp_path / 'medplib-7b-2e'
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'convert', 'medplib', f'--src={src}',
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax', 'convert', 'medplib', f'--src={src}',
                           f'--sam-med2d={sam}', f'--out={out}', '--config=configs/common.py:model=tiny',
                           '--config.model.sam_encoder.num_heads=4'],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -406,7 +417,7 @@ def test_the_readme_command_converts_a_real_release_and_chat_answers_from_elsewh
     image = elsewhere / 'scan.png'
     from PIL import Image
     Image.fromarray((np.arange(96 * 128 * 3) % 251).astype(np.uint8).reshape(96, 128, 3)).save(image)
-    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'chat', f'--checkpoint={out}', f'--image={image}',
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax', 'chat', f'--checkpoint={out}', f'--image={image}',
                           '--max_new_tokens=3', 'What can you interpret from this image?'],
                          capture_output=True, text=True, env=env, cwd=elsewhere, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -460,7 +471,8 @@ def test_per_part_converters_round_trip(release, tmp_path, np_rng):
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
     assert new_rows.shape == (267, 64) and abs(new_rows.std() - 0.02) < 0.002 and abs(new_rows.mean()) < 0.002
     # projector, CLIP, SAM-Med2D: exact round trips to their own keys
-    for ours, theirs in ((projector_params_to_hf(tree['model']['mm_projector']), strip_prefix(proj, 'model.mm_projector.')),
+    projector = projector_params_to_hf(tree['model']['mm_projector'])
+    for ours, theirs in ((projector, strip_prefix(proj, 'model.mm_projector.')),
                          (clip_params_to_hf(tree['model']['vision_tower']), clip_sd),
                          (image_encoder_to_source(tree['model']['visual_model']['image_encoder']),
                           split_components(_sam_file(sam_path))['image_encoder'])):
@@ -544,7 +556,7 @@ def _release_7b_keys():
                  'model.region_fea_adapter.weight': (D, 1024), 'model.region_fea_adapter.bias': (D,),
                  'model.text_hidden_fcs.0.0.weight': (D, D), 'model.text_hidden_fcs.0.0.bias': (D,),
                  'model.text_hidden_fcs.0.2.weight': (256, D), 'model.text_hidden_fcs.0.2.bias': (256,)})
-    sam = _med2d_keys(depth=12, dim=768, mlp=3072, out=256, grid=16, window=14, global_idx=(2, 5, 8, 11), emb=256,
+    sam = med2d_keys(depth=12, dim=768, mlp=3072, out=256, grid=16, window=14, global_idx=(2, 5, 8, 11), emb=256,
                       dec_mlp=2048)
     sam = {k: ((v[0], 64) if k.endswith(('rel_pos_h', 'rel_pos_w')) else v) for k, v in sam.items()}
     ds = 'prompt_encoder.mask_downscaling.'
@@ -572,6 +584,7 @@ def test_the_7b_release_key_list_fits_the_7b_model(tmp_path):
     takes the released checkpoint's config.json, and every released key plans onto the 7B model (both layouts):
     0 missing, 0 unexpected, 0 mis-shaped, about 11.7 B parameters."""
     import math
+
     from medplib_jax.convert.hf_config import apply_settings
     from medplib_jax.convert.release import MEDPLIB_TABLE, check_unread_fields, release_settings
     from medplib_jax.convert.stream import plan_conversion

@@ -14,12 +14,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from support.commands import run_command  # noqa: E402
+from support.ports import free_port  # noqa: E402
+from support.train_utils import make_data
 
 from medplib_jax import distributed
 from medplib_jax.checkpoint import FINAL_PARAMS, restore_params
-from test_cli import _run  # noqa: E402  (the CLI as a subprocess)
-from test_train_inputs import _free_port  # noqa: E402
-from train_utils import make_data
 
 pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
 
@@ -152,7 +152,7 @@ def test_explicit_bad_flags_are_one_line_naming_the_flag(fake_init, kwargs, flag
 
 
 def test_cli_explicit_without_coordinator_is_one_line(tmp_path):
-    res = _run('train', '--distributed=explicit', '--num_processes=2', '--process_id=0', f'--workdir={tmp_path}')
+    res = run_command('train', '--distributed=explicit', '--num_processes=2', '--process_id=0', f'--workdir={tmp_path}')
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith('medplib-jax train: --distributed=explicit needs '
                                                           '--coordinator=HOST:PORT')
@@ -226,17 +226,17 @@ class Proc:
 
 
 def start_cli(args, *, devices, env=None):
-    """`python -m medplib_jax.cli ARGS` on `devices` fake CPU devices, started (not waited for)."""
+    """`python -m medplib_jax ARGS` on `devices` fake CPU devices, started (not waited for)."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
-    return subprocess.Popen([sys.executable, '-m', 'medplib_jax.cli', *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, '-m', 'medplib_jax', *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
 def start_processes(args, *, num_processes=2, devices=4):
     """The same CLI command in `num_processes` JAX processes of `devices` CPU devices each, joined through
     `--distributed=explicit` on a free loopback port (what launch/ does on a real cluster)."""
-    port = _free_port()
+    port = free_port()
     return [start_cli([*args, '--distributed=explicit', f'--coordinator=127.0.0.1:{port}',
                        f'--num_processes={num_processes}', f'--process_id={i}'], devices=devices)
             for i in range(num_processes)]
@@ -332,7 +332,9 @@ def test_final_params_of_two_processes_restore_in_one(runs):
 def _state_on_one_device(workdir, step):
     """A train-state checkpoint read whole onto this process's first device (every array, by path)."""
     import orbax.checkpoint as ocp
-    from medplib_jax.checkpoint import CHECKPOINTS, STATE, key_path
+
+    from medplib_jax.checkpoint import CHECKPOINTS, STATE
+    from medplib_jax.tree import key_path
     path = os.path.join(workdir, CHECKPOINTS, str(step), STATE)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     saved = ocp.StandardCheckpointer().metadata(path).item_metadata.tree

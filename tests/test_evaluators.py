@@ -25,13 +25,15 @@ from PIL import Image
 from configs.common import PAPER_EVAL_FILES, evaluator
 from configs.eval import get_config as eval_config
 from configs.stage4 import get_config as stage4_config
-from medplib_jax import checkpoint, demo
+from medplib_jax import checkpoint
 from medplib_jax.constants import DEMO_NOTICE
 from medplib_jax.data.regions import RegionPrompt
 from medplib_jax.data.synthetic import make_demo_data
 from medplib_jax.eval import command, evaluators, metrics, report
 from medplib_jax.infer.predict import Prediction, Predictor, Request
+from medplib_jax.main import demo
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
+from medplib_jax.tree import flatten, unflatten
 
 pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
 
@@ -52,8 +54,8 @@ def _random_params(mcfg, rng):
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, jnp.zeros((1, 336, 336, 3)),
                                                jnp.zeros((1, 256, 256, 3)), jnp.zeros((1, 1, 24, 24), jnp.uint8),
                                                method=MedPLIBForCausalLM.forward))
-    flat = checkpoint.flatten(nn.unbox(shapes)['params'])
-    return checkpoint.unflatten({k: (np.ones(s.shape) if k.rsplit('/', 1)[-1] in ('scale', 'weight') else
+    flat = flatten(nn.unbox(shapes)['params'])
+    return unflatten({k: (np.ones(s.shape) if k.rsplit('/', 1)[-1] in ('scale', 'weight') else
                                      rng.normal(0, 0.02, s.shape)).astype(s.dtype) for k, s in flat.items()})
 
 
@@ -84,7 +86,7 @@ def env(tmp_path_factory):
     _, evs = command.build(path, cfg, log=lambda _: None)
     evs = {ev.name: ev for ev in evs}
     assert sorted(evs) == sorted(MAX_RECORDS)
-    restored = checkpoint.unflatten(checkpoint.restore_params(path, lambda _k, _s: jax.sharding.SingleDeviceSharding(
+    restored = unflatten(checkpoint.restore_params(path, lambda _k, _s: jax.sharding.SingleDeviceSharding(
         jax.devices()[0])))
     results = {}
     for name, ev in evs.items():
@@ -293,7 +295,7 @@ def _cli(*args):
     # This process's XLA_FLAGS and JAX compilation cache (tests/conftest.py): the command's programs are the ones
     # the fixture compiled
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'eval', *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, '-m', 'medplib_jax', 'eval', *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=600)
 
 
@@ -629,7 +631,7 @@ def test_report_on_the_papers_records_shows_the_papers_rows_and_split(tmp_path):
 
 
 def test_demo_summary_carries_the_notice_and_na(tmp_path):
-    """medplib_jax/demo.py `summarize` over two evaluations' metrics.json content (one mean with nothing behind
+    """medplib_jax/main/demo.py `summarize` over two evaluations' metrics.json content (one mean with nothing behind
     it): the notice at the top of report.md and in metrics.json, the figures labelled synthetic held-out, n/a."""
     def scores(offset, recall):
         return {'synthetic': True, 'evaluators': {

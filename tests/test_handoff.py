@@ -9,17 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support.train_utils import host_batch, make_data, stage_config
 
 from medplib_jax import checkpoint
-from medplib_jax.models.lora import LoRAConfig
-from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
+from medplib_jax.models.lora import LoRAConfig, merge as merge_lora
+from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM, init_fn
 from medplib_jax.models.moe import _Router
 from medplib_jax.sharding import make_mesh
 from medplib_jax.train.config import InitConfig, TrainConfig
-from medplib_jax.train.handoff import HandoffError, init_fn, initial_params, merge_lora
+from medplib_jax.train.handoff import HandoffError, initial_params
 from medplib_jax.train.step import MODEL_INPUTS
 from medplib_jax.train.trainable import flatten, unflatten
-from train_utils import host_batch, make_data, stage_config
+
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):

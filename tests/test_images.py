@@ -5,8 +5,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medplib_jax.data.images import (CLIP_MEAN, CLIP_PAD, CLIP_STD, ImageError, clip_preprocess, load_dicom,
-                                     load_image, load_mask, load_nifti, sam_preprocess)
+from medplib_jax.data.images import (
+    CLIP_MEAN,
+    CLIP_PAD,
+    CLIP_STD,
+    ImageError,
+    clip_preprocess,
+    load_dicom,
+    load_image,
+    load_mask,
+    load_nifti,
+    sam_preprocess,
+)
 
 
 @pytest.mark.parametrize('size', [(40, 64), (64, 40), (50, 50)])
@@ -58,8 +68,8 @@ def test_png_and_masks(tmp_path, np_rng):
 
 
 def test_real_dicom_ct_and_mr():
-    from pydicom.data import get_testdata_file
     import pydicom
+    from pydicom.data import get_testdata_file
     ct = get_testdata_file('CT_small.dcm', download=False)
     rgb = load_dicom(ct)
     assert rgb.shape == (128, 128, 3) and rgb.dtype == np.uint8

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_refs import state_dict_numpy, tiny_hf_llama
+from support.hf_refs import state_dict_numpy, tiny_hf_llama
 
 from medplib_jax.convert.llama import hf_to_params
 from medplib_jax.infer.generate import greedy_generate, positions_from_mask

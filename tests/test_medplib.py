@@ -9,9 +9,9 @@ import pytest
 
 from configs.common import get_config
 from medplib_jax.data.regions import RegionPrompt, regions_to_grids, resized_size
+from medplib_jax.models.masks import binarize, postprocess_masks
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.models.multimodal import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
-from medplib_jax.models.masks import binarize, postprocess_masks
 
 
 @pytest.fixture(scope='module')
@@ -155,6 +155,7 @@ def test_t_projector_starts_as_torch_linear_layers():
     biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Compared with fresh torch.nn.Linear layers of the same sizes: the
     same bound, and the spread of a uniform on it (std = bound / sqrt(3))."""
     import torch
+
     from medplib_jax.models.medplib import TextHiddenFcs
     hidden, out = 512, 256
     params = nn.unbox(TextHiddenFcs(hidden, out).init(jax.random.key(np.random.randint(2 ** 31)),

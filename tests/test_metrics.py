@@ -17,7 +17,6 @@ from nltk.translate import bleu_score as nltk_bleu  # the independent reference 
 
 from medplib_jax.eval import metrics as M
 
-
 # --- normalisation ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('text, expected', [

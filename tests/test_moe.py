@@ -13,11 +13,10 @@ import pytest
 
 from configs.common import LOGICAL_AXIS_RULES
 from medplib_jax import sharding
-from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from medplib_jax.models.grouped import grouped_matmul, make_layout
+from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from medplib_jax.models.lora import LoRAConfig
-from medplib_jax.models.moe import (MoEConfig, MoEFFN, collect_moe_metrics, experts_from_dense,
-                                    moe_llm_params_from_dense, routed_positions, top_k_gating)
+from medplib_jax.models.moe import MoEConfig, MoEFFN, collect_moe_metrics, routed_positions, top_k_gating
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -420,18 +419,6 @@ def test_metrics_collected_per_layer_and_in_total(np_rng):
     assert collect_moe_metrics({}) == {}
 
 
-def test_experts_from_two_dense_ffns_order_and_errors(np_rng):
-    ffn = lambda: {n: {'kernel': np_rng.normal(size=shape).astype(np.float32)} for n, shape in  # noqa: E731
-                   (('gate_proj', (4, 6)), ('up_proj', (4, 6)), ('down_proj', (6, 4)))}
-    ground, vl = ffn(), ffn()
-    experts = experts_from_dense([ground, vl])
-    np.testing.assert_array_equal(np.asarray(experts['up_proj']['kernel'][0]), ground['up_proj']['kernel'])
-    np.testing.assert_array_equal(np.asarray(experts['up_proj']['kernel'][1]), vl['up_proj']['kernel'])
-    with_lora = dict(vl, gate_proj={'kernel': vl['gate_proj']['kernel'], 'lora_A': np.zeros((4, 2))})
-    with pytest.raises(ValueError, match='merge LoRA first'):
-        experts_from_dense([ground, {k: v for k, v in with_lora.items() if k != 'up_proj'}])
-
-
 def test_config_validation():
     with pytest.raises(ValueError, match='top_k=3'):
         MoEConfig(top_k=3)
@@ -451,35 +438,6 @@ def test_config_validation():
     assert layer.apply(variables, jnp.ones((3, 2, 4)), None, False).shape == (3, 2, 4)
 
 
-def test_stage_four_start_from_two_dense_stages(np_rng):
-    """Expert 0 <- stage III FFN, expert 1 <- stage II FFN; attention etc. from stage II; fresh router; identical
-    LoRA A in both experts, B zero: the MoE model starts as the gate-weighted stage-II/III FFNs."""
-    dense_cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
-                            num_kv_heads=2, head_dim=8)
-    moe_cfg = dataclasses.replace(_moe_llama(), vocab_size=64, hidden_size=16, intermediate_size=32, num_heads=2,
-                                  head_dim=8)
-    ids = jnp.zeros((4, 3), jnp.int32)
-    stage2 = nn.unbox(LlamaForCausalLM(dense_cfg).init(jax.random.key(2), ids))['params']
-    stage3 = nn.unbox(LlamaForCausalLM(dense_cfg).init(jax.random.key(3), ids))['params']
-    fresh = nn.unbox(LlamaForCausalLM(moe_cfg).init(jax.random.key(4), ids))['params']
-    params = moe_llm_params_from_dense(fresh, stage3, stage2, moe_cfg.moe_layers)
-    assert jax.tree.structure(params) == jax.tree.structure(fresh)
-    experts = params['model']['layers_1']['mlp']['experts']
-    np.testing.assert_array_equal(experts['down_proj']['kernel'][0], stage3['model']['layers_1']['mlp']['down_proj']['kernel'])
-    np.testing.assert_array_equal(experts['down_proj']['kernel'][1], stage2['model']['layers_1']['mlp']['down_proj']['kernel'])
-    np.testing.assert_array_equal(experts['up_proj']['lora_A'][0], experts['up_proj']['lora_A'][1])
-    np.testing.assert_array_equal(params['model']['layers_0']['mlp']['gate']['wg']['kernel'],
-                                  fresh['model']['layers_0']['mlp']['gate']['wg']['kernel'])
-    np.testing.assert_array_equal(params['model']['layers_0']['self_attn']['q_proj']['kernel'],
-                                  stage2['model']['layers_0']['self_attn']['q_proj']['kernel'])
-    assert 'lora_A' in params['model']['layers_0']['self_attn']['q_proj']  # stage-IV q/v adapters
-    np.testing.assert_array_equal(params['lm_head']['kernel'], stage2['lm_head']['kernel'])
-    logits, _ = LlamaForCausalLM(moe_cfg).apply({'params': params}, jnp.asarray(np_rng.integers(0, 64, (4, 5))))
-    assert bool(jnp.isfinite(logits).all())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The grouped dispatch (moe.dispatch='grouped') against the einsum dispatch, the reference.
 def _two_dispatches(moe: MoEConfig, f: int, lora: LoRAConfig):
     layer = MoEFFN(moe, f, lora)
     return {d: layer.clone(moe=dataclasses.replace(moe, dispatch=d)) for d in ('einsum', 'grouped')}

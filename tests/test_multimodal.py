@@ -2,8 +2,13 @@
 import jax.numpy as jnp
 import numpy as np
 
-from medplib_jax.models.multimodal import (IMAGE_TOKEN_INDEX as IMG, REGION_TOKEN_INDEX as REG, embeddable_ids,
-                                           merge_embeddings, seg_positions)
+from medplib_jax.models.multimodal import (
+    IMAGE_TOKEN_INDEX as IMG,
+    REGION_TOKEN_INDEX as REG,
+    embeddable_ids,
+    merge_embeddings,
+    seg_positions,
+)
 
 
 def test_merge_places_image_tokens_and_regions_in_order(np_rng):

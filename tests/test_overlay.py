@@ -2,11 +2,9 @@
 token texts."""
 import numpy as np
 import pytest
-
 from PIL import Image, ImageDraw, ImageFont
 
-from medplib_jax.infer.overlay import (EXPERT_COLOURS, contour, overlay, readable_token, routing_image,
-                                       routing_layout)
+from medplib_jax.infer.overlay import EXPERT_COLOURS, contour, overlay, readable_token, routing_image, routing_layout
 
 
 def test_contour_is_the_boundary_grown_by_one():

@@ -14,10 +14,18 @@ import pytest
 from PIL import Image
 
 from medplib_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
+from medplib_jax.data.config import DataConfig, DatasetSpec
 from medplib_jax.data.image_cache import ImageCache
 from medplib_jax.data.images import clip_preprocess, load_image, load_mask, sam_preprocess
-from medplib_jax.data.pipeline import (DataConfig, DatasetSpec, ModelShapes, TooManySkipsError, build_dataset,
-                                       build_tokenizer, image_paths, skip_counts, write_array_record)
+from medplib_jax.data.pipeline import (
+    ModelShapes,
+    TooManySkipsError,
+    build_dataset,
+    build_tokenizer,
+    image_paths,
+    skip_counts,
+    write_array_record,
+)
 from medplib_jax.data.records import REASONS, RecordError
 from medplib_jax.data.synthetic import FILES, make_demo_data
 from medplib_jax.data.tokenizer import TINY_BASE_VOCAB
@@ -28,6 +36,7 @@ KINDS = ('complex', 'region', 'grounding', 'closed')
 
 
 def _cfg(datasets, **kw):
+    kw.setdefault('tokenizer', 'tiny')
     kw.setdefault('batch_size', 4)
     kw.setdefault('length_buckets', BUCKETS)
     kw.setdefault('mask_canvas', 256)

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from medplib_jax.data.regions import (RegionError, RegionPrompt, box_to_mask, largest_component_with_sub_region,
-                                      mask_to_grid, point_to_mask, regions_to_grids, resized_size)
+from medplib_jax.data.regions import (
+    RegionError,
+    RegionPrompt,
+    box_to_mask,
+    largest_component_with_sub_region,
+    mask_to_grid,
+    point_to_mask,
+    regions_to_grids,
+    resized_size,
+)
 from medplib_jax.models.region import RegionEncoder
 
 

@@ -17,3 +17,24 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert 'pytest' in test_cmd
     ci_lines = [line.strip() for line in _read('.ci', 'run').splitlines()]
     assert test_cmd in ci_lines
+
+
+def test_the_readme_is_a_front_page_with_both_commands_first():
+    text = _read('README.md')
+    lines = text.splitlines()
+    assert len(lines) <= 200, f'README.md has {len(lines)} lines: guides belong in docs/'
+    starts = [i for i, line in enumerate(lines) if line.strip() == '```bash']
+    assert len(starts) >= 2 and starts[1] < 40, f'the two set-up commands start at lines {starts[:2]}'
+
+
+def test_comments_cite_the_reference_not_a_private_document():
+    """Code and docs name the reference's file and function, not section numbers of a document outside the repo."""
+    cited = []
+    for folder in ('medplib_jax', 'configs', 'docs', 'benchmarks'):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if name.endswith(('.py', '.md')):
+                    path = os.path.join(dirpath, name)
+                    with open(path) as f:
+                        cited += [f'{os.path.relpath(path, ROOT)}: {m}' for m in re.findall(r'facts? \d+\.\d+', f.read())]
+    assert not cited, cited

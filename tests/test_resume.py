@@ -19,9 +19,10 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from support.train_utils import make_data
 
 from medplib_jax import checkpoint
-from train_utils import make_data
+from medplib_jax.tree import flatten
 
 pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
 
@@ -30,7 +31,7 @@ STEPS = 6
 
 
 def _command(workdir, data, *extra):
-    return [sys.executable, '-m', 'medplib_jax.cli', 'train', '--config=configs/stage4.py:model=tiny,init=random',
+    return [sys.executable, '-m', 'medplib_jax', 'train', '--config=configs/stage4.py:model=tiny,init=random',
             f'--workdir={workdir}', f'--config.data.root={data}', '--config.model.moe.group_size=1',
             f'--config.train.max_steps={STEPS}', '--config.train.log_every=1', '--config.checkpoint.every=2',
             '--config.data.worker_count=2', *extra]
@@ -128,7 +129,7 @@ def _assert_same_run(workdir, baseline):
     _assert_identical(_flat_state(workdir, STEPS), _flat_state(baseline, STEPS))
     assert _data_state(workdir, STEPS) == _data_state(baseline, STEPS)
     final = [ocp.StandardCheckpointer().restore(os.path.join(w, checkpoint.FINAL_PARAMS)) for w in (workdir, baseline)]
-    _assert_identical(*[{k: np.asarray(v) for k, v in checkpoint.flatten(f).items()} for f in final])
+    _assert_identical(*[{k: np.asarray(v) for k, v in flatten(f).items()} for f in final])
 
 
 def _interrupt(workdir, data, log_path, condition, what, sig):
@@ -272,7 +273,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_fallback_resumes(b
 def test_train_before_the_demo_data_exist_is_one_line(tmp_path):
     """In a folder without the demo data: one line saying how to write them, nothing else (no Orbax thread's
     traceback at exit), nothing written."""
-    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'train',
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax', 'train',
                           f'--config={os.path.join(ROOT, "configs", "demo.py")}', f'--workdir={tmp_path / "run"}'],
                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
     line = _cli_error(res)
@@ -282,12 +283,12 @@ def test_train_before_the_demo_data_exist_is_one_line(tmp_path):
 
 def test_export_writes_the_merged_params_of_the_latest_checkpoint(baseline, tmp_path):
     out = str(tmp_path / 'exported')
-    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'export', f'--workdir={baseline}', f'--out={out}',
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax', 'export', f'--workdir={baseline}', f'--out={out}',
                           '--dtype=bfloat16'], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f'export: step 6 of {baseline} -> {out}' in res.stdout
-    exported = checkpoint.flatten(ocp.StandardCheckpointer().restore(out))
-    final = checkpoint.flatten(ocp.StandardCheckpointer().restore(os.path.join(baseline, 'final_params')))
+    exported = flatten(ocp.StandardCheckpointer().restore(out))
+    final = flatten(ocp.StandardCheckpointer().restore(os.path.join(baseline, 'final_params')))
     assert exported.keys() == final.keys() and not any('lora_' in k for k in exported)
     import jax.numpy as jnp
     for k, v in final.items():  # the run's own hand-off (merged at the end of training), cast
@@ -301,6 +302,7 @@ def test_sigterm_between_stages_stops_before_the_next(tmp_path, monkeypatch):
     """The hand-off between the stages of a multi-stage config is covered too: a SIGTERM while a stage finishes
     (here: inside a stand-in stage) lets it finish and stops before the next; SIGTERM's handler is back after."""
     import ml_collections as mlc
+
     from medplib_jax.train import loop
     ran = []
 

@@ -16,17 +16,44 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from support.browser import (
+    PICTURES,
+    ask,
+    ask_page,
+    browser_page,
+    draw,
+    info_text,
+    picture_src,
+    serving,
+    upload_file,
+    upload_image,
+    wait_file_info,
+    wait_picture,
+)
+from support.tiny_params import random_params_dir
 
-from browser import PICTURES, ask, ask_page, browser_page, draw, info_text, picture_src, serving, upload_file, \
-    upload_image, wait_file_info, wait_picture
-from medplib_jax.chat import ChatError, build_predictor, with_region_slots
 from medplib_jax.constants import DEMO_NOTICE
 from medplib_jax.data import synthetic
 from medplib_jax.data.images import image_kind, load_dicom, load_nifti
-from medplib_jax.serve import (DEMO_TEMPERATURE, brush_radius, build_app, check_port, demo_questions, demo_resize,
-                               editor_arrays, file_info, image_info, load_upload, model_view, nifti_slices,
-                               region_picture, respond, shown_answer, stroke_region)
-from tiny_params import random_params_dir
+from medplib_jax.infer.session import ChatError, build_predictor, with_region_slots
+from medplib_jax.main.serve import (
+    DEMO_TEMPERATURE,
+    brush_radius,
+    build_app,
+    check_port,
+    demo_questions,
+    demo_resize,
+    editor_arrays,
+    file_info,
+    image_info,
+    load_upload,
+    model_view,
+    nifti_slices,
+    region_picture,
+    respond,
+    shown_answer,
+    stroke_region,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW = 4

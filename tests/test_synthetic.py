@@ -11,8 +11,16 @@ from medplib_jax.data.conversation import tokenize_conversation
 from medplib_jax.data.images import load_image, load_mask
 from medplib_jax.data.records import read_records
 from medplib_jax.data.regions import regions_to_grids
-from medplib_jax.data.synthetic import (CLASS_IDS, FILES, LOOKS, MODALITIES, MODALITY_OPTIONS, TOKENIZER,
-                                        demo_vocab_size, make_demo_data)
+from medplib_jax.data.synthetic import (
+    CLASS_IDS,
+    FILES,
+    LOOKS,
+    MODALITIES,
+    MODALITY_OPTIONS,
+    TOKENIZER,
+    demo_vocab_size,
+    make_demo_data,
+)
 from medplib_jax.data.tokenizer import TINY_BASE_VOCAB, TokenIds, load_tokenizer, tiny_tokenizer
 
 
@@ -90,7 +98,7 @@ def test_same_seed_same_files(tmp_path):
 
 def test_cli_make_demo_data(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, '-m', 'medplib_jax.cli', 'make-demo-data', str(tmp_path / 'd'),
+    res = subprocess.run([sys.executable, '-m', 'medplib_jax', 'make-demo-data', str(tmp_path / 'd'),
                           '--num_images=4'], capture_output=True, text=True, cwd=root,
                          env=dict(os.environ, PYTHONPATH=root), timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -3,7 +3,6 @@ codes summed on device), and across two real JAX processes (jax.distributed over
 different length buckets and must agree before forming global arrays."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,13 +13,17 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 from PIL import Image
+from support.ports import free_port
 
-from medplib_jax.data.pipeline import DataConfig, DatasetSpec, ModelShapes, build_dataset, pad_batch, skip_counts
+from medplib_jax.data.batch import pad_batch
+from medplib_jax.data.config import DataConfig, DatasetSpec
+from medplib_jax.data.pipeline import ModelShapes, build_dataset, skip_counts
 from medplib_jax.data.records import REASONS
 from medplib_jax.sharding import make_mesh
 from medplib_jax.train.inputs import global_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'support', 'multihost_data_worker.py')
 SHAPES = ModelShapes(num_image_tokens=576, max_regions=1, max_seg=1, seg_token_id=309, vocab_size=576)
 IMG = 'images/ct_00--T--case_0--z_0001.png'
 
@@ -43,8 +46,8 @@ def _records(folder, n=9, bad=(8,)):
 
 
 def test_global_batch_on_eight_devices_equals_the_host_batch(tmp_path):
-    cfg = DataConfig(datasets={'s': DatasetSpec(_records(tmp_path))}, batch_size=8, length_buckets=(640, 768, 1024),
-                     mask_canvas=64)
+    cfg = DataConfig(datasets={'s': DatasetSpec(_records(tmp_path))}, tokenizer='tiny', batch_size=8,
+                     length_buckets=(640, 768, 1024), mask_canvas=64)
     it = iter(build_dataset(cfg, SHAPES, seed=0, train=False))
     host = next(it)
     it.close()
@@ -72,18 +75,12 @@ def test_pad_batch_pads_only_the_sequence_arrays():
         pad_batch(batch, 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_two_jax_processes_agree_on_length_and_cover_the_data(tmp_path):
     records = _records(tmp_path)
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop('XLA_FLAGS', None)
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'multihost_data_worker.py'), str(i), port,
+    procs = [subprocess.Popen([sys.executable, WORKER, str(i), port,
                                records, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env, cwd=ROOT) for i in range(2)]
     outs = []

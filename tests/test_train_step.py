@@ -9,18 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from support.train_utils import NO_GRADIENT, STAGES, devices, host_batch, leaves, make_data, stage_config
 
 from configs.demo import SAM_ENCODER, VISION_TOWER
 from medplib_jax import sharding
+from medplib_jax.models.medplib import MedPLIBForCausalLM
+from medplib_jax.models.moe import collect_moe_metrics
 from medplib_jax.train import trainable
 from medplib_jax.train.config import TrainConfig
 from medplib_jax.train.inputs import global_batch
 from medplib_jax.train.loop import setup_stage
 from medplib_jax.train.state import create, state_bytes
-from medplib_jax.models.medplib import MedPLIBForCausalLM
-from medplib_jax.models.moe import collect_moe_metrics
 from medplib_jax.train.step import MODEL_INPUTS, TRAIN_KEYS, build_train_step, forward_loss
-from train_utils import NO_GRADIENT, STAGES, devices, host_batch, leaves, make_data, stage_config
 
 pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import stage1, stage2, stage3, stage4
-from medplib_jax.train.trainable import (TrainableError, merge, parameter_table, split, trained_paths)
+from medplib_jax.train.trainable import TrainableError, merge, parameter_table, split, trained_paths
 
 TREE = {'model': {'layers_0': {'self_attn': {'q_proj': {'kernel': jnp.zeros((4, 4)), 'lora_A': jnp.zeros((4, 2)),
                                                         'lora_B': jnp.zeros((2, 4))}},
@@ -44,8 +44,7 @@ def _seven_b_paths():
     import flax.linen as nn
     from flax import traverse_util
 
-    from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
-    from medplib_jax.train.handoff import init_fn
+    from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM, init_fn
     out = {}
     for name, module in (('stage2', stage2), ('stage3', stage3), ('stage4', stage4)):
         cfg = module.get_config()

@@ -115,7 +115,8 @@ def clip_settings(hf: Mapping[str, Any], where: str) -> list[Setting]:
     d = hf.get('vision_config', hf)
     if d.get('hidden_act', 'quick_gelu') != 'quick_gelu':
         raise ValueError(f'{where}: hidden_act={d["hidden_act"]!r} is not supported (CLIP uses quick_gelu)')
-    return [Setting('model.vision.' + ours, need(d, theirs, where), f'vision_config.{theirs}' if d is not hf else theirs)
+    return [Setting('model.vision.' + ours, need(d, theirs, where),
+                    f'vision_config.{theirs}' if d is not hf else theirs)
             for ours, theirs in (('image_size', 'image_size'), ('patch_size', 'patch_size'),
                                  ('hidden_size', 'hidden_size'), ('intermediate_size', 'intermediate_size'),
                                  ('num_layers', 'num_hidden_layers'), ('num_heads', 'num_attention_heads'),

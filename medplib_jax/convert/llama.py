@@ -5,7 +5,6 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -22,10 +22,23 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Collection
 
-from medplib_jax.convert.hf_config import (Setting, apply_settings, clip_settings, llm_settings, multimodal_settings,
-                                           read_config_json)
-from medplib_jax.convert.release import (MEDPLIB_TABLE, SAM_PREFIX, VISION_PREFIX, check_unread_fields,
-                                         converted_metadata, model_shapes, record_tokenizer)
+from medplib_jax.convert.hf_config import (
+    Setting,
+    apply_settings,
+    clip_settings,
+    llm_settings,
+    multimodal_settings,
+    read_config_json,
+)
+from medplib_jax.convert.release import (
+    MEDPLIB_TABLE,
+    SAM_PREFIX,
+    VISION_PREFIX,
+    check_unread_fields,
+    converted_metadata,
+    model_shapes,
+    record_tokenizer,
+)
 from medplib_jax.convert.sources import CheckpointSource
 from medplib_jax.convert.stream import convert_to_params_dir
 from medplib_jax.convert.writer import GROUP_BYTES

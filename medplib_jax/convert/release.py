@@ -25,14 +25,23 @@ import numpy as np
 from medplib_jax import checkpoint
 from medplib_jax.convert.clip import CLIP_TABLE, PROJECTOR_TABLE
 from medplib_jax.convert.common import IDENTITY, LINEAR, ConversionError, KeyTable, prefixed
-from medplib_jax.convert.hf_config import (ConfigConflictError, Setting, apply_settings, llm_settings,
-                                           moe_settings, multimodal_settings, need, read_config_json)
+from medplib_jax.convert.hf_config import (
+    ConfigConflictError,
+    Setting,
+    apply_settings,
+    llm_settings,
+    moe_settings,
+    multimodal_settings,
+    need,
+    read_config_json,
+)
 from medplib_jax.convert.llama import LLAMA_TABLE
 from medplib_jax.convert.sam import SAM_MED2D_IMAGE_ENCODER, SAM_MED2D_MASK_DECODER, SAM_MED2D_PROMPT_ENCODER
 from medplib_jax.convert.sources import CheckpointSource
 from medplib_jax.convert.stream import convert_to_params_dir
 from medplib_jax.convert.writer import GROUP_BYTES
 from medplib_jax.models.sam_encoder import SamImageEncoderConfig
+from medplib_jax.tree import flatten
 
 VISION_PREFIX = 'model.vision_tower.vision_tower.'  # + a CLIPVisionModel's own `vision_model.*` keys
 SAM_PREFIX = 'model.visual_model.'  # + sam-med2d_b.pth's own `image_encoder.*` / `prompt_encoder.*` / `mask_decoder.*`
@@ -68,9 +77,8 @@ MEDPLIB_TABLE = KeyTable(
 
 def model_shapes(model_cfg: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """'/'-joined path -> (shape, dtype) of every parameter of the MedPLIB `config.model` describes, from shapes
-    only (`jax.eval_shape` of its init, as training builds it: train/handoff.py `init_fn`)."""
-    from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
-    from medplib_jax.train.handoff import init_fn
+    only (`jax.eval_shape` of its init, as training builds it: models/medplib.py `init_fn`)."""
+    from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM, init_fn
     mcfg = MedPLIBConfig.from_model_config(model_cfg)
     model = MedPLIBForCausalLM(mcfg.llm, mcfg=mcfg)
     clip, sam = mcfg.vision.image_size, mcfg.sam_encoder.image_size
@@ -80,7 +88,7 @@ def model_shapes(model_cfg: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                'region_grids': jax.ShapeDtypeStruct((1, 1, 24, 24), jnp.uint8),
                'token_mask': jax.ShapeDtypeStruct((1, 8), jnp.bool_)}
     boxed = jax.eval_shape(init_fn(model, example, 0))['params']
-    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in checkpoint.flatten(nn.unbox(boxed)).items()}
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(nn.unbox(boxed)).items()}
 
 
 def converted_metadata(config: Any, kind: str, parts: list[str]) -> dict[str, Any]:
@@ -121,7 +129,7 @@ def _complete(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dotted(tree: Any) -> dict[str, Any]:
-    return {k.replace('/', '.'): v for k, v in checkpoint.flatten(tree).items()}
+    return {k.replace('/', '.'): v for k, v in flatten(tree).items()}
 
 
 def _norm(v: Any) -> Any:

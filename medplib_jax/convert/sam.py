@@ -90,7 +90,8 @@ def _decoder_rules(hf: bool) -> tuple[list, list]:
                   *[emb(f'point_embed.{i}', f'point_embeddings_{i}') for i in range(4)]]
         down = [('mask_embed.conv1', '0'), ('mask_embed.layer_norm1', '1'), ('mask_embed.conv2', '3'),
                 ('mask_embed.layer_norm2', '4'), ('mask_embed.conv3', '6')]
-        layer, norms, mlp = 'transformer.layers.{i}.', ('layer_norm1', 'layer_norm2', 'layer_norm3', 'layer_norm4'), 'mlp.'
+        layer, mlp = 'transformer.layers.{i}.', 'mlp.'
+        norms = ('layer_norm1', 'layer_norm2', 'layer_norm3', 'layer_norm4')
         final_norm, ups = 'transformer.layer_norm_final_attn', ('upscale_conv1', 'upscale_layer_norm', 'upscale_conv2')
         head_layers = lambda n: [('proj_in', 0), *[(f'layers.{j}', j + 1) for j in range(n - 2)], ('proj_out', n - 1)]  # noqa: E731,E501
     else:
@@ -113,14 +114,16 @@ def _decoder_rules(hf: bool) -> tuple[list, list]:
                *attn(f'{layer}self_attn', f'{o}self_attn'),
                *attn(f'{layer}cross_attn_token_to_image', f'{o}cross_attn_token_to_image'),
                *attn(f'{layer}cross_attn_image_to_token', f'{o}cross_attn_image_to_token'),
-               *[r for n, ours in zip(norms, ('norm1', 'norm2', 'norm3', 'norm4')) for r in _ln(f'{layer}{n}', o + ours)],
+               *[r for n, ours in zip(norms, ('norm1', 'norm2', 'norm3', 'norm4'))
+                 for r in _ln(f'{layer}{n}', o + ours)],
                *_affine(f'{layer}{mlp}lin1', f'{o}mlp_lin1'), *_affine(f'{layer}{mlp}lin2', f'{o}mlp_lin2'),
                *attn('transformer.final_attn_token_to_image', 'transformer/final_attn_token_to_image'),
                *_ln(final_norm, 'transformer/norm_final_attn'),
                *_affine(ups[0], 'output_upscaling_0', CONV_TRANSPOSE), *_ln(ups[1], 'output_upscaling_1'),
                *_affine(ups[2], 'output_upscaling_3', CONV_TRANSPOSE)]
     for src_layer, j in head_layers(3):
-        decoder += _affine(f'output_hypernetworks_mlps.{{m}}.{src_layer}', f'output_hypernetworks_mlps_{{m}}/layers_{j}')
+        decoder += _affine(f'output_hypernetworks_mlps.{{m}}.{src_layer}',
+                           f'output_hypernetworks_mlps_{{m}}/layers_{j}')
         decoder += _affine(f'iou_prediction_head.{src_layer}', f'iou_prediction_head/layers_{j}')
     return prompt, decoder
 

@@ -70,13 +70,15 @@ class CheckpointSource:
                     continue
                 key = prefix + name
                 if key in self.entries:
-                    raise ConversionError(f'{self.label}: {name} appears in both {os.path.basename(self.entries[key].file)} '
+                    raise ConversionError(f'{self.label}: {name} appears in both '
+                                          f'{os.path.basename(self.entries[key].file)} '
                                           f'and {os.path.basename(f)}')
                 self.entries[key] = Entry(f, name, shape, dtype, len(self.entries))
         if index_map is not None:
             self._check_index(*index_map, skip)
         if skipped:
-            self.notes.append(f'{self.label}: left out {skipped} tensors that are not part of MedPLIB ({", ".join(skip)})')
+            self.notes.append(f'{self.label}: left out {skipped} tensors that are not part of MedPLIB '
+                              f'({", ".join(skip)})')
 
     # -- listing --------------------------------------------------------------------------------------------------
     def _files(self) -> tuple[list[str], tuple[str, dict[str, str], Any] | None]:

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from medplib_jax import checkpoint
+from medplib_jax.tree import unflatten
 
 GROUP_BYTES = 256 * 2**20  # arrays handed to one partial save: the writer's share of the converter's memory
 _STEP_METADATA = '_CHECKPOINT_METADATA'
@@ -65,7 +66,7 @@ class ParamsWriter:
         if not self._group:
             return
         from orbax.checkpoint.experimental.v1 import partial
-        partial.save(self._partial, checkpoint.unflatten(self._group))
+        partial.save(self._partial, unflatten(self._group))
         self._group.clear()
         self._group_bytes = 0
         self.groups += 1

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from medplib_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
+from medplib_jax.data.config import TEMPLATES
 from medplib_jax.data.tokenizer import MedPLIBTokenizer
 
 SYSTEM_LLAVA_V1 = ('A chat between a curious human and an artificial intelligence assistant. The assistant gives '
@@ -44,8 +45,6 @@ ROLES = ('USER', 'ASSISTANT')
 SEP, SEP2 = ' ', '</s>'
 IMAGE_PREFIX = '<im_start><image><im_end>\n'
 PLAIN_IMAGE = '<im_start><image><im_end>'
-# llava_v1: MedPLIB's stages II-IV. plain: LLaVA-1.5's projector pre-training (stage I).
-TEMPLATES = ('llava_v1', 'plain')
 
 
 class ConversationError(ValueError):

@@ -8,13 +8,12 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from medplib_jax.constants import CLIP_SIZE, SAM_SIZE
 from medplib_jax.data.regions import resized_size
 
-CLIP_SIZE = 336
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_PAD = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104), padding in uint8 before normalisation
-SAM_SIZE = 256
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
 # Display windows (centre, width) when a DICOM file carries none.

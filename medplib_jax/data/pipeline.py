@@ -38,15 +38,37 @@ import grain
 import numpy as np
 from absl import logging
 
-from medplib_jax.config_fields import known_fields
-from medplib_jax.constants import IGNORE_INDEX
-from medplib_jax.data.conversation import (TEMPLATES, ConversationError, SequenceTooLongError,
-                                           tokenize_conversation, with_image_prefix)
-from medplib_jax.data.images import (CLIP_SIZE, SAM_SIZE, ImageError, clip_canvas, clip_normalize, find_image,
-                                     load_image, load_mask, sam_canvas, sam_normalize)
-from medplib_jax.data.records import (REASONS, Record, RecordError, decode_record, duplicate_error, duplicate_ids,
-                                      load_record, record_id, split_records, where_of)
-from medplib_jax.data.regions import GRID, RegionError, RegionPrompt, regions_to_grids
+from medplib_jax.data.batch import empty_batch
+from medplib_jax.data.config import DataConfig
+from medplib_jax.data.conversation import (
+    ConversationError,
+    SequenceTooLongError,
+    tokenize_conversation,
+    with_image_prefix,
+)
+from medplib_jax.data.images import (
+    ImageError,
+    clip_canvas,
+    clip_normalize,
+    find_image,
+    load_image,
+    load_mask,
+    sam_canvas,
+    sam_normalize,
+)
+from medplib_jax.data.records import (
+    REASONS,
+    Record,
+    RecordError,
+    decode_record,
+    duplicate_error,
+    duplicate_ids,
+    load_record,
+    record_id,
+    split_records,
+    where_of,
+)
+from medplib_jax.data.regions import RegionError, RegionPrompt, regions_to_grids
 from medplib_jax.data.tokenizer import MedPLIBTokenizer, load_tokenizer, tiny_tokenizer
 
 # Batch key holding the skipped records' (reason, message) pairs; the DataIterator logs and removes it (host-only).
@@ -56,67 +78,6 @@ ARRAY_RECORD_SUFFIX = '.array_record'
 
 class TooManySkipsError(RuntimeError):
     """More records were bad than `config.data.max_skip_fraction` allows."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    """One records file (relative to `config.data.root`). `image_folder` '' means `config.data.image_folder`, or
-    else the file's own folder."""
-    path: str
-    weight: float = 1.0
-    image_folder: str = ''
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """`config.data` (configs/common.py documents each field)."""
-    datasets: Mapping[str, DatasetSpec]
-    root: str = ''
-    image_folder: str = ''
-    tokenizer: str = 'tiny'
-    batch_size: int = 8
-    length_buckets: tuple[int, ...] = (1024,)
-    shuffle: bool = True
-    num_epochs: int = 0
-    worker_count: int = 0
-    worker_buffer_size: int = 2
-    read_threads: int = 1
-    prefetch: int = 2
-    strict: bool = False
-    max_skip_fraction: float = 0.1
-    skip_check_after: int = 200
-    mask_canvas: int = 1024
-    largest_component: bool = True
-    check_duplicate_ids: bool = True
-    image_cache: str = ''
-    template: str = 'llava_v1'
-
-    def __post_init__(self):
-        if self.template not in TEMPLATES:
-            raise ValueError(f'config.data.template={self.template!r}; known: {TEMPLATES}')
-        buckets = tuple(self.length_buckets)
-        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
-            raise ValueError(f'config.data.length_buckets={buckets}: need increasing positive lengths')
-        if self.batch_size <= 0 or self.mask_canvas <= 0 or self.num_epochs < 0 or self.worker_count < 0:
-            raise ValueError('config.data: batch_size and mask_canvas must be positive, num_epochs and '
-                             'worker_count non-negative')
-        if not 0 <= self.max_skip_fraction <= 1:
-            raise ValueError(f'config.data.max_skip_fraction={self.max_skip_fraction}: expected 0..1')
-        for name, spec in self.datasets.items():
-            if spec.weight <= 0:
-                raise ValueError(f'config.data.datasets.{name}.weight={spec.weight}: must be positive')
-
-    @classmethod
-    def from_config(cls, data: Mapping[str, Any]) -> 'DataConfig':
-        d = known_fields(cls, data, 'config.data')
-        datasets = {name: DatasetSpec(**known_fields(DatasetSpec, spec, f'config.data.datasets.{name}'))
-                    for name, spec in dict(d.pop('datasets', {})).items()}
-        d['length_buckets'] = tuple(d.get('length_buckets', cls.length_buckets))
-        return cls(datasets=datasets, **d)
-
-    @property
-    def max_length(self) -> int:
-        return self.length_buckets[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,16 +364,7 @@ class Collator:
         examples = [e for e in rows if isinstance(e, dict)]
         t = self.bucket(max((len(e['input_ids']) for e in examples), default=1))
         b, s, r, c = self.batch_size, self.shapes.max_seg, self.shapes.max_regions, self.cfg.mask_canvas
-        out = dict(
-            input_ids=np.zeros((b, t), np.int32), labels=np.full((b, t), IGNORE_INDEX, np.int32),
-            token_mask=np.zeros((b, t), bool), clip_pixels=np.zeros((b, CLIP_SIZE, CLIP_SIZE, 3), np.float32),
-            sam_pixels=np.zeros((b, SAM_SIZE, SAM_SIZE, 3), np.float32), sam_size=np.zeros((b, 2), np.int32),
-            image_size=np.zeros((b, 2), np.int32), region_grids=np.zeros((b, r, GRID, GRID), np.uint8),
-            region_valid=np.zeros((b, r), bool), seg_masks=np.zeros((b, s, c, c), np.uint8),
-            seg_valid=np.zeros((b, s), bool), mask_size=np.zeros((b, 2), np.int32),
-            example_valid=np.zeros((b,), bool), skip_reason=np.zeros((b,), np.int32),
-            label_mismatch=np.zeros((b,), bool), dataset_index=np.full((b,), -1, np.int32),
-            record_index=np.full((b,), -1, np.int32))
+        out = empty_batch(b, t, s, r, c)
         messages = []
         for i, row in enumerate(rows):
             if isinstance(row, dict):
@@ -429,20 +381,6 @@ class Collator:
                 messages.append((row.reason, row.message))
         out[MESSAGES_KEY] = messages
         return out
-
-
-SEQUENCE_KEYS = ('input_ids', 'labels', 'token_mask')  # the arrays whose second axis is the sequence
-
-
-def pad_batch(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    """Pads the sequence arrays of a batch (right; pad id 0, IGNORE_INDEX, False) to `length`: how processes that
-    chose different length buckets agree on one before forming global arrays (medplib_jax.train.inputs)."""
-    t = max((v.shape[1] for k, v in batch.items() if k in SEQUENCE_KEYS), default=length)
-    if length < t:
-        raise ValueError(f'pad_batch: length {length} is shorter than the batch ({t})')
-    fill = {'input_ids': 0, 'labels': IGNORE_INDEX, 'token_mask': False}
-    return {k: np.pad(v, ((0, 0), (0, length - t)), constant_values=fill[k]) if k in SEQUENCE_KEYS else v
-            for k, v in batch.items()}
 
 
 class EvenShard(grain.MapDataset):

@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-CLIP_SIZE = 336
-GRID = 24
+from medplib_jax.constants import CLIP_SIZE, GRID
+
 POINT_HALF_SIZE = 20  # the demo's 41x41 square around a point
 MIN_COMPONENT_CELLS = 10  # the reference's min_thresh: smaller components are returned unchanged
 

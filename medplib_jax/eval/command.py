@@ -25,6 +25,7 @@ from medplib_jax.eval import report
 from medplib_jax.eval.evaluators import KINDS, RecordsEvaluator
 from medplib_jax.eval.registry import EvalContext, build_evaluators
 from medplib_jax.infer.predict import params_config
+from medplib_jax.tree import unflatten
 
 
 def _now() -> str:
@@ -62,7 +63,7 @@ def run_eval(checkpoint: str, config: mlc.ConfigDict, *, names: Sequence[str] = 
     path, evaluators = build(checkpoint, config, names, log)
     out = out or os.path.join(checkpoint, 'eval')  # a run directory's eval/, beside its final_params
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    params = ckpt.unflatten(ckpt.restore_params(path, lambda _k, _s: one))
+    params = unflatten(ckpt.restore_params(path, lambda _k, _s: one))
     results = []
     for ev in evaluators:
         ev.keep, ev.progress = num_pictures, True

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import importlib
 from typing import Any, Callable, Mapping
 
 from jax.sharding import Mesh
 
 REGISTRY: dict[str, type['Evaluator']] = {}
+# kind -> the module that registers it, imported when a config first names the kind (big_vision looks its
+# evaluators up by name), so that nothing imports an evaluator's module only for its side effect.
+MODULES = {'held_out_loss': 'medplib_jax.train.held_out', 'omnimedvqa': 'medplib_jax.eval.evaluators',
+           'mecovqa_c': 'medplib_jax.eval.evaluators', 'mecovqa_r': 'medplib_jax.eval.evaluators',
+           'mecovqa_g': 'medplib_jax.eval.evaluators'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +46,18 @@ def register(kind: str) -> Callable[[type[Evaluator]], type[Evaluator]]:
     return wrap
 
 
+def lookup(kind: Any, field: str) -> type[Evaluator]:
+    """The evaluator class of `kind`, its module imported on first use; an unknown kind is a one-line error."""
+    if kind in MODULES and kind not in REGISTRY:
+        importlib.import_module(MODULES[kind])
+    if kind not in REGISTRY:
+        raise ValueError(f'{field}={kind!r}: known kinds {sorted(set(MODULES) | set(REGISTRY))}')
+    return REGISTRY[kind]
+
+
 def build_evaluators(context: EvalContext) -> list[Evaluator]:
     out = []
     for name, spec in context.config.get('evals', {}).items():
         spec = dict(spec)
-        kind = spec.pop('kind', None)
-        if kind not in REGISTRY:
-            raise ValueError(f'config.evals.{name}.kind={kind!r}: known kinds {sorted(REGISTRY)}')
-        out.append(REGISTRY[kind](name, spec, context))
+        out.append(lookup(spec.pop('kind', None), f'config.evals.{name}.kind')(name, spec, context))
     return out

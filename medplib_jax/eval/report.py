@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from medplib_jax.constants import DEMO_NOTICE, MASK_THRESHOLD
+from medplib_jax.eval.config import REFERENCE_TEST_FILES
 from medplib_jax.eval.metrics import PAPER_SEG_GROUPS, is_na
 
 # Table 1's OmniMedVQA columns and how a `modality_type` is matched to one (lower-case prefixes; OmniMedVQA writes
@@ -43,10 +44,6 @@ PAPER_TABLE1 = {'CT': 62.70, 'MR': 66.97, 'OCT': 75.05, 'Der': 51.47, 'MIC': 64.
 PAPER_TABLE2 = {'Der': 79.90, 'CT': 59.83, 'PET': 64.59, 'mecovqa_g': 68.11, 'X-Ray': 28.25, 'End': 44.19,
                 'MR': 27.52, 'US': 35.64, 'FP': 25.76, 'zero_shot': 32.27}
 NA_TEXT = 'n/a'
-# The reference's test files by evaluator kind (MeCoVQA's and OmniMedVQA's release; `_rand200` / `_rand500` subsets
-# of them exist too): the records the paper's tables were computed on.
-REFERENCE_TEST_FILES = {'omnimedvqa': 'OmniMedVQA_OA.json', 'mecovqa_c': 'MeCoVQA_Complex_VQA_test.json',
-                        'mecovqa_r': 'MeCoVQA_Region_VQA_test.json', 'mecovqa_g': 'MeCoVQA_Grounding_test.json'}
 PAPER_RECORDS_RULE = (
     "The paper's MedPLIB numbers and Table 2's test / zero-shot split are shown only beside an evaluator whose "
     "records are the paper's: every records file it read is named as the reference's test file for its kind "

@@ -31,6 +31,7 @@ from medplib_jax.infer.generate import Sampling, generate
 from medplib_jax.models.masks import binarize, masks_to_canvas
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.models.moe import collect_moe_metrics
+from medplib_jax.tree import unflatten
 
 MASK_MODES = ('auto', 'always', 'never')
 _CANVAS_STEP = 256  # mask canvases are rounded up to this, so few image sizes compile their own program
@@ -120,7 +121,7 @@ class Predictor:
         if log:
             log(f'loading the parameters of {path}')
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        params = checkpoint.unflatten(checkpoint.restore_params(path, lambda _k, _s: one))
+        params = unflatten(checkpoint.restore_params(path, lambda _k, _s: one))
         predictor = cls(mcfg, params, tokenizer, **kwargs)
         predictor.synthetic = bool(checkpoint.params_meta(path).get('synthetic_data'))
         return predictor

@@ -5,66 +5,12 @@ CLS dropped (`select_feature='patch'`): (B, 576, 1024) at 336/14. Images are NHW
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.config_fields import known_fields
+from medplib_jax.models.config import CLIPVisionConfig
 from medplib_jax.models.layers import constrain, dense, dot_product_attention, dtype_of, layer_norm
-
-SELECT_FEATURES = ('patch', 'cls_patch')
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
-    image_size: int
-    patch_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    layer_norm_eps: float = 1e-5
-    select_layer: int = -2
-    select_feature: str = 'patch'
-    dtype: str = 'float32'
-    param_dtype: str = 'float32'
-
-    def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f'vision.image_size={self.image_size} is not a multiple of '
-                             f'vision.patch_size={self.patch_size}')
-        if self.select_feature not in SELECT_FEATURES:
-            raise ValueError(f'vision.select_feature={self.select_feature!r}; known: {SELECT_FEATURES}')
-        if not 1 <= self.layers_used <= self.num_layers:
-            raise ValueError(f'vision.select_layer={self.select_layer} is outside the '
-                             f'{self.num_layers}-layer tower')
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def layers_used(self) -> int:
-        """Encoder layers to run: HF's hidden_states has num_layers + 1 entries (entry 0 = embeddings)."""
-        return self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
-
-    @classmethod
-    def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'CLIPVisionConfig':
-        vision = known_fields(cls, model_cfg['vision'], 'config.model.vision')
-        return cls(**vision, dtype=model_cfg.get('dtype', 'float32'),
-                   param_dtype=model_cfg.get('param_dtype', 'float32'))
-
-    @classmethod
-    def from_hf(cls, hf: Any, **overrides: Any) -> 'CLIPVisionConfig':
-        d = hf if isinstance(hf, Mapping) else hf.to_dict()
-        if d.get('hidden_act', 'quick_gelu') != 'quick_gelu':
-            raise ValueError(f'hidden_act={d["hidden_act"]!r} is not supported (CLIP uses quick_gelu)')
-        return cls(image_size=d['image_size'], patch_size=d['patch_size'], hidden_size=d['hidden_size'],
-                   intermediate_size=d['intermediate_size'], num_layers=d['num_hidden_layers'],
-                   num_heads=d['num_attention_heads'], layer_norm_eps=d['layer_norm_eps'], **overrides)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
-
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medplib_jax.models.config import DTYPES as DTYPE_NAMES
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+assert tuple(DTYPES) == DTYPE_NAMES  # the names the config dataclasses accept
 
 
 def dtype_of(name: str) -> jnp.dtype:

@@ -7,17 +7,14 @@ call with `decode=True` once on a (batch, max_len) dummy to create it, then pref
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.config_fields import known_fields
+from medplib_jax.models.config import REMAT_POLICIES as REMAT_POLICY_NAMES, LlamaConfig
 from medplib_jax.models.layers import RMSNorm, causal_attention, constrain, dense, dot_product_attention, dtype_of
-from medplib_jax.models.lora import LoRAConfig, LoRADense, projection
-from medplib_jax.models.moe import MoEConfig, MoEFFN
+from medplib_jax.models.lora import LoRADense, projection
+from medplib_jax.models.moe import MoEFFN
 
 REMAT_POLICIES = {
     'none': None,
@@ -25,76 +22,15 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+assert tuple(REMAT_POLICIES) == REMAT_POLICY_NAMES  # the names LlamaConfig accepts
 
 BATCH, LENGTH, EMBED = 'activation_batch', 'activation_length', 'activation_embed'
 
 
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 4096
-    dtype: str = 'float32'
-    param_dtype: str = 'float32'
-    scan_layers: bool = False
-    remat_policy: str = 'none'
-    # Query block of the causal self-attention (layers.causal_attention): 0 = one (T, T) block; > 0 skips the
-    # masked upper-triangle blocks (same result; faster on CPU, see docs/performance.md).
-    attention_block: int = 0
-    lora: LoRAConfig = LoRAConfig()
-    moe: MoEConfig = MoEConfig()
-
-    def __post_init__(self):
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f'llm.num_heads={self.num_heads} is not a multiple of '
-                             f'llm.num_kv_heads={self.num_kv_heads}')
-        if self.head_dim % 2:
-            raise ValueError(f'llm.head_dim={self.head_dim} must be even for RoPE')
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f'model.remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}')
-        dtype_of(self.dtype), dtype_of(self.param_dtype)
-        if self.scan_layers and self.moe.mode not in ('none', 'dense'):
-            raise ValueError(f'model.moe.mode={self.moe.mode!r} makes layers differ; nn.scan needs identical layers '
-                             f'(use moe.mode dense or none, or scan_layers=False)')
-
-    @property
-    def moe_layers(self) -> tuple[int, ...]:
-        return self.moe.layer_indices(self.num_layers)
-
-    def proj(self, features: int, axes: tuple[str, str], name: str, stacked: int = 0) -> LoRADense:
-        """A bias-free projection, LoRA-wrapped when `name` is a configured LoRA target."""
-        return projection(features, axes, name, self.lora, stacked=stacked, dtype=dtype_of(self.dtype),
-                          param_dtype=dtype_of(self.param_dtype))
-
-    @classmethod
-    def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'LlamaConfig':
-        """From `config.model` (its `llm` block plus the shared dtype / layout fields)."""
-        llm = known_fields(cls, model_cfg['llm'], 'config.model.llm')
-        shared = {k: model_cfg[k] for k in ('dtype', 'param_dtype', 'scan_layers', 'remat_policy') if k in model_cfg}
-        return cls(**llm, **shared, lora=LoRAConfig.from_dict(model_cfg.get('lora')),
-                   moe=MoEConfig.from_dict(model_cfg.get('moe')))
-
-    @classmethod
-    def from_hf(cls, hf: Any, **overrides: Any) -> 'LlamaConfig':
-        """From a transformers `LlamaConfig` (or its dict). RoPE theta lives in `rope_parameters` in 5.x."""
-        d = hf if isinstance(hf, Mapping) else hf.to_dict()
-        rope = d.get('rope_parameters') or {}
-        if rope.get('rope_type', 'default') != 'default':
-            raise ValueError(f'rope_parameters.rope_type={rope["rope_type"]!r} is not supported (only default)')
-        return cls(vocab_size=d['vocab_size'], hidden_size=d['hidden_size'],
-                   intermediate_size=d['intermediate_size'], num_layers=d['num_hidden_layers'],
-                   num_heads=d['num_attention_heads'],
-                   num_kv_heads=d.get('num_key_value_heads') or d['num_attention_heads'],
-                   head_dim=d.get('head_dim') or d['hidden_size'] // d['num_attention_heads'],
-                   rms_norm_eps=d['rms_norm_eps'], rope_theta=rope.get('rope_theta', d.get('rope_theta', 10000.0)),
-                   max_position_embeddings=d['max_position_embeddings'], **overrides)
+def proj(cfg: LlamaConfig, features: int, axes: tuple[str, str], name: str, stacked: int = 0) -> LoRADense:
+    """A bias-free projection, LoRA-wrapped when `name` is a configured LoRA target."""
+    return projection(features, axes, name, cfg.lora, stacked=stacked, dtype=dtype_of(cfg.dtype),
+                      param_dtype=dtype_of(cfg.param_dtype))
 
 
 def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -120,9 +56,9 @@ class LlamaAttention(nn.Module):
                  train: bool = False) -> jax.Array:
         cfg = self.cfg
         b, t, _ = x.shape
-        q = cfg.proj(cfg.num_heads * cfg.head_dim, ('embed', 'heads'), 'q_proj')(x, train)
-        k = cfg.proj(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), 'k_proj')(x, train)
-        v = cfg.proj(cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), 'v_proj')(x, train)
+        q = proj(cfg, cfg.num_heads * cfg.head_dim, ('embed', 'heads'), 'q_proj')(x, train)
+        k = proj(cfg, cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), 'k_proj')(x, train)
+        v = proj(cfg, cfg.num_kv_heads * cfg.head_dim, ('embed', 'kv_heads'), 'v_proj')(x, train)
         q = constrain(q.reshape(b, t, cfg.num_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_heads', None))
         k = constrain(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_kv_heads', None))
         v = constrain(v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), (BATCH, LENGTH, 'activation_kv_heads', None))
@@ -137,7 +73,7 @@ class LlamaAttention(nn.Module):
         else:
             out = causal_attention(q, k, v, token_mask, cfg.attention_block)
         out = constrain(out, (BATCH, LENGTH, 'activation_heads', None)).reshape(b, t, cfg.num_heads * cfg.head_dim)
-        return cfg.proj(cfg.hidden_size, ('heads', 'embed'), 'o_proj')(out, train)
+        return proj(cfg, cfg.hidden_size, ('heads', 'embed'), 'o_proj')(out, train)
 
     def _update_cache(self, k: jax.Array, v: jax.Array, token_mask: jax.Array):
         """Writes this chunk (prefill or one step) at `cache_index`; returns full cached K/V and the mask.
@@ -171,10 +107,10 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.cfg
-        gate = cfg.proj(cfg.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x, train)
-        up = cfg.proj(cfg.intermediate_size, ('embed', 'mlp'), 'up_proj')(x, train)
+        gate = proj(cfg, cfg.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x, train)
+        up = proj(cfg, cfg.intermediate_size, ('embed', 'mlp'), 'up_proj')(x, train)
         h = constrain(nn.silu(gate) * up, (BATCH, LENGTH, 'activation_mlp'))
-        return cfg.proj(cfg.hidden_size, ('mlp', 'embed'), 'down_proj')(h, train)
+        return proj(cfg, cfg.hidden_size, ('mlp', 'embed'), 'down_proj')(h, train)
 
 
 class LlamaDecoderLayer(nn.Module):

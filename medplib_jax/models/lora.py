@@ -8,49 +8,15 @@ folds them into the kernel (W += alpha/r * A B) as the reference does at the end
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.config_fields import known_fields
+from medplib_jax.models.config import LoRAConfig
 from medplib_jax.models.grouped import GroupedLayout, grouped_matmul
 from medplib_jax.models.layers import torch_linear_init
-
-
-
-LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    rank: int = 0  # 0 = no adapters
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        unknown = set(self.targets) - set(LORA_TARGETS)
-        if unknown:
-            raise ValueError(f'lora.targets: unknown {sorted(unknown)}; known: {list(LORA_TARGETS)}')
-        if self.rank < 0 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f'lora: rank={self.rank} must be >= 0 and dropout={self.dropout} in [0, 1)')
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def applies_to(self, name: str) -> bool:
-        return self.rank > 0 and name in self.targets
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> 'LoRAConfig':
-        d = known_fields(cls, d or {}, 'config.model.lora')
-        if 'targets' in d:
-            d['targets'] = tuple(d['targets'])
-        return cls(**d)
 
 
 class LoRADense(nn.Module):
@@ -111,8 +77,11 @@ def projection(features: int, axes: tuple[str, str], name: str, lora: LoRAConfig
 def merge(params: Any, lora: LoRAConfig) -> Any:
     """Folds every (kernel, lora_A, lora_B) triple into its kernel and drops the adapters (stage hand-off).
 
-    Works for plain kernels (in, out) and stacked ones (..., in, out), e.g. experts or scanned layers.
+    Works for plain kernels (in, out) and stacked ones (..., in, out), e.g. experts or scanned layers. Without
+    adapters (rank 0) the tree is returned as a plain dict, unchanged.
     """
+    if not lora.rank:
+        return dict(params) if isinstance(params, Mapping) else params
     if isinstance(params, Mapping):
         if 'lora_A' in params and 'lora_B' in params and 'kernel' in params:
             k = params['kernel']

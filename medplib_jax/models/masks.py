@@ -17,11 +17,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.constants import MASK_THRESHOLD
+from medplib_jax.constants import MASK_THRESHOLD, SAM_SIZE
+from medplib_jax.models.config import POSTPROCESS_MODES
 
-SAM_SIZE = 256
 LOW_RES = 64
-POSTPROCESS_MODES = ('reference', 'aligned')
 _HIGHEST = jax.lax.Precision.HIGHEST  # geometry must not drop to bf16 passes on TPU
 
 

@@ -13,59 +13,21 @@ embedding -> 64x64 mask logits + IoU.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.config_fields import known_fields
-from medplib_jax.constants import MASK_THRESHOLD
-from medplib_jax.models.clip import CLIPVisionConfig, CLIPVisionTower, MultimodalProjector
+from medplib_jax.models.clip import CLIPVisionTower, MultimodalProjector
+from medplib_jax.models.config import MedPLIBConfig
+from medplib_jax.models.inputs import MODEL_INPUTS
 from medplib_jax.models.layers import constrain, dense, dtype_of, torch_linear_bias_init, torch_linear_init
-from medplib_jax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from medplib_jax.models.llama import LlamaForCausalLM, LlamaModel
 from medplib_jax.models.multimodal import embeddable_ids, merge_embeddings, seg_positions
 from medplib_jax.models.region import RegionEncoder
-from medplib_jax.models.masks import POSTPROCESS_MODES
-from medplib_jax.models.sam_decoder import SamDecoderConfig, SamMaskDecoder, SamPromptEncoder
-from medplib_jax.models.sam_encoder import SamImageEncoder, SamImageEncoderConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class MedPLIBConfig:
-    llm: LlamaConfig
-    vision: CLIPVisionConfig
-    sam_encoder: SamImageEncoderConfig
-    sam_decoder: SamDecoderConfig
-    projector_type: str = 'mlp2x_gelu'
-    seg_token_id: int = 32000
-    max_seg: int = 1  # <SEG> tokens per sample that get a mask (static); validity says which are real
-    max_regions: int = 1
-    max_region_points: int = 512
-    postprocess: str = 'reference'  # or 'aligned' (see models/masks.py)
-    mask_threshold: float = MASK_THRESHOLD
-
-    def __post_init__(self):
-        if self.postprocess not in POSTPROCESS_MODES:
-            raise ValueError(f'medplib.postprocess={self.postprocess!r}; known: {POSTPROCESS_MODES}')
-        if self.max_seg < 1 or self.max_regions < 0:
-            raise ValueError(f'medplib.max_seg={self.max_seg} must be >= 1, max_regions={self.max_regions} >= 0')
-
-    @property
-    def num_image_tokens(self) -> int:
-        """CLIP patch tokens per image (576 at 336 / 14)."""
-        return (self.vision.image_size // self.vision.patch_size) ** 2
-
-    @classmethod
-    def from_model_config(cls, model_cfg: Mapping[str, Any]) -> 'MedPLIBConfig':
-        mp = known_fields(cls, model_cfg['medplib'], 'config.model.medplib',
-                          exclude=('llm', 'vision', 'sam_encoder', 'sam_decoder'))
-        dtypes = {k: model_cfg[k] for k in ('dtype', 'param_dtype') if k in model_cfg}
-        return cls(llm=LlamaConfig.from_model_config(model_cfg), vision=CLIPVisionConfig.from_model_config(model_cfg),
-                   sam_encoder=SamImageEncoderConfig.from_dict(model_cfg['sam_encoder'], **dtypes),
-                   sam_decoder=SamDecoderConfig.from_dict(model_cfg['sam_decoder'], **dtypes),
-                   projector_type=model_cfg['projector']['type'], **mp)
+from medplib_jax.models.sam_decoder import SamMaskDecoder, SamPromptEncoder
+from medplib_jax.models.sam_encoder import SamImageEncoder
 
 
 class TextHiddenFcs(nn.Module):
@@ -201,3 +163,12 @@ class MedPLIBForCausalLM(LlamaForCausalLM):
         image_embeddings = self.model.visual_model.embed_image(sam_pixels)
         masks, iou = self.model.visual_model(image_embeddings, prompts)
         return masks.astype(jnp.float32), iou.astype(jnp.float32)
+
+
+def init_fn(model: Any, example: Mapping[str, Any], seed: int) -> Callable[[], Any]:
+    """The model's `init` from shapes only: `lazy_init` on shape structs of one routing group of `example`'s rows
+    (anything with .shape / .dtype) traces the forward and keeps just the parameters' initialisers."""
+    llm = model.mcfg.llm
+    rows = llm.moe.group_size if llm.moe_layers else 1
+    inputs = {k: jax.ShapeDtypeStruct((rows, *example[k].shape[1:]), example[k].dtype) for k in MODEL_INPUTS}
+    return lambda: model.lazy_init(jax.random.key(seed), **inputs, method=MedPLIBForCausalLM.forward)

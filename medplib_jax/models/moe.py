@@ -12,7 +12,6 @@ picks how tokens reach the experts, from the same routing decisions:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from typing import Any, Mapping, NamedTuple
@@ -22,63 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medplib_jax.config_fields import known_fields
+from medplib_jax.models.config import LoRAConfig, MoEConfig
 from medplib_jax.models.grouped import GroupedLayout, make_layout
 from medplib_jax.models.layers import constrain, torch_linear_init
-from medplib_jax.models.lora import LoRAConfig, projection
-
-MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
-# Which padding positions are routed (and count toward capacity and the aux loss means):
-# micro_batch: the reference's. It pads a micro-batch (a routing group) only to its own longest sequence and routes
-#   every position of that; length-bucket padding beyond the group's longest sequence is not routed, so a batch
-#   padded to a longer bucket routes exactly as the reference would.
-# all: every position, bucket padding included. none: no padding at all (real tokens only).
-ROUTE_PADDING = ('micro_batch', 'all', 'none')
-DISPATCH = ('einsum', 'grouped')  # see the module docstring
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    """Defaults are the reference's stage-IV recipe (scripts/train_stage4.sh)."""
-    mode: str = 'none'  # which layers are MoE: the reference's moe_mode ('dense' = all layers)
-    num_experts: int = 2
-    top_k: int = 1
-    capacity_factor: float = 1.5  # training
-    eval_capacity_factor: float = 2.0  # evaluation: with 2 experts and top-1, nothing is dropped
-    min_capacity: int = 0
-    group_size: int = 4  # sequences per routing group in training (the reference's stage-IV per-GPU micro-batch)
-    route_padding: str = 'micro_batch'  # ROUTE_PADDING
-    aux_loss_coef: float = 0.0  # stage-IV recipe; the reference's CLI default is 0.01
-    dispatch: str = 'einsum'  # DISPATCH: how routed tokens reach the experts (same routing, same parameters)
-
-    def __post_init__(self):
-        if self.mode not in MOE_MODES:
-            raise ValueError(f'moe.mode={self.mode!r}; known: {MOE_MODES}')
-        if self.top_k not in (1, 2):
-            raise ValueError(f'moe.top_k={self.top_k}: only top-1 and top-2 gating exist')
-        if self.num_experts < self.top_k or self.num_experts < 1:
-            raise ValueError(f'moe.num_experts={self.num_experts} must be >= moe.top_k={self.top_k}')
-        if self.group_size < 1 or self.min_capacity < 0:
-            raise ValueError(f'moe.group_size={self.group_size} must be >= 1, '
-                             f'moe.min_capacity={self.min_capacity} >= 0')
-        if self.route_padding not in ROUTE_PADDING:
-            raise ValueError(f'moe.route_padding={self.route_padding!r}; known: {ROUTE_PADDING}')
-        if self.dispatch not in DISPATCH:
-            raise ValueError(f'moe.dispatch={self.dispatch!r}; known: {DISPATCH}')
-        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
-            raise ValueError('moe.capacity_factor and moe.eval_capacity_factor must be > 0')
-
-    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
-        """The reference's moe_mode: sparse = every other layer from 0."""
-        half = num_layers // 2
-        return {'none': (), 'dense': tuple(range(num_layers)), 'first_half': tuple(range(half)),
-                'second_half': tuple(range(half, num_layers)),
-                'sparse': tuple(range(0, num_layers, 2))}[self.mode]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> 'MoEConfig':
-        d = known_fields(cls, d or {}, 'config.model.moe')
-        return cls(**d)
+from medplib_jax.models.lora import projection
 
 
 def capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -272,8 +218,10 @@ class MoEFFN(nn.Module):
             shape = (groups, s, moe.num_experts)
             noise = jax.random.uniform(key, shape) if k == 1 else jax.random.gumbel(key, shape)
         used = None if token_mask is None else routed_positions(token_mask, group, moe.route_padding)
-        gate_fn = lambda lg, nz, us: route(lg, k=k, capacity_factor=cf, min_capacity=moe.min_capacity, noise=nz,
-                                           used_token=us)
+
+        def gate_fn(lg, nz, us):
+            return route(lg, k=k, capacity_factor=cf, min_capacity=moe.min_capacity, noise=nz, used_token=us)
+
         r = jax.vmap(gate_fn, in_axes=(0, None if noise is None else 0, None if used is None else 0))(
             logits, noise, used)
         experts = Experts(self.intermediate_size, moe.num_experts, self.lora, self.dtype, self.param_dtype,
@@ -371,56 +319,3 @@ def collect_moe_metrics(intermediates: Mapping[str, Any]) -> dict[str, jax.Array
     return {'aux_loss': stacked['moe_aux_loss'].sum(), 'aux_loss_per_layer': stacked['moe_aux_loss'],
             'expert_counts': stacked['moe_expert_counts'], 'drop_fraction': stacked['moe_drop_fraction'],
             'token_slots': stacked['moe_token_slots'], 'token_expert': stacked['moe_token_expert']}
-
-
-def experts_from_dense(ffns: list[Mapping[str, Any]]) -> dict:
-    """Stacks dense FFN param trees ({gate,up,down}_proj/kernel) into one `experts` tree, in the given order.
-
-    MedPLIB: `experts_from_dense([stage3_ffn, stage2_ffn])` -> expert 0 = grounding, expert 1 = vision-language.
-    """
-    names = ('gate_proj', 'up_proj', 'down_proj')
-    for i, ffn in enumerate(ffns):
-        missing = [n for n in names if 'kernel' not in ffn.get(n, {})]
-        extra = sorted(set(ffn) - set(names))
-        if missing or extra:
-            raise ValueError(f'experts_from_dense: FFN {i} must hold exactly {names} kernels; '
-                             f'missing {missing}, unexpected {extra} (merge LoRA first)')
-    return {n: {'kernel': jnp.stack([jnp.asarray(f[n]['kernel']) for f in ffns])} for n in names}
-
-
-def moe_llm_params_from_dense(fresh: Mapping[str, Any], ground: Mapping[str, Any], vl: Mapping[str, Any],
-                              moe_layers: tuple[int, ...]) -> dict:
-    """Stage-IV start (the reference's `initialize_moe_modules`), on unscanned LLaMA param trees (LoRA already merged
-    into ground / vl).
-
-    - MoE layers' experts: expert 0 <- `ground` (stage III) FFN, expert 1 <- `vl` (stage II) FFN.
-    - Router and adapters from `fresh` (the MoE model's own init); every expert gets expert 0's LoRA A, as the
-      reference deep-copies one LoRA-wrapped MLP into each expert (B is zero, so outputs start unchanged).
-    - Everything else (attention, norms, embeddings, lm_head, dense FFNs of non-MoE layers) from `vl`.
-    """
-    out = _merge_missing(vl, fresh)  # adapters that only the fresh (LoRA / MoE) model has
-    for i in moe_layers:
-        key = f'layers_{i}'
-        mlp = _deep_copy(fresh['model'][key]['mlp'])
-        stacked = experts_from_dense([ground['model'][key]['mlp'], vl['model'][key]['mlp']])
-        for proj, leaves in mlp['experts'].items():
-            leaves['kernel'] = stacked[proj]['kernel'].astype(leaves['kernel'].dtype)
-            if 'lora_A' in leaves:
-                leaves['lora_A'] = jnp.broadcast_to(leaves['lora_A'][:1], leaves['lora_A'].shape)
-        out['model'][key]['mlp'] = mlp
-    return out
-
-
-def _deep_copy(tree: Mapping[str, Any]) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
-
-
-def _merge_missing(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
-    """`base` plus the keys only `extra` has (recursively)."""
-    out = _deep_copy(base)
-    for k, v in extra.items():
-        if k not in out:
-            out[k] = _deep_copy(v) if isinstance(v, Mapping) else v
-        elif isinstance(v, Mapping) and isinstance(out[k], Mapping):
-            out[k] = _merge_missing(out[k], v)
-    return out

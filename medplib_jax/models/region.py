@@ -13,9 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medplib_jax.constants import GRID
 from medplib_jax.models.layers import dtype_of
-
-GRID = 24
 
 
 def sampling_weights(grids: jax.Array, max_points: int, rng: jax.Array | None) -> jax.Array:

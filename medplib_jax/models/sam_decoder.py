@@ -8,61 +8,15 @@ Names mirror `sam-med2d_b.pth` (`mask_decoder.transformer.layers.0.cross_attn_to
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.config_fields import known_fields
+from medplib_jax.models.config import SamDecoderConfig
 from medplib_jax.models.layers import ConvTranspose2d, dense, dot_product_attention, dtype_of, layer_norm
-
-
-@dataclasses.dataclass(frozen=True)
-class SamDecoderConfig:
-    """Defaults: SAM-Med2D ViT-B at 256 (prompt dim 256, 16x16 embedding, 64x64 low-res masks)."""
-    embed_dim: int = 256
-    image_embedding_size: int = 16
-    input_image_size: int = 256
-    mask_in_chans: int = 16
-    depth: int = 2
-    num_heads: int = 8
-    mlp_dim: int = 2048
-    attention_downsample_rate: int = 2
-    num_multimask_outputs: int = 3
-    iou_head_depth: int = 3
-    iou_head_hidden_dim: int = 256
-    layer_norm_eps: float = 1e-5  # the two-way transformer's nn.LayerNorm
-    layer_norm2d_eps: float = 1e-6
-    dtype: str = 'float32'
-    param_dtype: str = 'float32'
-
-    def __post_init__(self):
-        if self.embed_dim % 2 or self.embed_dim % self.num_heads:
-            raise ValueError(f'sam_decoder.embed_dim={self.embed_dim} must be even and divisible by num_heads')
-
-    @property
-    def num_mask_tokens(self) -> int:
-        return self.num_multimask_outputs + 1
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> 'SamDecoderConfig':
-        d = known_fields(cls, d, 'config.model.sam_decoder')
-        return cls(**{**d, **overrides})
-
-    @classmethod
-    def from_hf(cls, hf: Any, **overrides: Any) -> 'SamDecoderConfig':
-        """From a transformers `SamConfig`."""
-        d = hf if isinstance(hf, Mapping) else hf.to_dict()
-        pe, md = d['prompt_encoder_config'], d['mask_decoder_config']
-        return cls(embed_dim=pe['hidden_size'], image_embedding_size=pe['image_embedding_size'],
-                   input_image_size=pe['image_size'], mask_in_chans=pe['mask_input_channels'],
-                   depth=md['num_hidden_layers'], num_heads=md['num_attention_heads'], mlp_dim=md['mlp_dim'],
-                   attention_downsample_rate=md['attention_downsample_rate'],
-                   num_multimask_outputs=md['num_multimask_outputs'], iou_head_depth=md['iou_head_depth'],
-                   iou_head_hidden_dim=md['iou_head_hidden_dim'], layer_norm_eps=md['layer_norm_eps'], **overrides)
 
 
 def _kw(cfg: SamDecoderConfig) -> dict:

@@ -7,72 +7,14 @@ With `adapter=False` it is the original SAM ViT (what HF `SamModel`'s vision enc
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.config_fields import known_fields
-from medplib_jax.models.layers import (ConvTranspose2d, dense, dot_product_attention, dtype_of,
-                                       layer_norm)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamImageEncoderConfig:
-    """Defaults: SAM-Med2D ViT-B (`build_sam_vit_b(image_size=256, encoder_adapter=True)`)."""
-    image_size: int = 256
-    patch_size: int = 16
-    hidden_size: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    out_chans: int = 256
-    window_size: int = 14
-    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
-    layer_norm_eps: float = 1e-6
-    adapter: bool = True
-    adapter_ratio: float = 0.25
-    adapter_norm_eps: float = 1e-5  # the adapter's nn.LayerNorm keeps torch's default eps
-    neck_norm_eps: float = 1e-6  # SAM's LayerNorm2d (and HF's neck) always use 1e-6
-    dtype: str = 'float32'
-    param_dtype: str = 'float32'
-
-    def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(f'sam_encoder.image_size={self.image_size} is not a multiple of '
-                             f'sam_encoder.patch_size={self.patch_size}')
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f'sam_encoder.hidden_size={self.hidden_size} is not a multiple of num_heads')
-        if any(not 0 <= i < self.depth for i in self.global_attn_indexes):
-            raise ValueError(f'sam_encoder.global_attn_indexes={self.global_attn_indexes} outside depth {self.depth}')
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any], **overrides: Any) -> 'SamImageEncoderConfig':
-        d = known_fields(cls, d, 'config.model.sam_encoder')
-        if 'global_attn_indexes' in d:
-            d['global_attn_indexes'] = tuple(d['global_attn_indexes'])
-        return cls(**{**d, **overrides})
-
-    @classmethod
-    def from_hf(cls, hf: Any, **overrides: Any) -> 'SamImageEncoderConfig':
-        """From a transformers `SamVisionConfig` (original SAM: no adapters)."""
-        d = hf if isinstance(hf, Mapping) else hf.to_dict()
-        unsupported = {k: d.get(k) for k, want in (('hidden_act', 'gelu'), ('qkv_bias', True), ('use_abs_pos', True),
-                                                    ('use_rel_pos', True), ('num_channels', 3)) if d.get(k, want) != want}
-        if unsupported:
-            raise ValueError(f'SamVisionConfig: unsupported settings {unsupported}')
-        mlp_dim = d.get('mlp_dim') or int(d['hidden_size'] * d['mlp_ratio'])
-        return cls(image_size=d['image_size'], patch_size=d['patch_size'], hidden_size=d['hidden_size'],
-                   depth=d['num_hidden_layers'], num_heads=d['num_attention_heads'], mlp_dim=mlp_dim,
-                   out_chans=d['output_channels'], window_size=d['window_size'],
-                   global_attn_indexes=tuple(d['global_attn_indexes']), layer_norm_eps=d['layer_norm_eps'],
-                   adapter=False, **overrides)
+from medplib_jax.models.config import SamImageEncoderConfig
+from medplib_jax.models.layers import ConvTranspose2d, dense, dot_product_attention, dtype_of, layer_norm
 
 
 def rel_pos_table(rel_pos: jax.Array, size: int) -> jax.Array:

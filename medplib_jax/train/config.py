@@ -10,9 +10,19 @@ import dataclasses
 from typing import Any, Mapping
 
 from medplib_jax.config_fields import known_fields
-from medplib_jax.train.losses import LossWeights
 
 RANDOM = 'random'
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Per-stage weights (the reference's *_loss_weight flags). Defaults are its CLI defaults; each stage config
+    sets its script's values (stage II: 1/1/5/-/-, stage III: 1/1/5/0/1, stage IV: 1/2/0.5/0/0)."""
+    ce: float = 1.0
+    bce: float = 2.0
+    dice: float = 0.5
+    iou: float = 2.0
+    focal: float = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +117,36 @@ class TrainConfig:
             raise ValueError(f'config.train.loss_group={group} does not divide the micro-batch of {micro} sequences '
                              f'(config.data.batch_size / config.train.grad_accum)')
         return micro, group
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """`config.checkpoint`. every: steps between train-state saves (0 = only at the end and on preemption).
+    keep: the newest checkpoints kept. best_metric: an evaluation metric as logged (e.g. 'eval/held_out/loss');
+    when set, the `keep_best` best checkpoints by it are kept too (best_mode 'min' or 'max'). async_save: write in
+    the background while training goes on. resume: continue from the newest checkpoint of the run directory.
+    restore_data: resume the data iterator where it was (False: restart the data order, e.g. when the process
+    count changed). fallback: when the newest checkpoint is damaged (a truncated or missing file), resume from the
+    newest readable older one, moving the damaged ones to `workdir/damaged_checkpoints/` with a warning (False:
+    stop with an error naming the damaged file, so that nothing is retrained without the user choosing it)."""
+    every: int = 0
+    keep: int = 2
+    best_metric: str = ''
+    best_mode: str = 'min'
+    keep_best: int = 1
+    async_save: bool = True
+    resume: bool = True
+    restore_data: bool = True
+    fallback: bool = False
+
+    def __post_init__(self):
+        for name in ('every', 'keep', 'keep_best'):
+            if getattr(self, name) < (1 if name == 'keep' else 0):
+                raise ValueError(f'config.checkpoint.{name}={getattr(self, name)}: must be >= '
+                                 f'{1 if name == "keep" else 0}')
+        if self.best_mode not in ('min', 'max'):
+            raise ValueError(f'config.checkpoint.best_mode={self.best_mode!r}: expected min or max')
+
+    @classmethod
+    def from_config(cls, d: Mapping[str, Any] | None) -> 'CheckpointConfig':
+        return cls(**known_fields(cls, d or {}, 'config.checkpoint'))

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medplib_jax import checkpoint
-from medplib_jax.models.lora import LoRAConfig, merge
 from medplib_jax.sharding import Rules, param_shardings
 from medplib_jax.train.config import RANDOM, InitConfig
 from medplib_jax.train.trainable import flatten, unflatten
@@ -41,22 +40,6 @@ EXPERT_KERNEL = re.compile(r'(?P<prefix>.*)/mlp/experts/(?P<proj>gate_proj|up_pr
 
 class HandoffError(ValueError):
     """A source tree that does not fit the model: every problem listed in one message."""
-
-
-def init_fn(model: Any, example: Mapping[str, Any], seed: int) -> Callable[[], Any]:
-    """The model's `init` from shapes only: `lazy_init` on shape structs of one routing group of `example`'s rows
-    (anything with .shape / .dtype) traces the forward and keeps just the parameters' initialisers."""
-    from medplib_jax.models.medplib import MedPLIBForCausalLM
-    from medplib_jax.train.step import MODEL_INPUTS
-    llm = model.mcfg.llm
-    rows = llm.moe.group_size if llm.moe_layers else 1
-    inputs = {k: jax.ShapeDtypeStruct((rows, *example[k].shape[1:]), example[k].dtype) for k in MODEL_INPUTS}
-    return lambda: model.lazy_init(jax.random.key(seed), **inputs, method=MedPLIBForCausalLM.forward)
-
-
-def merge_lora(params: Mapping[str, Any], lora: LoRAConfig) -> dict:
-    """The plain tree a stage hands the next (adapters folded into their kernels); unchanged without LoRA."""
-    return merge(params, lora) if lora.rank else dict(params)
 
 
 def resolve(path: str, runs: str) -> str:

@@ -13,7 +13,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from medplib_jax.data.pipeline import MESSAGES_KEY, pad_batch
+from medplib_jax.data.batch import pad_batch
+from medplib_jax.data.pipeline import MESSAGES_KEY
 from medplib_jax.sharding import data_sharding
 
 

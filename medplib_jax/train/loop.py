@@ -33,18 +33,16 @@ from tqdm.auto import tqdm
 
 from medplib_jax import checkpoint, sharding
 from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset
-from medplib_jax.eval import evaluators as _paper_evaluators  # noqa: F401  (registers omnimedvqa, mecovqa_c, _r, _g)
 from medplib_jax.eval.registry import EvalContext, build_evaluators
-from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
-from medplib_jax.train import held_out  # noqa: F401  (registers the held_out_loss evaluator)
-from medplib_jax.train import flops as flops_lib
-from medplib_jax.train import optimizer as optim
+from medplib_jax.models.lora import merge
+from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM, init_fn
+from medplib_jax.train import flops as flops_lib, optimizer as optim
 from medplib_jax.train.config import TrainConfig
-from medplib_jax.train.handoff import init_fn, initial_params, merge_lora
+from medplib_jax.train.handoff import initial_params
 from medplib_jax.train.inputs import global_batch
+from medplib_jax.train.preemption import Preemption
 from medplib_jax.train.state import TrainState, create, replicated, state_bytes, state_shardings
 from medplib_jax.train.step import TRAIN_KEYS, build_train_step
-from medplib_jax.train.preemption import Preemption
 from medplib_jax.train.trainable import parameter_table, trained_paths
 from medplib_jax.train.writers import MetricWriter, flatten_metrics
 
@@ -106,12 +104,13 @@ def _check_data_roots(config: mlc.ConfigDict) -> None:
                                     f'{hint}')
 
 
-def _check_batch(tcfg: TrainConfig, data_cfg: DataConfig, mcfg: MedPLIBConfig, mesh) -> tuple[int, int]:
+def _check_batch(tcfg: TrainConfig, data_cfg: DataConfig, mcfg: MedPLIBConfig, mesh, rules) -> tuple[int, int]:
     micro, group = tcfg.micro_loss_group(data_cfg.batch_size)
-    shards = mesh.shape['data'] * mesh.shape['fsdp']
+    shards = sharding.batch_shards(mesh, rules)
     if micro % shards:
         raise ValueError(f'the micro-batch of {micro} sequences (config.data.batch_size / config.train.grad_accum) is '
-                         f'not divisible by the mesh data x fsdp = {shards}')
+                         f'not divisible by the {shards} batch shards of the mesh (config.logical_axis_rules '
+                         f'activation_batch)')
     moe = mcfg.llm.moe
     if mcfg.llm.moe_layers and micro % moe.group_size:
         raise ValueError(f'the micro-batch of {micro} sequences is not a multiple of config.model.moe.group_size='
@@ -157,7 +156,7 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
                 MedPLIBConfig.from_model_config(config.model), DataConfig.from_config(config.data),
                 ModelShapes.from_config(config.model), sharding.make_mesh(config.mesh, devices),
                 tcfg.init.runs or os.path.dirname(os.path.abspath(workdir)), preemption)
-    micro, group = _check_batch(tcfg, st.data_cfg, st.mcfg, st.mesh)
+    micro, group = _check_batch(tcfg, st.data_cfg, st.mcfg, st.mesh, list(config.logical_axis_rules))
     # The config's data (tokenizer, records files) are checked before anything is written or started.
     dataset = build_dataset(st.data_cfg, st.shapes, seed=config.seed)
     os.makedirs(workdir, exist_ok=True)
@@ -192,6 +191,8 @@ def _start(st: _Stage, ckpts: checkpoint.RunCheckpoints, dataset: Any) -> StageR
         first_host = next(it)  # its shapes build the program; a fresh run trains on it
         first = (first_host, it.metrics())  # a batch and the data counters once it was drawn
         setup = build_stage(config, first_host, total_steps=total, warmup=warmup, mesh=st.mesh)
+        # A big weight that every device holds whole is how a 7B run runs out of memory: stop before reading it.
+        sharding.assert_params_sharded(setup.abstract.params)
         if _stop_before(st, 'reading or initialising the state'):  # both can take minutes
             return StageResult(st.workdir, steps, {}, {}, _final_params(st.workdir), [], preempted=True)
         rng = jax.random.key(config.seed + 1)
@@ -354,7 +355,7 @@ def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first: tuple[di
         say(f'stage {tcfg.stage or "?"}: already trained ({ckpts.directory}/{start} is step {start} of {steps}); '
             f'a new --workdir trains again')
     if start < steps or not os.path.isdir(final):
-        merged = merge_lora(state.params, mcfg.llm.lora)
+        merged = merge(state.params, mcfg.llm.lora)
         checkpoint.save_params(final, merged, {
             'stage': tcfg.stage, 'steps': steps, 'merged_lora': bool(mcfg.llm.lora.rank),
             'scan_layers': mcfg.llm.scan_layers, 'moe_layers': list(mcfg.llm.moe_layers), 'mesh': dict(mesh.shape),
@@ -399,7 +400,7 @@ def build_stage(config: mlc.ConfigDict, example: dict[str, Any], *, total_steps:
     mcfg = MedPLIBConfig.from_model_config(config.model)
     model = MedPLIBForCausalLM(mcfg.llm, mcfg=mcfg)
     mesh, rules = mesh or sharding.make_mesh(config.mesh, devices), list(config.logical_axis_rules)
-    _, group = _check_batch(tcfg, DataConfig.from_config(config.data), mcfg, mesh)
+    _, group = _check_batch(tcfg, DataConfig.from_config(config.data), mcfg, mesh, rules)
     schedule = optim.warmup_decay_schedule(tcfg.lr, total_steps, warmup)
     tx = optim.make_optimizer(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay,
                               clip_norm=tcfg.clip_norm)
@@ -411,7 +412,7 @@ def build_stage(config: mlc.ConfigDict, example: dict[str, Any], *, total_steps:
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings)
     step_fn = build_train_step(model, trained, tx, schedule, weights=tcfg.weights, grad_accum=tcfg.grad_accum,
                                loss_group=group)
-    batch_shardings = {k: sharding.data_sharding(mesh, len(example[k].shape)) for k in TRAIN_KEYS}
+    batch_shardings = {k: sharding.data_sharding(mesh, len(example[k].shape), rules) for k in TRAIN_KEYS}
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings, None),
                      out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
     return StageSetup(model, trained, tx, schedule, boxed, shardings, abstract, jitted, mesh, rules, init)

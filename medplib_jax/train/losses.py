@@ -13,7 +13,6 @@ whatever the mesh.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping
 
 import jax
@@ -22,19 +21,9 @@ import optax
 
 from medplib_jax.constants import IGNORE_INDEX
 from medplib_jax.models.masks import masks_to_canvas
+from medplib_jax.train.config import LossWeights
 
 MASK_TERMS = ('bce', 'dice', 'iou', 'focal')
-
-
-@dataclasses.dataclass(frozen=True)
-class LossWeights:
-    """Per-stage weights (the reference's *_loss_weight flags). Defaults are its CLI defaults; each stage config
-    sets its script's values (stage II: 1/1/5/-/-, stage III: 1/1/5/0/1, stage IV: 1/2/0.5/0/0)."""
-    ce: float = 1.0
-    bce: float = 2.0
-    dice: float = 0.5
-    iou: float = 2.0
-    focal: float = 2.0
 
 
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

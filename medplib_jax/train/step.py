@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from medplib_jax.data.batch import TRAIN_KEYS
+from medplib_jax.models.inputs import MODEL_INPUTS
 from medplib_jax.models.layers import constrain
 from medplib_jax.models.medplib import MedPLIBForCausalLM
 from medplib_jax.models.moe import collect_moe_metrics
@@ -26,9 +28,6 @@ from medplib_jax.train.losses import LossWeights, medplib_loss
 from medplib_jax.train.state import TrainState
 from medplib_jax.train.trainable import merge, split
 
-MODEL_INPUTS = ('input_ids', 'clip_pixels', 'sam_pixels', 'region_grids', 'token_mask')
-TARGETS = ('labels', 'seg_masks', 'seg_valid', 'sam_size', 'mask_size')
-TRAIN_KEYS = MODEL_INPUTS + TARGETS  # the batch arrays a step reads
 RNG_STREAMS = ('dropout', 'moe', 'region')  # LoRA dropout, MoE random token selection, region cell subsets
 # Metrics summed over micro-batches (counts); every other metric is averaged.
 SUMMED = ('tokens/supervised', 'tokens/correct', 'tokens/ce_sum', 'tokens/total', 'masks', 'mask/bce_sum',

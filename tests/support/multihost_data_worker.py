@@ -19,14 +19,15 @@ def main() -> None:
     jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=pid)
     from absl import flags
     flags.FLAGS.mark_as_parsed()
+    import ml_collections as mlc
     from jax.experimental import multihost_utils
 
-    from medplib_jax.data.pipeline import DataConfig, DatasetSpec, ModelShapes, build_dataset
+    from medplib_jax.data.config import DataConfig, DatasetSpec
+    from medplib_jax.data.pipeline import ModelShapes, build_dataset
     from medplib_jax.sharding import make_mesh
     from medplib_jax.train.inputs import global_batch
-    import ml_collections as mlc
 
-    cfg = DataConfig(datasets={'s': DatasetSpec(records, image_folder=folder)}, batch_size=8,
+    cfg = DataConfig(datasets={'s': DatasetSpec(records, image_folder=folder)}, tokenizer='tiny', batch_size=8,
                      length_buckets=(640, 768, 1024), mask_canvas=256)
     shapes = ModelShapes(num_image_tokens=576, max_regions=1, max_seg=1, seg_token_id=309, vocab_size=576)
     it = iter(build_dataset(cfg, shapes, seed=0, train=False))  # shards by jax.process_index() / process_count()
@@ -50,6 +51,7 @@ def main() -> None:
 
 def jnp_bincount(codes):
     import jax.numpy as jnp
+
     from medplib_jax.data.records import REASONS
     return jnp.bincount(codes.ravel(), length=len(REASONS) + 1)
 

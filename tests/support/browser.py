@@ -51,7 +51,7 @@ class PageAnswer:
     pictures: dict[str, np.ndarray]
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def free_port() -> int:
@@ -87,7 +87,7 @@ def serving(checkpoint: str, log: str, *flags: str, cwd: str = ROOT, env: dict |
     port = free_port()
     env = dict(env if env is not None else os.environ, PYTHONPATH=ROOT, PYTHONIOENCODING='utf-8')
     with open(log, 'wb') as out:
-        proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax.cli', 'serve', f'--checkpoint={checkpoint}',
+        proc = subprocess.Popen([sys.executable, '-m', 'medplib_jax', 'serve', f'--checkpoint={checkpoint}',
                                  f'--port={port}', *flags], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     server = Server(f'http://127.0.0.1:{port}/', proc, log)
     try:

@@ -7,6 +7,7 @@ import numpy as np
 
 from configs.common import get_config
 from medplib_jax import checkpoint
+from medplib_jax.tree import flatten, unflatten
 
 
 def random_params_dir(path: str, moe: str = 'dense', *, synthetic: bool | None = None) -> str:
@@ -17,6 +18,7 @@ def random_params_dir(path: str, moe: str = 'dense', *, synthetic: bool | None =
     None leaves it to `checkpoint.describe_params_dir` (False: the config's data root holds no synthetic marker)."""
     import flax.linen as nn
     import jax.numpy as jnp
+
     from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
     config = get_config(f'moe={moe}')
     mcfg = MedPLIBConfig.from_model_config(config.model)
@@ -29,10 +31,10 @@ def random_params_dir(path: str, moe: str = 'dense', *, synthetic: bool | None =
     print(f'random params seed: {seed}')
     rng = np.random.default_rng(seed)
     flat = {}
-    for key, s in checkpoint.flatten(shapes).items():
+    for key, s in flatten(shapes).items():
         norm = key.endswith(('/scale', 'norm/weight'))
         flat[key] = np.ones(s.shape, s.dtype) if norm else (0.02 * rng.standard_normal(s.shape)).astype(s.dtype)
     meta = {'config': config.to_dict(), 'stage': 'IV'}
     if synthetic is not None:
         meta['synthetic_data'] = synthetic
-    return checkpoint.save_params(path, checkpoint.unflatten(flat), meta)
+    return checkpoint.save_params(path, unflatten(flat), meta)

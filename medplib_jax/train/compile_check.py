@@ -161,6 +161,7 @@ def example_batch(config: mlc.ConfigDict) -> dict[str, Any]:
     shapes the pipeline's Collator gives a batch of the longest records (built by the Collator itself on one
     padding row, so the two cannot drift)."""
     import jax
+
     from medplib_jax.data.pipeline import Collator, DataConfig, ModelShapes
     from medplib_jax.train.step import TRAIN_KEYS
     data = DataConfig.from_config(config.data)
@@ -229,13 +230,15 @@ def _tensors(abstract_state: Any) -> tuple[list[Tensor], int, list[Tensor]]:
     """Every parameter and optimizer moment with its sharding -> (tensors, parameter bytes, the replicated
     parameters). A mesh axis that does not divide a dimension it splits is a one-line ValueError."""
     import jax
+
     from medplib_jax import sharding
-    out, total, replicated = [], 0, []
+    from medplib_jax.tree import key_path
+    out, total = [], 0
     for part in ('params', 'opt_state'):
         for path, leaf in jax.tree_util.tree_leaves_with_path(getattr(abstract_state, part)):
             if not leaf.shape:
                 continue  # counters
-            name = f'{part}{jax.tree_util.keystr(path)}'
+            name = key_path(path) if part == 'params' else f'{part}/{key_path(path)}'
             _check_divisible(name, leaf)
             size = math.prod(leaf.shape) * leaf.dtype.itemsize
             shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
@@ -245,8 +248,8 @@ def _tensors(abstract_state: Any) -> tuple[list[Tensor], int, list[Tensor]]:
                               axes))
             if part == 'params':
                 total += size
-                if not sharding.sharded_axes(leaf.sharding):  # the criterion of sharding.assert_params_sharded
-                    replicated.append(out[-1])
+    by_name = {t.name: t for t in out}
+    replicated = [by_name[path] for path, leaf in sharding.unsharded_params(abstract_state.params) if leaf.shape]
     return out, total, replicated
 
 
@@ -280,6 +283,7 @@ def compile_step(config: mlc.ConfigDict, devices: list, log: Callable[[str], Non
     that mesh has to change first, and a 7B compile takes minutes."""
     import flax.linen as nn
     import jax
+
     from medplib_jax import sharding
     from medplib_jax.models.medplib import MedPLIBConfig
     from medplib_jax.train import flops as flops_lib
@@ -303,7 +307,8 @@ def compile_step(config: mlc.ConfigDict, devices: list, log: Callable[[str], Non
         log(f'not compiling: {repl / max(total, 1):.1%} of the parameter bytes would be replicated (limit '
             f'{_pct(max_replicated_fraction)})')
         return figures
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.data_sharding(mesh, len(v.shape)))
+    rules = list(config.logical_axis_rules)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.data_sharding(mesh, len(v.shape), rules))
              for k, v in example.items()}
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(mesh))
@@ -522,7 +527,7 @@ def _gpu_estimate(config_filename, config, target, max_hbm_fraction, max_replica
                    XLA_FLAGS=(re.sub(r'--xla_force_host_platform_device_count=\d+', '',
                                      os.environ.get('XLA_FLAGS', '')) +
                               f' --xla_force_host_platform_device_count={target.devices}').strip())
-        done = subprocess.run([sys.executable, '-m', 'medplib_jax.compile_check', args, out], env=env)
+        done = subprocess.run([sys.executable, '-m', 'medplib_jax.train.compile_check', args, out], env=env)
         if done.returncode or not os.path.exists(out):
             raise RuntimeError(f'compile-check: the CPU estimate for {target.name} failed in its subprocess '
                                f'(exit {done.returncode})')
@@ -559,6 +564,6 @@ def _child(args_path: str, out_path: str) -> None:
 
 
 if __name__ == '__main__':
-    # Through the module's real name, so the pickled result's classes are medplib_jax.compile_check's.
-    from medplib_jax.compile_check import _child as child
+    # Through the module's real name, so the pickled result's classes are medplib_jax.train.compile_check's.
+    from medplib_jax.train.compile_check import _child as child
     child(*sys.argv[1:3])

@@ -270,7 +270,8 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-_TRAINING = ('train', 'demo', 'sweep')  # SIGTERM is a preemption: what is trained is saved, exit 0, same command resumes
+# SIGTERM is a preemption for these: what is trained is saved, exit 0, and the same command resumes
+_TRAINING = ('train', 'demo', 'sweep')
 _early_sigterm: list[int] = []
 
 
@@ -363,12 +364,12 @@ def _run(command: str, args: list[str], config, preemption=None) -> None:
             run_sweep(F['config'].config_filename, config, F.workdir, points=F.points,
                       print_launch=F['print-launch'].value, preemption=preemption)
     elif command == 'export':
-        from medplib_jax.checkpoint import export
+        from medplib_jax.train.export import export
         if not (F.workdir and F.out):
             raise ValueError('export: set --workdir=RUN_DIR (a training run) and --out=DIR (the params to write)')
         export(F.workdir, F.out, dtype=F.dtype or None, step=F.step or None)
     elif command == 'compile-check':
-        from medplib_jax.compile_check import MAX_REPLICATED_FRACTION, run_compile_check
+        from medplib_jax.train.compile_check import MAX_REPLICATED_FRACTION, run_compile_check
         if not F.topology:
             raise ValueError('compile-check: set --topology= (v5p-64, v5p-256, v4-128, ... or gpu:8xH100)')
         limit = MAX_REPLICATED_FRACTION if F.max_replicated is None else F.max_replicated
@@ -384,7 +385,7 @@ def _run(command: str, args: list[str], config, preemption=None) -> None:
         from medplib_jax.data.pipeline import write_array_record
         print(f'{args[1]}: {write_array_record(*args)} records')
     else:
-        from medplib_jax.demo import run_demo
+        from medplib_jax.main.demo import run_demo
         if 'stages' not in config or 'demo' not in config:
             raise ValueError('demo: --config must be a multi-stage demo config such as configs/demo.py')
         run_demo(config, F.workdir, preemption=preemption)
@@ -434,19 +435,19 @@ def _eval(config) -> None:
 
 
 def _chat_or_serve(command: str, args: list[str]) -> None:
-    """`medplib-jax chat --checkpoint=DIR --image=FILE [QUESTION]` (medplib_jax/chat.py) and `medplib-jax serve
-    --checkpoint=DIR [--port=7860]` (medplib_jax/serve.py)."""
+    """`medplib-jax chat --checkpoint=DIR --image=FILE [QUESTION]` (medplib_jax/main/chat.py) and `medplib-jax serve
+    --checkpoint=DIR [--port=7860]` (medplib_jax/main/serve.py)."""
     F = flags.FLAGS
     options = dict(mask_mode=F.mask_mode, max_new_tokens=F.max_new_tokens, temperature=F.temperature,
                    tokenizer=F.tokenizer or None)
     if command == 'chat':
-        from medplib_jax.chat import run_chat
+        from medplib_jax.main.chat import run_chat
         status = run_chat(F.checkpoint, F.image, args[0] if args else None, point=F.point, box=F.box, mask=F.mask,
                           slice_index=F.slice, window=F.window, out=F.out or None, routing=F.routing, **options)
         if status:
             raise SystemExit(status)
     else:
-        from medplib_jax.serve import serve
+        from medplib_jax.main.serve import serve
         serve(F.checkpoint, port=F.port, shortest_edge=F.shortest_edge, **options)
 
 

@@ -36,8 +36,7 @@ from medplib_jax.data.synthetic import FILES, make_demo_data
 from medplib_jax.eval.command import run_eval
 from medplib_jax.eval.metrics import is_na
 from medplib_jax.infer.predict import Predictor, Request
-from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
-from medplib_jax.train.handoff import init_fn
+from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM, init_fn
 from medplib_jax.train.loop import train
 from medplib_jax.train.preemption import Preemption
 

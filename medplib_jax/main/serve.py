@@ -8,7 +8,8 @@ draw on the image, ask; the page shows the answer, the mask overlay (when the an
 As the reference demo: a stroke in Point mode becomes the 41x41 square around the median stroke pixel (torch's lower
 median), in Box mode the stroke's filled bounding rectangle (without the row / column mix-up of the demo's
 `generate_mask_for_feature`), in Sketch mode the stroke itself; no stroke, no region. A question about a region without
-`<region>` gets one appended (chat.py `with_region_slots`). Uploads are first resized so their shortest edge is 336 (PIL
+`<region>` gets one appended (infer/session.py `with_region_slots`). Uploads are first resized so their shortest edge
+is 336 (PIL
 LANCZOS, int() sizes: conversation_demo.py `resize_image_to_shortest_edge`), so masks come back at that size; the
 strokes are resized with them (nearest). `--shortest_edge=0` keeps the upload's size. Decoding samples at temperature
 0.2 (the demo's hidden slider; its worker ignores top-p), `--temperature=0` decodes greedily; the demo's 512 new tokens.
@@ -35,11 +36,11 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from medplib_jax.chat import REGION_SLOT, build_predictor, token_texts, with_region_slots
 from medplib_jax.constants import DEMO_NOTICE
 from medplib_jax.data.images import image_kind
 from medplib_jax.data.regions import RegionPrompt
 from medplib_jax.data.visualize import tint
+from medplib_jax.infer.session import REGION_SLOT, build_predictor, token_texts, with_region_slots
 
 MODES = ('Point', 'Box', 'Sketch')  # the reference's "Referring Input Type" radio, Sketch its default
 DEMO_SHORTEST_EDGE = 336  # conversation_demo.py: get_images -> resize_image_to_shortest_edge(image, 336)
@@ -198,7 +199,7 @@ def load_upload(path: str, *, window: tuple[float, float] | None = None,
                 slice_index: int | None = None) -> dict[str, Any]:
     """A DICOM / NIfTI / PNG / JPEG file -> an ImageEditor value holding it: a DICOM with `window` (centre, width;
     default: the file's own, else the modality preset), a NIfTI's slice `slice_index` (default the middle one)."""
-    from medplib_jax.chat import load_chat_image
+    from medplib_jax.infer.session import load_chat_image
     image = load_chat_image(path, slice_index=slice_index,
                             window=None if window is None else f'{window[0]:g},{window[1]:g}')
     return {'background': image, 'layers': [], 'composite': image}
@@ -413,7 +414,7 @@ def _brush(radius: int):
 
 def check_port(port: int) -> int:
     """--port: a free port on 127.0.0.1, checked before the model loads (gradio's own failure is a traceback)."""
-    from medplib_jax.chat import ChatError
+    from medplib_jax.infer.session import ChatError
     if not 0 < port < 65536:
         raise ChatError(f'--port={port}: expected 1..65535')
     with socket.socket() as s:
@@ -430,7 +431,7 @@ def serve(checkpoint: str, *, port: int = 7860, mask_mode: str = 'auto', shortes
           block: bool = True):
     """Loads the model once and serves the page on http://127.0.0.1:PORT (never other interfaces)."""
     from medplib_jax import checkpoint as ckpt
-    from medplib_jax.chat import ChatError, check_mask_mode
+    from medplib_jax.infer.session import ChatError, check_mask_mode
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')
     try:
         import gradio  # noqa: F401

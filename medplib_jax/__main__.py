@@ -1,0 +1,4 @@
+"""`python -m medplib_jax ...`: the `medplib-jax` command (medplib_jax/main/cli.py)."""
+from medplib_jax.main.cli import main
+
+main()

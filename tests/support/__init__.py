@@ -1,0 +1,1 @@
+"""Helpers the tests share: building tiny models and data, running the CLI, driving the web page in a browser."""
