@@ -71,6 +71,8 @@ def dicom():
     return path
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_png_with_a_box_prints_the_answer_routing_and_writes_the_overlay(params_dir, predictor, tmp_path, np_rng):
     image = np_rng.integers(0, 256, size=(150, 200, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / 'scan.png')
@@ -96,6 +98,8 @@ def test_png_with_a_box_prints_the_answer_routing_and_writes_the_overlay(params_
     assert progress_only(stderr)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_interactive_mode_on_a_real_dicom_answers_each_stdin_question(params_dir, predictor, dicom, tmp_path):
     rc, stdout, stderr = run_cli('chat', f'--checkpoint={params_dir}', f'--image={dicom}', '--window=40,400',
                                  '--point=64,70', '--routing', f'--max_new_tokens={MAX_NEW}', cwd=tmp_path,
@@ -112,6 +116,8 @@ def test_interactive_mode_on_a_real_dicom_answers_each_stdin_question(params_dir
     assert not list(tmp_path.glob('*.png'))  # mask_mode auto and no <SEG> from a random model: no overlay
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_errors_are_one_line_and_exit_2(params_dir, tmp_path, np_rng):
     Image.fromarray(np_rng.integers(0, 256, size=(60, 80, 3), dtype=np.uint8)).save(tmp_path / 'ok.png')
     (tmp_path / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(np_rng.integers(0, 256, 64, dtype=np.uint8)))
@@ -165,6 +171,8 @@ def test_overlay_paths():
     assert overlay_paths('out/x.png', 'a/b.dcm', None) == ('out/x.png', 'out/x_mask.png')
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigterm_stops_chat_cleanly(params_dir, tmp_path, np_rng):
     """SIGTERM (a scheduler, `kill`) while the interactive mode waits for questions: one line, no stack dump."""
     import signal

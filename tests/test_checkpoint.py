@@ -47,6 +47,7 @@ def written(tmp_path_factory):
     return root, host, workdir, jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('target', ['one device', '(4, 2)'])
 def test_a_state_written_on_one_mesh_restores_identically_onto_another(written, target):
     root, host, workdir, saved = written
@@ -65,6 +66,7 @@ def test_a_state_written_on_one_mesh_restores_identically_onto_another(written, 
     assert (len(sharded) > 0) == (target != 'one device')
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_model_lists_every_missing_unexpected_and_misshaped_key(written):
     root, host, workdir, _ = written
     cfg = _config(root, MESHES['one device'], 'stage3')  # dense FFNs (no experts, no router) ...
@@ -136,6 +138,7 @@ print('ok')
 """
 
 
+@pytest.mark.e2e
 def test_a_damaged_checkpoint_is_one_error_and_prints_nothing_else(tmp_path):
     """Orbax closes a restore's event loop at the first failed read; the reads still in flight used to print a
     traceback each ('Event loop is closed', 'Task exception was never retrieved'), also at exit. Many arrays and

@@ -8,7 +8,7 @@ import sys
 import pytest
 from support.commands import run_command
 
-pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
+pytestmark = [pytest.mark.heavy_module, pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -91,6 +91,8 @@ def compiled():
         return {t: f.result() for t, f in futures.items()}
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 @needs_libtpu
 def test_tiny_fits_4_chip_v5p_and_fails_on_a_small_hbm(compiled):
     r = compiled['v5p-8']
@@ -112,6 +114,8 @@ def test_tiny_fits_4_chip_v5p_and_fails_on_a_small_hbm(compiled):
     assert cc.judge(r, max_replicated_fraction=0.05).ok
 
 
+@pytest.mark.slow
+@pytest.mark.libtpu
 @needs_libtpu
 def test_tiny_fits_64_chip_v5p(compiled):
     r = compiled['v5p-128']
@@ -215,6 +219,7 @@ def test_indivisible_mesh_axis_is_one_line():
     assert '\n' not in str(e.value)
 
 
+@pytest.mark.e2e
 def test_cli_unknown_topology_is_one_line():
     import subprocess
     import sys
@@ -226,6 +231,7 @@ def test_cli_unknown_topology_is_one_line():
     assert err == ["medplib-jax compile-check: --topology='v9-8': unknown; " + err[0].split('unknown; ')[1]], err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('hw', ['v5p-64', 'v5p-256', '8xh100'])
 def test_hw_presets_are_valid_for_every_stage(hw):
     from configs import common, stage1, stage2, stage3

@@ -55,6 +55,8 @@ from medplib_jax.models.sam_decoder import SamDecoderConfig
 from medplib_jax.models.sam_encoder import SamImageEncoderConfig
 from medplib_jax.train.handoff import ADAPTER_LEAF
 
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The synthetic release: tiny widths; config.json values that differ from the tiny config's defaults, so the
 # conversion only fits when they are read from it.
@@ -373,6 +375,7 @@ def test_config_conflicts_and_the_missing_extra_are_one_line(release, tmp_path, 
         CheckpointSource(src)
 
 
+@pytest.mark.e2e
 def test_cli_convert_reads_flags_and_reports_conflicts_in_one_line(release, tmp_path):
     src, sam = str(release['root'] / 'MedPLIB-7b-2e'), str(release['root'] / 'sam-med2d_b.pth')
     env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=1')
@@ -394,6 +397,7 @@ def test_cli_convert_reads_flags_and_reports_conflicts_in_one_line(release, tmp_
     np.testing.assert_array_equal(kernel, want.astype(ml_dtypes.bfloat16))
 
 
+@pytest.mark.e2e
 def test_the_readme_command_converts_a_real_release_and_chat_answers_from_elsewhere(release, tmp_path):
     """`medplib-jax convert medplib` as README.md gives it (the CLI's config is locked, as a user's is), on a release
     whose config.json carries every field MedPLIB-7b-2e's has; the tiny widths need the tiny config (the 7B's CLIP /

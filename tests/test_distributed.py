@@ -151,6 +151,7 @@ def test_explicit_bad_flags_are_one_line_naming_the_flag(fake_init, kwargs, flag
     assert fake_init == []
 
 
+@pytest.mark.e2e
 def test_cli_explicit_without_coordinator_is_one_line(tmp_path):
     res = run_command('train', '--distributed=explicit', '--num_processes=2', '--process_id=0', f'--workdir={tmp_path}')
     assert res.returncode == 2
@@ -285,6 +286,8 @@ def _metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_processes_train_the_same_losses_as_one(runs):
     multi, single = _metrics(runs.multi), _metrics(runs.single)
     train = [m for m in multi if 'loss' in m]
@@ -300,6 +303,8 @@ def test_two_processes_train_the_same_losses_as_one(runs):
     print(f'losses {[m["loss"] for m in train]}; largest relative difference of a logged metric {worst:.3g}')
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_only_process_0_logs(runs):
     p0, p1 = runs.procs
     assert 'jax.distributed (explicit): process 0 of 2, 4 local / 8 global devices (cpu)' in p0.stdout
@@ -310,6 +315,8 @@ def test_only_process_0_logs(runs):
     assert 'Traceback' not in p0.stderr + p1.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_final_params_of_two_processes_restore_in_one(runs):
     # Written by both processes (each its own shards); read here, in one process, onto one device.
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -343,6 +350,8 @@ def _state_on_one_device(workdir, step):
     return {key_path(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_train_state_checkpoint_of_two_processes_restores_in_one(runs):
     # checkpoints/3 (the last step): parameters, Adam moments and counters, each process writing its own shards,
     # and one data-iterator state per process.

@@ -35,7 +35,7 @@ from medplib_jax.main import demo
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.tree import flatten, unflatten
 
-pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
+pytestmark = [pytest.mark.heavy_module, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NEW_TOKENS = 8  # a random tiny model rarely stops on its own
@@ -276,6 +276,7 @@ print(json.dumps(allgather_json({'process': pid, 'rows': ['é' * (5 + 40 * pid)]
 """
 
 
+@pytest.mark.e2e
 def test_allgather_json_across_two_real_processes():
     import socket
     with socket.socket() as s:
@@ -299,6 +300,7 @@ def _cli(*args):
                           env=env, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.e2e
 def test_eval_command_writes_the_report_whose_numbers_are_the_evaluators(env, tmp_path):
     run_dir = os.path.dirname(env['path'])  # a run directory: eval reads its final_params, writes its eval/
     out = tmp_path / 'eval'
@@ -345,6 +347,7 @@ def test_eval_command_writes_the_report_whose_numbers_are_the_evaluators(env, tm
         assert again['evaluators'][name]['metrics'] == pytest.approx(summary['evaluators'][name]['metrics'])
 
 
+@pytest.mark.e2e
 def test_eval_errors_are_one_line(env, tmp_path):
     cases = [((f'--checkpoint={tmp_path}/nothing',), 'no parameters here'),
              ((f'--checkpoint={env["path"]}', '--evals=mecovqa_g,vqa_rad'),

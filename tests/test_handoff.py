@@ -21,6 +21,8 @@ from medplib_jax.train.handoff import HandoffError, initial_params
 from medplib_jax.train.step import MODEL_INPUTS
 from medplib_jax.train.trainable import flatten, unflatten
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):

@@ -57,6 +57,7 @@ def test_dropout_only_in_training(np_rng):
         layer.apply({'params': params}, x, True)  # training without a dropout rng is an error, not a silent no-op
 
 
+@pytest.mark.slow
 def test_llama_lora_targets_and_stage_handoff(np_rng):
     """Stage-II style LoRA on q,k,v,o,gate,up,down: adapters only on targets; merged params load into the plain
     model and give the same logits (what each stage hands the next)."""

@@ -222,6 +222,7 @@ def test_top2_with_capacity_factor_two_is_the_dense_mixture(np_rng):
     assert float(state['intermediates']['moe_drop_fraction'][0]) == 0.0
 
 
+@pytest.mark.slow
 def test_dropped_token_passes_through_the_decoder_layer_unchanged(np_rng):
     """With a tiny capacity most tokens are dropped; for them the block's FFN adds exactly 0, so the layer output
     equals the post-attention residual stream."""
@@ -383,6 +384,7 @@ def test_moe_model_on_8_devices_equals_1_device(np_rng, scan_layers):
     assert m['expert_counts'].shape == (2, 2)
 
 
+@pytest.mark.slow
 def test_moe_model_decodes_a_batch_of_one_with_the_kv_cache(np_rng):
     """A batch of 1 (smaller than the training routing group of 4) decodes with the KV cache: prefill, then
     one-token steps. With the evaluation capacity factor 2 and top-1 no token is dropped, so the steps' logits equal

@@ -24,7 +24,7 @@ from support.train_utils import make_data
 from medplib_jax import checkpoint
 from medplib_jax.tree import flatten
 
-pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
+pytestmark = [pytest.mark.heavy_module, pytest.mark.slow, pytest.mark.e2e]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6

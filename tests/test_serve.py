@@ -104,6 +104,9 @@ def region_on(picture: np.ndarray, resized: np.ndarray) -> np.ndarray:
     return region
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.browser
 def test_page_answers_with_the_mask_size_and_the_pictures_respond_gives(server, params_dir, tmp_path, np_rng):
     url, log = server
     image = np_rng.integers(0, 256, size=(120, 160, 3), dtype=np.uint8)
@@ -129,6 +132,9 @@ def test_page_answers_with_the_mask_size_and_the_pictures_respond_gives(server, 
         np.testing.assert_array_equal(got.pictures[name], np.asarray(getattr(want, name).convert('RGB')), name)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.browser
 def test_region_panel_previews_box_point_and_sketch_while_drawing_with_a_brush_sized_to_the_image(server, tmp_path):
     url, _ = server
     yy, xx = np.mgrid[:600, :800]  # smooth (a small PNG); 600 px: brush radius 6
@@ -159,6 +165,9 @@ def test_region_panel_previews_box_point_and_sketch_while_drawing_with_a_brush_s
     assert abs(thickness - (2 * radius + 1)) <= 3, thickness
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.browser
 def test_dicom_window_and_nifti_slice_controls_reload_the_image(server):
     url, _ = server
     dicom, nifti = dicom_file(), nifti_file()
@@ -193,6 +202,9 @@ def drawn_region(page, size: tuple[int, int]) -> np.ndarray:
     return wait_picture(page, 'region', shown)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.browser
 def test_synthetic_weights_show_the_demo_notice_and_the_questions_they_know(server):
     url, _ = server
     with browser_page(url) as page:
@@ -206,6 +218,9 @@ def test_synthetic_weights_show_the_demo_notice_and_the_questions_they_know(serv
                                    arg=demo_questions()[k], timeout=20_000)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.browser
 def test_a_user_error_is_one_line_in_the_server_log(server, tmp_path, np_rng):
     url, log = server
 

@@ -38,6 +38,7 @@ def _llama_params(cfg, seed):
     return variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_llama_forward_sharded_equals_single_device(np_rng, scan_layers):
     cfg = dataclasses.replace(CFG, scan_layers=scan_layers)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from medplib_jax.constants import IGNORE_INDEX
 from medplib_jax.data.conversation import tokenize_conversation
@@ -96,6 +97,7 @@ def test_same_seed_same_files(tmp_path):
         assert not filecmp.dircmp(tmp_path / 'a' / sub, tmp_path / 'b' / sub).diff_files
 
 
+@pytest.mark.e2e
 def test_cli_make_demo_data(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, '-m', 'medplib_jax', 'make-demo-data', str(tmp_path / 'd'),

@@ -75,6 +75,8 @@ def test_pad_batch_pads_only_the_sequence_arrays():
         pad_batch(batch, 2)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_jax_processes_agree_on_length_and_cover_the_data(tmp_path):
     records = _records(tmp_path)
     port = str(free_port())

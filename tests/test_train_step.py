@@ -22,7 +22,7 @@ from medplib_jax.train.loop import setup_stage
 from medplib_jax.train.state import create, state_bytes
 from medplib_jax.train.step import MODEL_INPUTS, TRAIN_KEYS, build_train_step, forward_loss
 
-pytestmark = pytest.mark.heavy_module  # scheduled first (tests/conftest.py)
+pytestmark = [pytest.mark.heavy_module, pytest.mark.slow]
 
 # Overfitting one batch: steps, lr, and the factor by which each loss must fall (measured on this machine: stage I
 # trains the projector alone under a random LLM, so its CE can only move a little; stage IV's Dice weight is 0.5

@@ -62,6 +62,7 @@ def _seven_b_paths():
     return out
 
 
+@pytest.mark.slow
 def test_stage_recipes_train_what_the_reference_trains():
     """The reference's scripts/train_stage{2,3,4}.sh on the 7B tree: what each stage trains, and what it must not (final
     norm never; stage II not the region adapter; stage III not lm_head / embed_tokens; the frozen encoders never)."""
