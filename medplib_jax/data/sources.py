@@ -17,9 +17,11 @@ from medplib_jax.data.records import (
     RecordError,
     build_record,
     decode_payloads,
+    decode_record,
     duplicate_ids,
     record_id,
     split_records,
+    where_of,
 )
 
 ARRAY_RECORD_SUFFIX = '.array_record'
@@ -83,10 +85,11 @@ class RecordSource:
 
     def record(self, index: int, *, check_files: bool = True) -> Record:
         """Record `index`, parsed and checked (RecordError otherwise), from its start-up decoding where kept."""
-        raw = self._raws[index] if self._raws is not None else decode_payloads([self._records[index]], self.path)[0]
-        return build_record(raw, source=self.path, index=index, image_folder=self.image_folder,
-                            line=self.info.line(index), duplicate_of=self.duplicates.get(index),
-                            check_files=check_files)
+        line = self.info.line(index)
+        raw = self._raws[index] if self._raws is not None else \
+            decode_record(self._records[index], where_of(self.path, index, line=line))
+        return build_record(raw, source=self.path, index=index, image_folder=self.image_folder, line=line,
+                            duplicate_of=self.duplicates.get(index), check_files=check_files)
 
 
 def open_sources(cfg: DataConfig, *, keep_decoded: bool = False) -> list[RecordSource]:
