@@ -31,8 +31,10 @@ from absl import flags
 from PIL import Image
 
 from configs.common import get_config
+from medplib_jax.data.config import DataConfig, ModelShapes
 from medplib_jax.data.image_cache import ImageCache
-from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset, image_paths
+from medplib_jax.data.pipeline import build_dataset
+from medplib_jax.data.sources import image_paths
 from medplib_jax.data.synthetic import make_demo_data
 
 

@@ -165,7 +165,7 @@ TINY_DATA = dict(tokenizer='tiny', batch_size=4, length_buckets=(640, 768, 1024)
 
 
 def data_config(model: str = 'tiny', preset: str = 'demo') -> mlc.ConfigDict:
-    """The grain input pipeline (medplib_jax/data/pipeline.py). Fields:
+    """The grain input pipeline (medplib_jax/data/pipeline.py builds it). Fields:
     datasets: name -> dataset(...), mixed by weight in training (one pass in order for evaluation). Each dataset
       is reshuffled on each of its own epochs. One epoch of the mix (what num_epochs counts) is min(len_i / share_i)
       records: the dataset with the least data for its weight is read once, the others in part; each later epoch

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import stage4
-from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset
+from medplib_jax.data.config import DataConfig, ModelShapes
+from medplib_jax.data.pipeline import build_dataset
 from medplib_jax.data.synthetic import make_demo_data
 from medplib_jax.train import compile_check as cc
 from medplib_jax.train.step import TRAIN_KEYS

@@ -203,7 +203,7 @@ def test_tpu_pod_sh_runs_the_entry_point_on_every_worker():
 
 # Stage IV (MoE, LoRA with dropout, masks, loss groups of 4 = the recipe's) on the synthetic data; the mesh puts the
 # data axis across the two processes. Each process loads its contiguous block of every global batch
-# (data/pipeline.py EvenShard), so the two processes train on the very global batches of one: the same loss groups
+# (data/shard.py EvenShard), so the two processes train on the very global batches of one: the same loss groups
 # and the same per-row random draws (LoRA dropout, MoE token selection).
 TRAIN = ('--config=configs/stage4.py:model=tiny,init=random', '--config.data.batch_size=8',
          '--config.mesh.data=4', '--config.mesh.fsdp=2', '--config.model.moe.group_size=1',

@@ -14,19 +14,13 @@ import pytest
 from PIL import Image
 
 from medplib_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
-from medplib_jax.data.config import DataConfig, DatasetSpec
+from medplib_jax.data.config import DataConfig, DatasetSpec, ModelShapes
 from medplib_jax.data.image_cache import ImageCache
 from medplib_jax.data.images import clip_preprocess, load_image, load_mask, sam_preprocess
-from medplib_jax.data.pipeline import (
-    ModelShapes,
-    TooManySkipsError,
-    build_dataset,
-    build_tokenizer,
-    image_paths,
-    skip_counts,
-    write_array_record,
-)
+from medplib_jax.data.pipeline import build_dataset, build_tokenizer
 from medplib_jax.data.records import REASONS, RecordError
+from medplib_jax.data.skips import TooManySkipsError, skip_counts
+from medplib_jax.data.sources import image_paths, write_array_record
 from medplib_jax.data.synthetic import FILES, make_demo_data
 from medplib_jax.data.tokenizer import TINY_BASE_VOCAB
 
@@ -466,6 +460,39 @@ def test_array_record_source_gives_the_json_batches(synth, tmp_path):
         _assert_same(x, y)
 
 
+class _CountingJson:
+    """Stands in for the json module in data/records.py: counts the parses."""
+    JSONDecodeError, dumps = json.JSONDecodeError, staticmethod(json.dumps)
+
+    def __init__(self):
+        self.calls = 0
+
+    def loads(self, data):
+        self.calls += 1
+        return json.loads(data)
+
+
+def test_start_up_parses_each_record_once(synth, tmp_path, monkeypatch):
+    """Duplicate ids and the records an evaluator reads now come from one parse: n for n JSON lines, one for a
+    JSON list (the file); the pipeline's start-up parses no more."""
+    import medplib_jax.data.records as records
+    from medplib_jax.data.sources import open_sources
+    root, files, _ = synth
+    raws = json.load(open(files['grounding']))
+    _write_jsonl(tmp_path / 'g.jsonl', raws)
+    for path, parses in ((str(tmp_path / 'g.jsonl'), len(raws)), (files['grounding'], 1)):
+        cfg = _cfg({'g': DatasetSpec(path, image_folder=str(root))})
+        counter = _CountingJson()
+        with monkeypatch.context() as m:
+            m.setattr(records, 'json', counter)
+            (src,) = open_sources(cfg, keep_decoded=True)
+            read = [src.record(i) for i in range(len(src))]
+            assert counter.calls == parses, path
+            build_dataset(cfg, SHAPES, seed=0)
+            assert counter.calls == 2 * parses, path
+        assert read == records.read_records(path, str(root))[0]
+
+
 def test_image_cache_gives_the_uncached_batches(synth, corpus, tmp_path, monkeypatch):
     root, files, _ = synth
     folder, good, bad = corpus
@@ -475,12 +502,12 @@ def test_image_cache_gives_the_uncached_batches(synth, corpus, tmp_path, monkeyp
     images = {r['image'] for k in ('grounding', 'region') for r in json.load(open(files[k]))}
     assert failed == {} and len(ImageCache(cache_dir)) == len(images) > 1
     uncached = _take(cfg, 4)
-    import medplib_jax.data.pipeline as pipeline
+    import medplib_jax.data.preprocess as preprocess
 
     def no_decoding(path, **kw):
         raise AssertionError(f'decoded {path} although it is cached')
     with monkeypatch.context() as m:  # every image comes from the cache: nothing is decoded
-        m.setattr(pipeline, 'load_image', no_decoding)
+        m.setattr(preprocess, 'load_image', no_decoding)
         cached = _take(dataclasses.replace(cfg, image_cache=cache_dir), 4)
     for x, y in zip(cached, uncached):
         _assert_same(x, y)

@@ -16,9 +16,10 @@ from PIL import Image
 from support.ports import free_port
 
 from medplib_jax.data.batch import pad_batch
-from medplib_jax.data.config import DataConfig, DatasetSpec
-from medplib_jax.data.pipeline import ModelShapes, build_dataset, skip_counts
+from medplib_jax.data.config import DataConfig, DatasetSpec, ModelShapes
+from medplib_jax.data.pipeline import build_dataset
 from medplib_jax.data.records import REASONS
+from medplib_jax.data.skips import skip_counts
 from medplib_jax.sharding import make_mesh
 from medplib_jax.train.inputs import global_batch
 

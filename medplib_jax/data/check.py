@@ -14,7 +14,8 @@ from typing import Any, Callable, Mapping
 from tqdm import tqdm
 
 from medplib_jax.constants import IGNORE_INDEX
-from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset, build_tokenizer
+from medplib_jax.data.config import DataConfig, ModelShapes
+from medplib_jax.data.pipeline import build_dataset, build_tokenizer
 from medplib_jax.data.records import REASONS
 
 

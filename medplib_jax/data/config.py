@@ -1,5 +1,6 @@
 """`config.data` as a checked dataclass, with each field's default (configs/common.py `data_config` documents the
-fields). Plain Python: a config file loads without JAX."""
+fields), and `ModelShapes`, what the pipeline reads of `config.model`. Plain Python: a config file loads without
+JAX."""
 from __future__ import annotations
 
 import dataclasses
@@ -72,3 +73,20 @@ class DataConfig:
     @property
     def max_length(self) -> int:
         return self.length_buckets[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShapes:
+    """What the pipeline needs from the model config: fixed counts per sample and the token ids."""
+    num_image_tokens: int
+    max_regions: int
+    max_seg: int
+    seg_token_id: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, model: Mapping[str, Any]) -> 'ModelShapes':
+        vision, medplib = model['vision'], model['medplib']
+        return cls(num_image_tokens=(vision['image_size'] // vision['patch_size']) ** 2,
+                   max_regions=medplib['max_regions'], max_seg=medplib['max_seg'],
+                   seg_token_id=medplib['seg_token_id'], vocab_size=model['llm']['vocab_size'])

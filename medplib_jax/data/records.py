@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from medplib_jax.data.regions import RegionPrompt
 
@@ -210,11 +210,12 @@ def parse_record(raw: Any, *, source: str, index: int, image_folder: str, check_
                   modality=modality, line=line, **optional)
 
 
-def split_records(path: str) -> tuple[list[bytes], list[int] | None]:
-    """A JSON list or JSON-lines file -> one JSON payload per record, decoded later by `decode_record`, so one
+def split_records(path: str) -> tuple[list[bytes], list[int] | None, list[Any] | None]:
+    """A JSON list or JSON-lines file -> one JSON payload per record, decoded on its own (`decode_payloads`), so one
     bad record is one skip: a JSON-lines line that does not decode, or a record of a JSON list holding bytes that
     are not UTF-8 (kept as they are, through surrogateescape). Also returns the 1-based line of each JSON-lines
-    record (None for a JSON list). A JSON list that is not valid JSON is an error for the whole file."""
+    record (None for a JSON list) and the records a JSON list's one parse gave (None for JSON lines), so that they
+    are not parsed again. A JSON list that is not valid JSON is an error for the whole file."""
     try:
         with open(path, 'rb') as f:
             data = f.read()
@@ -226,9 +227,9 @@ def split_records(path: str) -> tuple[list[bytes], list[int] | None]:
             raws = json.loads(data.decode('utf-8', 'surrogateescape'))
         except json.JSONDecodeError as e:
             raise RecordError(f'{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}', 'json') from None
-        return [_payload(r) for r in raws], None
+        return [_payload(r) for r in raws], None, raws
     lines = [(n, line) for n, line in enumerate(data.split(b'\n'), 1) if line.strip()]
-    return [line for _, line in lines], [n for n, _ in lines]
+    return [line for _, line in lines], [n for n, _ in lines], None
 
 
 def _payload(raw: Any) -> bytes:
@@ -248,17 +249,37 @@ def decode_record(payload: bytes, where: str) -> Any:
         raise RecordError(f'{where}: invalid JSON at column {e.colno}: {e.msg}', 'json') from None
 
 
-def duplicate_ids(payloads: Iterable[bytes]) -> dict[int, int]:
-    """{index: index of the first record with the same id} for every later record repeating an id (within one
-    file). Records without an id, or that do not decode, are not compared."""
+def decode_payloads(payloads: Sequence[bytes], source: str, lines: Sequence[int] | None = None,
+                    parsed: Sequence[Any] | None = None) -> list[Any]:
+    """Each payload decoded once: the object, or the RecordError `decode_record` gives. `parsed` (a JSON list's
+    records from `split_records`) is taken as it is wherever its payload is UTF-8, since decoding that payload
+    gives the same object back."""
+    out = []
+    for i, payload in enumerate(payloads):
+        if parsed is not None and _is_utf8(payload):
+            out.append(parsed[i])
+            continue
+        try:
+            out.append(decode_record(payload, where_of(source, i, line=lines[i] if lines else None)))
+        except RecordError as e:
+            out.append(e)
+    return out
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode('utf-8')
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def duplicate_ids(ids: Iterable[Any]) -> dict[int, int]:
+    """Record ids (`record_id`, in file order) -> {index: index of the first record with the same id} for every
+    later record repeating an id (within one file). Records without an id (None) are not compared."""
     first: dict[str, int] = {}
     duplicates = {}
-    for i, payload in enumerate(payloads):
-        try:
-            raw = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        rid = record_id(raw)
+    for i, rid in enumerate(ids):
         if rid is None:
             continue
         if str(rid) in first:
@@ -275,7 +296,16 @@ def duplicate_error(where: str, rid: Any, first: int) -> RecordError:
 def load_record(payload: bytes, *, source: str, index: int, image_folder: str, line: int | None = None,
                 duplicate_of: int | None = None, check_files: bool = True) -> Record:
     """One payload of `split_records` -> Record: decoded, checked against duplicate ids, parsed."""
-    raw = decode_record(payload, where_of(source, index, line=line))
+    return build_record(decode_record(payload, where_of(source, index, line=line)), source=source, index=index,
+                        image_folder=image_folder, line=line, duplicate_of=duplicate_of, check_files=check_files)
+
+
+def build_record(raw: Any, *, source: str, index: int, image_folder: str, line: int | None = None,
+                 duplicate_of: int | None = None, check_files: bool = True) -> Record:
+    """One decoded record of `decode_payloads` (or the RecordError decoding it gave) -> Record: checked against
+    duplicate ids, parsed."""
+    if isinstance(raw, RecordError):
+        raise raw
     if duplicate_of is not None:
         rid = record_id(raw)
         raise duplicate_error(where_of(source, index, rid, line), rid, duplicate_of)
@@ -285,17 +315,18 @@ def load_record(payload: bytes, *, source: str, index: int, image_folder: str, l
 
 def read_records(path: str, image_folder: str, *, strict: bool = True, check_files: bool = True
                  ) -> tuple[list[Record], dict[str, int]]:
-    """A JSON list or JSON-lines file -> (records, skipped-by-reason counts). `strict` raises on the first bad
-    record; otherwise bad records (a JSON-lines line that does not decode, a duplicate id, ...) are skipped and
-    counted by `RecordError.reason`."""
-    payloads, lines = split_records(path)
-    duplicates = duplicate_ids(payloads)
+    """A JSON list or JSON-lines file -> (records, skipped-by-reason counts), each record parsed once. `strict`
+    raises on the first bad record; otherwise bad records (a JSON-lines line that does not decode, a duplicate id,
+    ...) are skipped and counted by `RecordError.reason`."""
+    payloads, lines, parsed = split_records(path)
+    raws = decode_payloads(payloads, path, lines, parsed)
+    duplicates = duplicate_ids(map(record_id, raws))
     records, skipped = [], {}
-    for i, payload in enumerate(payloads):
+    for i, raw in enumerate(raws):
         try:
-            records.append(load_record(payload, source=path, index=i, image_folder=image_folder,
-                                       line=lines[i] if lines else None, duplicate_of=duplicates.get(i),
-                                       check_files=check_files))
+            records.append(build_record(raw, source=path, index=i, image_folder=image_folder,
+                                        line=lines[i] if lines else None, duplicate_of=duplicates.get(i),
+                                        check_files=check_files))
         except RecordError as e:
             if strict:
                 raise

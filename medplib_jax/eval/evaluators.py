@@ -41,11 +41,12 @@ import jax
 import numpy as np
 
 from medplib_jax.config_fields import known_fields
+from medplib_jax.data.config import DataConfig
 from medplib_jax.data.conversation import SYSTEMS
 from medplib_jax.data.images import ImageError, find_image, load_image, load_mask
-from medplib_jax.data.pipeline import DataConfig, open_sources
-from medplib_jax.data.records import Record, RecordError, load_record
+from medplib_jax.data.records import Record, RecordError
 from medplib_jax.data.regions import RegionPrompt
+from medplib_jax.data.sources import open_sources
 from medplib_jax.data.tokenizer import load_tokenizer, tiny_tokenizer
 from medplib_jax.eval import metrics, report
 from medplib_jax.eval.config import EvalSettings
@@ -160,15 +161,14 @@ class RecordsEvaluator(Evaluator):
         (`SkipRecord` from `describe`), is skipped and counted (an error with `config.data.strict`); a record of the
         wrong kind for this evaluator is an error naming it."""
         records, skips = [], []
-        sources = open_sources(self.data)
+        sources = open_sources(self.data, keep_decoded=True)  # each record decoded once, here
         self.files = tuple(src.path for src in sources)
         for src in sources:
             for i in range(len(src)):
                 if self.s.max_records and len(records) + len(skips) >= self.s.max_records:
                     return records, skips
                 try:
-                    record = load_record(src[i].payload, source=src.path, index=i, image_folder=src.image_folder,
-                                         line=src.info.line(i), duplicate_of=src.duplicates.get(i))
+                    record = src.record(i)
                     self.describe(record)  # SkipRecord, or ValueError for a record of the wrong kind
                 except (RecordError, SkipRecord) as e:
                     if self.data.strict:

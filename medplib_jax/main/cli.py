@@ -258,7 +258,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     consulted only when loaded (an error of a module never imported cannot have been raised)."""
     out: list[type[BaseException]] = [ValueError, FileNotFoundError, FileExistsError, NotADirectoryError]
     for module, name in (('medplib_jax.convert.common', 'MissingExtraError'),
-                         ('medplib_jax.data.pipeline', 'TooManySkipsError'),
+                         ('medplib_jax.data.skips', 'TooManySkipsError'),
                          ('medplib_jax.train.loop', 'TrainingError')):
         if module in sys.modules:
             out.append(getattr(sys.modules[module], name))
@@ -343,8 +343,9 @@ def _run(command: str, args: list[str], config, preemption=None) -> None:
         from medplib_jax.data.check import check_data
         check_data(config, picture=F.picture)
     elif command == 'build-image-cache':
+        from medplib_jax.data.config import DataConfig
         from medplib_jax.data.image_cache import ImageCache
-        from medplib_jax.data.pipeline import DataConfig, image_paths
+        from medplib_jax.data.sources import image_paths
         cfg = DataConfig.from_config(config.data)
         if not cfg.image_cache:
             raise ValueError('build-image-cache: set --config.data.image_cache=FOLDER (where to write it)')
@@ -382,7 +383,7 @@ def _run(command: str, args: list[str], config, preemption=None) -> None:
     elif command in ('chat', 'serve'):
         _chat_or_serve(command, args)
     elif command == 'to-array-record':
-        from medplib_jax.data.pipeline import write_array_record
+        from medplib_jax.data.sources import write_array_record
         print(f'{args[1]}: {write_array_record(*args)} records')
     else:
         from medplib_jax.main.demo import run_demo

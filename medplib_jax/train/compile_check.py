@@ -162,7 +162,8 @@ def example_batch(config: mlc.ConfigDict) -> dict[str, Any]:
     padding row, so the two cannot drift)."""
     import jax
 
-    from medplib_jax.data.pipeline import Collator, DataConfig, ModelShapes
+    from medplib_jax.data.collate import Collator
+    from medplib_jax.data.config import DataConfig, ModelShapes
     from medplib_jax.train.step import TRAIN_KEYS
     data = DataConfig.from_config(config.data)
     longest = dataclasses.replace(data, length_buckets=(max(data.length_buckets),))

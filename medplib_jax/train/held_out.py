@@ -3,7 +3,7 @@ MoE's evaluation capacity factor) over one pass of held-out records files.
 
 Settings: `datasets` (name -> configs.common.dataset(...), defaults to the training mix), `max_batches` (0 = the
 whole pass). Reports token-weighted CE and accuracy, per-mask BCE and Dice, and the weighted loss averaged over
-batches.
+batches. The pipeline is built once, with the evaluator, and read afresh by each evaluation.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medplib_jax.data.pipeline import DataConfig, make_iterator, open_sources
+from medplib_jax.data.pipeline import dataset_from_config
 from medplib_jax.eval.registry import Evaluator, register
 from medplib_jax.train.config import TrainConfig
 from medplib_jax.train.inputs import global_batch
@@ -30,8 +30,9 @@ class HeldOutLoss(Evaluator):
         datasets = self.settings.pop('datasets', None)
         if datasets:
             self.data.data.datasets = datasets
-        # Missing or empty held-out files fail now, not after the training steps.
-        open_sources(DataConfig.from_config(self.data.data))
+        # Built once (missing or empty held-out files fail now, not after the training steps); each evaluation
+        # iterates it afresh: one pass, in file order, the same records every time.
+        self.dataset = dataset_from_config(self.data, train=False)
         self.max_batches = int(self.settings.pop('max_batches', 0))
         if self.settings:
             raise ValueError(f'config.evals.{name}: unknown settings {sorted(self.settings)}')
@@ -44,7 +45,7 @@ class HeldOutLoss(Evaluator):
 
     def run(self, params: Any) -> dict[str, float]:
         ctx = self.context
-        it = make_iterator(self.data, train=False)
+        it = iter(self.dataset)
         sums: dict[str, float] = {}
         batches = 0
         try:

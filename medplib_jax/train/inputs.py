@@ -1,8 +1,8 @@
 """Host batches from the data pipeline -> global jax.Arrays sharded over the mesh's batch axes (multi-host safe).
 
-Each process's pipeline picks the length bucket from its own rows (data/pipeline.py), so with several processes
-they first agree on the longest one (one all-gather of an integer per step) and pad to it: every process must
-contribute the same per-process shapes to `jax.make_array_from_process_local_data`.
+Each process's pipeline picks the length bucket from its own rows (data/collate.py `length_bucket`), so with
+several processes they first agree on the longest one (one all-gather of an integer per step) and pad to it: every
+process must contribute the same per-process shapes to `jax.make_array_from_process_local_data`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from medplib_jax.data.batch import pad_batch
-from medplib_jax.data.pipeline import MESSAGES_KEY
+from medplib_jax.data.skips import MESSAGES_KEY
 from medplib_jax.sharding import data_sharding
 
 

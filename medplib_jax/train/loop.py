@@ -32,7 +32,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medplib_jax import checkpoint, sharding
-from medplib_jax.data.pipeline import DataConfig, ModelShapes, build_dataset
+from medplib_jax.data.config import DataConfig, ModelShapes
+from medplib_jax.data.pipeline import build_dataset
 from medplib_jax.eval.registry import EvalContext, build_evaluators
 from medplib_jax.models.lora import merge
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM, init_fn

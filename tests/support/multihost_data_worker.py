@@ -22,8 +22,8 @@ def main() -> None:
     import ml_collections as mlc
     from jax.experimental import multihost_utils
 
-    from medplib_jax.data.config import DataConfig, DatasetSpec
-    from medplib_jax.data.pipeline import ModelShapes, build_dataset
+    from medplib_jax.data.config import DataConfig, DatasetSpec, ModelShapes
+    from medplib_jax.data.pipeline import build_dataset
     from medplib_jax.sharding import make_mesh
     from medplib_jax.train.inputs import global_batch
 
