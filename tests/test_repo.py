@@ -36,5 +36,6 @@ def test_comments_cite_the_reference_not_a_private_document():
                 if name.endswith(('.py', '.md')):
                     path = os.path.join(dirpath, name)
                     with open(path) as f:
-                        cited += [f'{os.path.relpath(path, ROOT)}: {m}' for m in re.findall(r'facts? \d+\.\d+', f.read())]
+                        found = re.findall(r'facts? \d+\.\d+', f.read())
+                    cited += [f'{os.path.relpath(path, ROOT)}: {m}' for m in found]
     assert not cited, cited
