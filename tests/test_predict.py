@@ -1,6 +1,9 @@
 """The predict API on the tiny MoE MedPLIB, restored from a params directory as evaluators restore one: answers,
 the `<SEG>` mask at the original image size equal to the training path's mask for the same state, the routing of
-every generated token, and one-line errors for requests that do not fit."""
+every generated token (from decoding itself), batched masks, and one-line errors for requests that do not fit."""
+import copy
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,7 @@ from medplib_jax import checkpoint
 from medplib_jax.data.conversation import prompt_ids
 from medplib_jax.data.images import sam_preprocess
 from medplib_jax.data.regions import RegionPrompt
-from medplib_jax.infer.generate import generate
+from medplib_jax.infer.generate import Sampling, generate
 from medplib_jax.infer.predict import PredictError, Predictor, Request
 from medplib_jax.models.masks import binarize, postprocess_masks
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
@@ -124,3 +127,55 @@ def test_prompt_routing_is_the_routers_first_choice_at_every_prompt_position(pre
     assert experts.shape == (len(predictor.mcfg.llm.moe_layers), len(ids)) == want.shape
     np.testing.assert_array_equal(experts, want)
     assert len(np.unique(experts)) == 2  # both experts in use: the comparison is not vacuous
+
+
+def test_routing_from_decoding_equals_a_teacher_forced_pass(predictor, np_rng):
+    """The expert of every generated token, collected from the decoding steps themselves (a batch of left-padded
+    prompts of different lengths; sampled, so that the answers vary and reach both experts), equals each request's
+    own teacher-forced forward pass over prompt + answer."""
+    sampled = Predictor(predictor.mcfg, predictor.params, predictor.tokenizer, max_new_tokens=12,
+                        sampling=Sampling(temperature=1.0))
+    requests = [Request(np_rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), q) for (h, w), q in
+                (((120, 90), 'What is shown?'), ((200, 260), 'Which organ is this, and is it normal?'),
+                 ((64, 64), 'Describe the image in detail, please.'))]
+    predictions = sampled.predict_batch(requests, mask='never', routing=True, rng=jax.random.key(3))
+    seen = []
+    for request, p in zip(requests, predictions):
+        ids, experts = sampled.prompt_routing(request, p.tokens)
+        want = experts[:, len(ids) - len(p.tokens):]
+        assert p.routing.shape == want.shape == (len(predictor.mcfg.llm.moe_layers), len(p.tokens))
+        np.testing.assert_array_equal(p.routing, want)
+        seen.append(p.routing.ravel())
+    assert set(np.concatenate(seen)) == {0, 1}  # both experts in use: the comparison is not vacuous
+    assert all(p.routing is None for p in predictor.predict_batch(requests[:1], mask='never'))
+
+
+def test_a_batch_of_masks_equals_one_at_a_time(predictor, np_rng):
+    """Masks of a batch (one program: the images' SAM embeddings, the mask decoder, the canvas of the largest image
+    and the threshold) equal each request's alone, at every size; 'auto' computes them where a `<SEG>` is generated
+    (a generated token taken as `<SEG>`) and equals 'always' there."""
+    sizes = ((300, 484), (90, 70), (520, 260))
+    requests = [Request(np_rng.integers(0, 256, size=s + (3,), dtype=np.uint8), 'Please segment the lesion.')
+                for s in sizes]
+    batch = predictor.predict_batch(requests, mask='always')
+    for request, size, p in zip(requests, sizes, batch):
+        alone = predictor.predict_batch([request], mask='always')[0]
+        assert alone.tokens == p.tokens and p.mask.shape == p.mask_logits.shape == size and p.mask.dtype == bool
+        scale = max(1.0, float(np.abs(alone.mask_logits).max()))
+        np.testing.assert_allclose(p.mask_logits, alone.mask_logits, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_array_equal(p.mask, alone.mask)
+        np.testing.assert_array_equal(p.mask, np.asarray(binarize(alone.mask_logits)))
+
+    seg = batch[0].tokens[0]  # the first request's first answer token plays <SEG>
+    tokenizer = copy.copy(predictor.tokenizer)
+    tokenizer.ids = dataclasses.replace(tokenizer.ids, seg=seg)
+    seg_predictor = Predictor(dataclasses.replace(predictor.mcfg, seg_token_id=seg), predictor.params, tokenizer,
+                              max_new_tokens=predictor.max_new_tokens)
+    auto = seg_predictor.predict_batch(requests, mask='auto')
+    always = seg_predictor.predict_batch(requests, mask='always')
+    assert auto[0].has_seg
+    for a, b in zip(auto, always):
+        assert (a.mask is not None) == a.has_seg
+        if a.has_seg:
+            np.testing.assert_array_equal(a.mask_logits, b.mask_logits)
+            np.testing.assert_array_equal(a.mask, b.mask)

@@ -10,6 +10,10 @@ that ends when every sample has produced `eos_id` (or after `max_new_tokens`).
 that predicted the first generated `<SEG>` (the state one position before it in prompt + generation). With no
 `<SEG>` the reference takes the second-to-last of the concatenated states (prefill's, then one per step); both are
 returned, with a flag.
+
+Routing (MoE): the layers sow each token's first-choice expert and its keep / drop decision (models/moe.py); the
+decode steps collect them as they go, so the expert of every generated token comes out of decoding itself (token n
+is routed when step n feeds it in), with no second, teacher-forced pass.
 """
 from __future__ import annotations
 
@@ -21,12 +25,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medplib_jax.models.moe import collect_moe_metrics
+
 
 def init_cache(model: nn.Module, batch: int, max_len: int) -> Any:
     """Zeroed `cache` collection for `max_len` total positions (prompt + generated)."""
     dummy = jnp.zeros((batch, max_len), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, decode=True)['cache'])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes))
+
+
+def _first_choice(intermediates: Any) -> jax.Array | None:
+    """(MoE layers, B, L) first-choice expert of every token of one apply, -1 where it was dropped; None: no MoE."""
+    m = collect_moe_metrics(intermediates)
+    return jnp.where(m['token_slots'] > 0, m['token_expert'], -1) if m else None
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -72,8 +84,9 @@ def generate(model: nn.Module, params: Any, prompt: dict[str, jax.Array], *, max
 
     Returns `tokens` (B, N) int32 (`pad_id` after a sample's EOS), `lengths` (B,) generated tokens including the
     EOS, `seg_hidden` (B, D) the state that predicted the first generated `<SEG>` (else the reference's fallback,
-    the second-to-last concatenated state), `has_seg` (B,) bool, and with `return_logits` the step `logits`
-    (B, N, V) (logits n gave token n)."""
+    the second-to-last concatenated state), `has_seg` (B,) bool, for a MoE model `routing` (MoE layers, B, N)
+    int32: the first-choice expert of each generated token (-1: dropped), and with `return_logits` the step
+    `logits` (B, N, V) (logits n gave token n)."""
     ids, mask = prompt['input_ids'], prompt['token_mask'].astype(bool)
     b, t = ids.shape
     if 'clip_pixels' in prompt:
@@ -85,7 +98,9 @@ def generate(model: nn.Module, params: Any, prompt: dict[str, jax.Array], *, max
     cache = init_cache(model, b, t + max_new_tokens)
     positions = positions_from_mask(mask)
     (logits, hidden), state = model.apply({'params': params, 'cache': cache}, inputs_embeds=embeds,
-                                          positions=positions, token_mask=mask, decode=True, mutable=['cache'])
+                                          positions=positions, token_mask=mask, decode=True,
+                                          mutable=['cache', 'intermediates'])
+    prefill_routing = _first_choice(state.get('intermediates', {}))  # only its shape: how many MoE layers
     rng = jax.random.key(0) if rng is None else rng
     seg = -1 if seg_id is None else seg_id
     d, v = hidden.shape[-1], logits.shape[-1]
@@ -94,13 +109,15 @@ def generate(model: nn.Module, params: Any, prompt: dict[str, jax.Array], *, max
     # predictor[n]: the state that predicted token n (step n's input state); prefill's last state predicts token 0.
     predictors0 = jnp.zeros((b, max_new_tokens, d), hidden.dtype)
     logits0 = jnp.zeros((b, max_new_tokens if return_logits else 0, v), jnp.float32)
+    routing0 = None if prefill_routing is None else jnp.full((prefill_routing.shape[0], b, max_new_tokens), -1,
+                                                             jnp.int32)
 
     def cond(carry):
         n, done = carry[0], carry[4]
         return (n < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        n, cache, last_logits, last_hidden, done, tokens, predictors, all_logits, pos, key = carry
+        n, cache, last_logits, last_hidden, done, tokens, predictors, all_logits, routing, pos, key = carry
         key, sub = jax.random.split(key)
         token = jnp.where(done, pad_id, next_token(last_logits, sampling, sub))
         tokens = tokens.at[:, n].set(token)
@@ -111,13 +128,15 @@ def generate(model: nn.Module, params: Any, prompt: dict[str, jax.Array], *, max
         pos = pos + 1
         (new_logits, new_hidden), st = model.apply({'params': params, 'cache': cache}, token[:, None],
                                                    positions=pos[:, None], token_mask=jnp.ones((b, 1), bool),
-                                                   decode=True, mutable=['cache'])
-        return (n + 1, st['cache'], new_logits[:, 0], new_hidden[:, 0], done, tokens, predictors, all_logits, pos,
-                key)
+                                                   decode=True, mutable=['cache', 'intermediates'])
+        if routing is not None:
+            routing = routing.at[:, :, n].set(_first_choice(st['intermediates'])[:, :, 0])
+        return (n + 1, st['cache'], new_logits[:, 0], new_hidden[:, 0], done, tokens, predictors, all_logits,
+                routing, pos, key)
 
     carry = (jnp.int32(0), state['cache'], logits[:, -1], hidden[:, -1], jnp.zeros((b,), bool), tokens0,
-             predictors0, logits0, positions[:, -1], rng)
-    _, _, _, _, _, tokens, predictors, all_logits, _, _ = jax.lax.while_loop(cond, body, carry)
+             predictors0, logits0, routing0, positions[:, -1], rng)
+    _, _, _, _, _, tokens, predictors, all_logits, routing, _, _ = jax.lax.while_loop(cond, body, carry)
 
     is_eos = tokens == eos_id
     lengths = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1) + 1, max_new_tokens).astype(jnp.int32)
@@ -133,6 +152,8 @@ def generate(model: nn.Module, params: Any, prompt: dict[str, jax.Array], *, max
                has_seg=has_seg)
     if return_logits:
         out['logits'] = all_logits
+    if routing is not None:
+        out['routing'] = routing
     return out
 
 

@@ -11,10 +11,16 @@ The prompt is the training template (llava_v1) built from the conversation (data
 preprocessing (CLIP 336 pad, SAM-Med2D 256), regions through the same 24x24 grids. Decoding: infer/generate.py. The
 mask: the `<SEG>` state -> T-projector -> SAM-Med2D mask decoder -> 64x64 logits -> the original size through the
 mask geometry the losses use (models/masks.py), thresholded at sigmoid 0.1.
+
+A batch takes two programs and no host round trip in between: one decodes every request and, in the same program,
+runs the SAM image encoder once per image and the mask decoder on each request's `<SEG>` state (the state never
+leaves the device); the other brings the 64x64 logits of the whole batch to one canvas and thresholds them there.
+The routing comes from the decoding steps themselves (generate's `routing`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Callable, Sequence
@@ -28,7 +34,7 @@ from medplib_jax.data.images import clip_preprocess, load_image, sam_preprocess
 from medplib_jax.data.regions import RegionError, RegionPrompt, regions_to_grids
 from medplib_jax.data.tokenizer import MedPLIBTokenizer, load_tokenizer, tiny_tokenizer
 from medplib_jax.infer.generate import Sampling, generate
-from medplib_jax.models.masks import binarize, masks_to_canvas
+from medplib_jax.models.masks import LOW_RES, binarize, masks_to_canvas
 from medplib_jax.models.medplib import MedPLIBConfig, MedPLIBForCausalLM
 from medplib_jax.models.moe import collect_moe_metrics
 from medplib_jax.tree import unflatten
@@ -101,7 +107,6 @@ class Predictor:
         self.max_new_tokens, self.sampling, self.system = max_new_tokens, sampling, SYSTEMS[system]
         self.largest_component, self.length_step = largest_component, length_step
         self.synthetic = False  # weights trained on the synthetic demo data (from_params_dir reads it)
-        self._masks = jax.jit(self._mask_logits, static_argnames=('canvas',))
         self._routing = jax.jit(self._route)
 
     @classmethod
@@ -148,25 +153,28 @@ class Predictor:
         prompt = {'input_ids': jnp.asarray(ids), 'token_mask': jnp.asarray(token_mask),
                   'clip_pixels': jnp.asarray(np.stack([x['clip'] for x in inputs])),
                   'region_grids': jnp.asarray(np.stack([x['grids'] for x in inputs]))}
-        out = jax.device_get(generate(self.model, self.params, prompt, max_new_tokens=self.max_new_tokens,
-                                      eos_id=self.tokenizer.ids.eos, seg_id=self.mcfg.seg_token_id,
-                                      sampling=self.sampling, rng=rng))
+        sam = None if mask == 'never' else jnp.asarray(np.stack([x['sam'] for x in inputs]))
+        decoded = decode_and_segment(self.model, self.params, prompt, sam, rng, max_new_tokens=self.max_new_tokens,
+                                     eos_id=self.tokenizer.ids.eos, sampling=self.sampling, mask=mask)
+        keys = ('tokens', 'lengths', 'has_seg') + (('routing',) if routing and 'routing' in decoded else ())
+        out = jax.device_get({k: decoded[k] for k in keys})
         predictions = []
-        for i, x in enumerate(inputs):
+        for i in range(len(inputs)):
             n = int(out['lengths'][i])
             tokens = [int(t) for t in out['tokens'][i, :n]]
             text_ids = tokens[:-1] if tokens and tokens[-1] == self.tokenizer.ids.eos else tokens
             predictions.append(Prediction(self.tokenizer.decode(text_ids).strip(), tokens, bool(out['has_seg'][i])))
+            if 'routing' in out:
+                predictions[i].routing = out['routing'][:, i, :n].copy()
         wanted = [i for i, p in enumerate(predictions) if mask == 'always' or (mask == 'auto' and p.has_seg)]
-        for i in wanted:
-            logits = self.mask_logits(out['seg_hidden'][i], inputs[i]['sam'], inputs[i]['sam_size'],
-                                      inputs[i]['size'])
-            predictions[i].mask_logits = logits
-            predictions[i].mask = np.asarray(binarize(logits, self.mcfg.mask_threshold))
-        if routing and self.mcfg.llm.moe_layers:
-            for i, p in enumerate(predictions):
-                p.routing = self.routing(ids[i:i + 1], token_mask[i:i + 1], prompt['clip_pixels'][i:i + 1],
-                                         prompt['region_grids'][i:i + 1], p.tokens)
+        if wanted:
+            sizes = [x['size'] for x in inputs]
+            logits, binary = jax.device_get(self._canvas(
+                decoded['low_res'], [x['sam_size'] for x in inputs], sizes))
+            for i in wanted:
+                h, w = sizes[i]
+                # copies: a prediction does not keep its whole batch's canvas alive
+                predictions[i].mask_logits, predictions[i].mask = logits[i, :h, :w].copy(), binary[i, :h, :w].copy()
         return predictions
 
     # ----------------------------------------------------------------------------------------------------------
@@ -195,25 +203,15 @@ class Predictor:
     def mask_logits(self, seg_hidden: np.ndarray, sam_pixels: np.ndarray, sam_size: tuple[int, int],
                     size: tuple[int, int]) -> np.ndarray:
         """One `<SEG>` state (D,) -> mask logits (H, W) at the original size."""
-        canvas = tuple(_CANVAS_STEP * math.ceil(s / _CANVAS_STEP) for s in size)
-        logits = self._masks(self.params, jnp.asarray(seg_hidden)[None], jnp.asarray(sam_pixels)[None],
-                             jnp.asarray(sam_size, jnp.int32)[None], jnp.asarray(size, jnp.int32)[None], canvas=canvas)
+        low_res = seg_low_res(self.model, self.params, jnp.asarray(seg_hidden)[None], jnp.asarray(sam_pixels)[None])
+        logits, _ = self._canvas(low_res, [sam_size], [size])
         return np.asarray(logits[0, :size[0], :size[1]])
 
-    def _mask_logits(self, params, seg_hidden, sam_pixels, sam_size, size, canvas):
-        low_res, _ = self.model.apply({'params': params}, seg_hidden[:, None], sam_pixels,
-                                      method=MedPLIBForCausalLM.seg_masks)
-        out, _ = masks_to_canvas(low_res[:, 0], sam_size, size, canvas, self.mcfg.postprocess)
-        return out
-
-    def routing(self, ids: np.ndarray, token_mask: np.ndarray, clip_pixels: jax.Array, region_grids: jax.Array,
-                tokens: list[int]) -> np.ndarray:
-        """(MoE layers, generated tokens) first-choice expert of each generated token (-1 where it was dropped),
-        from one teacher-forced pass over prompt + answer (evaluation mode, as decoding routes)."""
-        full = np.concatenate([ids, np.asarray([tokens], np.int32)], axis=1)
-        mask = np.concatenate([token_mask, np.ones((1, len(tokens)), bool)], axis=1)
-        # token n was produced at position t - 1 + n and is the input at position t + n: its routing is there
-        return self._first_choice(full, mask, clip_pixels, region_grids)[:, ids.shape[1]:]
+    def _canvas(self, low_res: jax.Array, sam_sizes: Sequence[tuple[int, int]],
+                sizes: Sequence[tuple[int, int]]) -> tuple[jax.Array, jax.Array]:
+        canvas = tuple(_CANVAS_STEP * math.ceil(max(s[d] for s in sizes) / _CANVAS_STEP) for d in (0, 1))
+        return masks_on_canvas(low_res, jnp.asarray(sam_sizes, jnp.int32), jnp.asarray(sizes, jnp.int32),
+                               canvas=canvas, mode=self.mcfg.postprocess, threshold=self.mcfg.mask_threshold)
 
     def prompt_routing(self, request: Request, answer: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(ids (T,), first-choice expert (MoE layers, T), -1 where dropped) of one request's prompt, as its
@@ -239,3 +237,46 @@ class Predictor:
                                     mutable=['intermediates'])
         m = collect_moe_metrics(state['intermediates'])
         return m['token_expert'], m['token_slots']
+
+
+
+# Module-level programs with the model as a static argument (as `generate`): the evaluators' predictors, one per
+# evaluator over the same model, share their compiled programs.
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'eos_id', 'sampling', 'mask'))
+def decode_and_segment(model: MedPLIBForCausalLM, params: Any, prompt: dict[str, jax.Array],
+                       sam_pixels: jax.Array | None, rng: jax.Array | None, *, max_new_tokens: int, eos_id: int,
+                       sampling: Sampling, mask: str) -> dict[str, jax.Array]:
+    """`generate`, plus with `mask` other than 'never' the 64x64 mask logits `low_res` (B, 64, 64) of every
+    request's `<SEG>` state, in the same program (for 'auto' only when some request generated a `<SEG>`, else
+    zeros)."""
+    out = generate(model, params, prompt, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                   seg_id=model.mcfg.seg_token_id, sampling=sampling, rng=rng)
+    if mask == 'never':
+        return out
+
+    def segment():
+        return seg_low_res(model, params, out['seg_hidden'], sam_pixels)
+
+    if mask == 'always':
+        out['low_res'] = segment()
+    else:  # the SAM image encoder is most of a mask's cost: skipped when no request needs it
+        zeros = jnp.zeros((sam_pixels.shape[0], LOW_RES, LOW_RES), jnp.float32)
+        out['low_res'] = jax.lax.cond(out['has_seg'].any(), segment, lambda: zeros)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def seg_low_res(model: MedPLIBForCausalLM, params: Any, seg_hidden: jax.Array, sam_pixels: jax.Array) -> jax.Array:
+    """`<SEG>` states (B, D) + SAM inputs (B, 256, 256, 3) -> 64x64 mask logits (B, 64, 64): each request's image
+    embedded once, the whole batch in one call."""
+    low_res, _ = model.apply({'params': params}, seg_hidden[:, None], sam_pixels, method=MedPLIBForCausalLM.seg_masks)
+    return low_res[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=('canvas', 'mode', 'threshold'))
+def masks_on_canvas(low_res: jax.Array, sam_size: jax.Array, size: jax.Array, *, canvas: tuple[int, int], mode: str,
+                    threshold: float) -> tuple[jax.Array, jax.Array]:
+    """(B, 64, 64) logits -> (logits (B, Hc, Wc), masks (B, Hc, Wc) bool), each at its image's size, top-left:
+    thresholded here, where the logits are, not after a trip to the host."""
+    logits, _ = masks_to_canvas(low_res, sam_size, size, canvas, mode)
+    return logits, binarize(logits, threshold)
