@@ -129,3 +129,18 @@ def data_sharding(mesh: Mesh, rank: int, rules: Rules | None = None) -> NamedSha
     current `logical_axis_rules`, else the project's table), the rest replicated."""
     rules = rules if rules is not None else (nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
     return NamedSharding(mesh, PartitionSpec(mesh_axes(BATCH, rules) or None, *([None] * (rank - 1))))
+
+
+def largest_dim_sharding(mesh: Mesh) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """For writing or reading arrays without a model (export, conversion): each array is split along its largest
+    dimension the devices divide (else kept whole), so no device holds a full copy of a big tree."""
+    n = mesh.devices.size
+
+    def sharding_of(_: str, shape: tuple[int, ...]) -> NamedSharding:
+        dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % n == 0]
+        spec = [None] * len(shape)
+        if dims:
+            spec[dims[0]] = mesh.axis_names[0]
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return sharding_of

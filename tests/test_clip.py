@@ -16,6 +16,7 @@ def _rel_err(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('image_size,patch_size,num_layers', [(56, 14, 3), (336, 14, 3)])
 @pytest.mark.parametrize('select_layer,select_feature', [(-2, 'patch'), (-1, 'cls_patch'), (1, 'patch')])
 def test_features_match_hf_hidden_states(np_rng, image_size, patch_size, num_layers, select_layer, select_feature):

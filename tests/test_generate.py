@@ -65,6 +65,7 @@ def _no_cache_loop(model, params, prompt, pixels, steps):
     return ids[0, t:], np.stack(logits_seen), np.stack(hidden_seen)
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_a_loop_without_cache(setup, np_rng):
     cfg, model, params = setup
     prompt = _prompt(cfg, np_rng, 7)
@@ -87,6 +88,7 @@ def test_cached_decoding_equals_a_loop_without_cache(setup, np_rng):
                                atol=1e-5 * float(np.abs(hidden).max()))
 
 
+@pytest.mark.slow
 def test_a_batch_of_prompts_of_different_lengths_equals_each_alone(setup, np_rng):
     cfg, model, params = setup
     rows = [_prompt(cfg, np_rng, n) for n in (2, 9, 5)]
@@ -107,6 +109,7 @@ def test_a_batch_of_prompts_of_different_lengths_equals_each_alone(setup, np_rng
         np.testing.assert_allclose(np.asarray(batch['logits'][i, :n]), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_sampling_settings(np_rng):
     logits = jnp.asarray(np_rng.normal(size=(4, 50)), jnp.float32)
     assert np.array_equal(np.asarray(next_token(logits, Sampling(), None)), np.asarray(logits).argmax(-1))

@@ -35,6 +35,7 @@ def test_attention_fully_masked_rows_stay_finite(np_rng):
         dot_product_attention(jnp.zeros((1, 2, 3, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('block', [4, 5, 16])
 def test_blocked_causal_attention_equals_the_full_mask(np_rng, block):
     """Query blocks skip the upper triangle: same outputs and gradients as the (T, T) mask, including the

@@ -45,6 +45,7 @@ def _rel_err(a, b, mask=None):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers,attention_block', [(False, 0), (True, 0), (False, 7)])
 def test_logits_and_loss_match_hf(hf_model, np_rng, scan_layers, attention_block):
     cfg, model, params = _ours(hf_model, scan_layers=scan_layers, attention_block=attention_block)
@@ -88,6 +89,7 @@ def test_inputs_embeds_path_equals_ids_path(hf_model, np_rng):
         model.apply({'params': params}, jnp.asarray(ids), inputs_embeds=embeds)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_kv_cache_decoding_equals_full_forward(hf_model, np_rng, scan_layers):
     """Prefill a left-padded prompt, decode 16 tokens; the full forward over prompt + generated tokens must give
@@ -113,6 +115,7 @@ def test_kv_cache_decoding_equals_full_forward(hf_model, np_rng, scan_layers):
     assert _rel_err(step_logits[:, 0], hf_logits[:, -1].numpy()) <= 1e-5
 
 
+@pytest.mark.slow
 def test_remat_policies_preserve_values_and_grads(hf_model, np_rng):
     cfg, _, params = _ours(hf_model)
     ids, mask, labels = _inputs(np_rng, cfg.vocab_size)
@@ -147,6 +150,7 @@ def test_bf16_compute_close_to_fp32(hf_model, np_rng):
     assert _rel_err(logits_p16, logits32, mask) <= 2e-2
 
 
+@pytest.mark.slow
 def test_init_has_logical_axes_on_every_param():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8)

@@ -13,6 +13,7 @@ from medplib_jax.models.lora import LoRAConfig, LoRADense, merge
 LORA = LoRAConfig(rank=4, alpha=16.0, dropout=0.05, targets=('q_proj',))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stacked', [0, 3])
 def test_forward_init_and_merge(np_rng, stacked):
     layer = LoRADense(12, ('embed', 'mlp'), LORA, stacked=stacked)
@@ -43,6 +44,7 @@ def _apply(x, w, stacked):
     return np.einsum('ebti,eio->ebto', x, w) if stacked else x @ w
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training(np_rng):
     layer = LoRADense(6, ('embed', 'mlp'), LoRAConfig(rank=2, alpha=2.0, dropout=0.5, targets=('q_proj',)))
     x = jnp.asarray(np_rng.normal(size=(4, 16)), jnp.float32)

@@ -202,6 +202,7 @@ def test_per_mask_losses(np_rng):
             _close(ours[k][i], val, f'{k} {sizes[i]}')
 
 
+@pytest.mark.slow
 def test_saturated_logits_give_finite_losses_and_gradients(np_rng):
     """A confidently right pixel (logit +-40: a float32 sigmoid of +40 is exactly 1) once made focal's
     log(1 - s + 1e-12) = -inf and 0 * -inf = NaN, which skipped the whole train step. At +-40 the float64

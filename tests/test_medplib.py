@@ -45,6 +45,7 @@ def _init(model, batch):
     return nn.unbox(model.init(jax.random.key(0), **batch, method=MedPLIBForCausalLM.forward))['params']
 
 
+@pytest.mark.slow
 def test_full_forward_shapes_and_masks_at_original_size(setup, np_rng):
     cfg, model = setup
     sizes = ((300, 484), (512, 512))
@@ -63,6 +64,7 @@ def test_full_forward_shapes_and_masks_at_original_size(setup, np_rng):
         assert masks.shape == (2, h, w) and binarize(masks, cfg.mask_threshold).dtype == jnp.bool_
 
 
+@pytest.mark.slow
 def test_seg_mask_comes_from_the_hidden_state_before_seg(setup, np_rng):
     cfg, model = setup
     batch = _batch(cfg, np_rng)
@@ -94,6 +96,7 @@ def test_seg_mask_comes_from_the_hidden_state_before_seg(setup, np_rng):
                                rtol=1e-5, atol=1e-6)  # the other sample is untouched
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_part_that_feeds_a_loss(setup, np_rng):
     """The model stops no gradient of its own: the towers the recipe freezes (CLIP, SAM's image encoder) get
     gradients here and are frozen by config.train.trainable in the train step (tests/test_train_step.py)."""
@@ -129,6 +132,7 @@ def test_config_errors():
     assert dataclasses.replace(cfg, max_seg=3).max_seg == 3
 
 
+@pytest.mark.slow
 def test_sharded_forward_equals_single_device(setup, np_rng):
     """The whole MedPLIB forward (CLIP, regions, LLM, SAM) on a (data=2, fsdp=2, tensor=2) mesh of 8 fake CPU
     devices equals the 1-device result."""

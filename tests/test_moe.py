@@ -92,6 +92,7 @@ def _noise(rng, shape, k):
 
 
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize('k', [1, 2])
 @pytest.mark.parametrize('cf', [0.5, 1.0, 1.5, 2.0])
 @pytest.mark.parametrize('min_capacity', [0, 4])
@@ -109,6 +110,7 @@ def test_gate_matches_naive_reference(np_rng, k, cf, min_capacity):
         assert abs(float(aux) - r_aux) <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k', [1, 2])
 @pytest.mark.parametrize('cf', [0.5, 1.0, 1.5, 2.0])
 @pytest.mark.parametrize('min_capacity', [0, 4])
@@ -176,6 +178,7 @@ def test_hand_computed_top1_dropping_and_buffer_positions():
     np.testing.assert_allclose(float(aux), 2 * np.sum(me * np.array([4, 2]) / 6), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_hand_computed_top2_and_token_dropped_by_both_passes_through():
     """Same tokens, k=2, cf 0.5 -> capacity ceil(6/2*0.5*2) = 3. First choices of expert 0 (tokens 0,1,3,4) take
     slots 0,1,2,3 -> token 4 dropped. Second choices queue behind all first choices of their expert: expert 1 had
@@ -205,6 +208,7 @@ def test_hand_computed_top2_and_token_dropped_by_both_passes_through():
     assert np.all(np.abs(y[[0, 1, 2, 3, 5]]).sum(-1) > 0)
 
 
+@pytest.mark.slow
 def test_top2_with_capacity_factor_two_is_the_dense_mixture(np_rng):
     """E=2, k=2, cf>=2: nobody is dropped; output = sum_e softmax_e * FFN_e(x)."""
     d, f = 8, 12
@@ -242,6 +246,7 @@ def test_dropped_token_passes_through_the_decoder_layer_unchanged(np_rng):
     assert float(inter['mlp']['moe_drop_fraction'][0]) == pytest.approx(dropped.mean())
 
 
+@pytest.mark.slow
 def test_gradients_reach_router_and_lora(np_rng):
     moe = MoEConfig(mode='dense', capacity_factor=1.5, group_size=2)
     lora = LoRAConfig(rank=4, alpha=8.0, dropout=0.05, targets=('gate_proj', 'up_proj', 'down_proj'))
@@ -265,6 +270,7 @@ def test_gradients_reach_router_and_lora(np_rng):
     assert np.abs(np.asarray(grads['experts']['down_proj']['lora_A'])).max() > 0
 
 
+@pytest.mark.slow
 def test_padding_routing_modes(np_rng):
     s, e = 20, 2
     logits = jnp.asarray(np_rng.normal(size=(s, e)), jnp.float32)
@@ -294,6 +300,7 @@ def test_padding_routing_modes(np_rng):
         assert int(state['intermediates']['moe_expert_counts'][0].sum()) == n_routed, route_padding
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k', [1, 2])
 def test_bucket_padding_routes_as_the_reference_padded_micro_batch(np_rng, k):
     """The reference pads a micro-batch only to its longest sequence and routes all of it. A batch padded further
@@ -327,6 +334,7 @@ def test_bucket_padding_routes_as_the_reference_padded_micro_batch(np_rng, k):
     np.testing.assert_array_equal(m['moe_token_slots'][:, :longest], m_ref['moe_token_slots'])
 
 
+@pytest.mark.slow
 def test_eval_top1_touches_exactly_one_expert_per_token(np_rng):
     moe = MoEConfig(mode='dense')  # eval capacity factor 2.0 with 2 experts: capacity = S, nothing dropped
     logits = jnp.asarray(np_rng.normal(size=(64, 2)), jnp.float32)
@@ -353,6 +361,7 @@ def _moe_llama(scan_layers=False):
                        moe=MoEConfig(mode='dense', capacity_factor=1.0, group_size=4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_moe_model_on_8_devices_equals_1_device(np_rng, scan_layers):
     """Mesh (data=4, fsdp=2): logits, per-layer aux loss, expert counts and drop fraction identical to 1 device,
@@ -406,6 +415,7 @@ def test_moe_model_decodes_a_batch_of_one_with_the_kv_cache(np_rng):
     assert np.asarray(m['expert_counts']).sum(-1).tolist() == [18, 18]  # every token routed, in both layers
 
 
+@pytest.mark.slow
 def test_metrics_collected_per_layer_and_in_total(np_rng):
     cfg = dataclasses.replace(_moe_llama(), moe=MoEConfig(mode='sparse', group_size=4), num_layers=3)
     model = LlamaForCausalLM(cfg)
@@ -421,6 +431,7 @@ def test_metrics_collected_per_layer_and_in_total(np_rng):
     assert collect_moe_metrics({}) == {}
 
 
+@pytest.mark.slow
 def test_config_validation():
     with pytest.raises(ValueError, match='top_k=3'):
         MoEConfig(top_k=3)
@@ -452,6 +463,7 @@ def _random_params(layer, x, mask, np_rng):
     return jax.tree.map(lambda p: p + 0.1 * jnp.asarray(np_rng.normal(size=p.shape), p.dtype), params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('k,cf', [(1, 0.5), (2, 0.5)])
 def test_grouped_dispatch_equals_einsum_outputs_gradients_and_decisions(np_rng, k, cf):
     """3 experts, 2 routing groups, LoRA on every expert projection: outputs, gradients w.r.t. every parameter
@@ -484,6 +496,7 @@ def test_grouped_dispatch_equals_einsum_outputs_gradients_and_decisions(np_rng, 
     assert float(m_ref['moe_drop_fraction'][0]) > 0  # cf 0.5: at most half of the choices find a slot
 
 
+@pytest.mark.slow
 def test_grouped_dispatch_with_bucket_padding_equals_einsum(np_rng):
     """route_padding='micro_batch' on a batch padded to a longer bucket, capacity factor 0.5: the unrouted bucket
     padding and the dropped tokens get exactly 0 in both dispatches, the rest agrees."""
@@ -506,6 +519,7 @@ def test_grouped_dispatch_with_bucket_padding_equals_einsum(np_rng):
     np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-5 * float(np.abs(y_ref).max()))
 
 
+@pytest.mark.slow
 def test_grouped_matmul_skips_an_empty_expert_and_matches_per_row_products(np_rng):
     """Expert 1 gets no rows (its tiles are never visited); rows and weight gradients equal per-row products."""
     expert = jnp.asarray([2, 0, 2, 2, 0, 2, 2, 0, 2, 2], jnp.int32)
@@ -533,6 +547,7 @@ def test_grouped_matmul_skips_an_empty_expert_and_matches_per_row_products(np_rn
         close(got, ref)
 
 
+@pytest.mark.slow
 def test_grouped_dispatch_on_8_devices_equals_1_device(np_rng):
     """The grouped MoE layer on a (data=4, fsdp=2) mesh vs 1 device, training with dropping and bucket padding:
     same outputs, gradients and keep / drop decisions."""

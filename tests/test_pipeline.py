@@ -245,6 +245,7 @@ BAD_KINDS = ('truncated png', 'missing image', 'missing mask', 'mask of wrong si
 
 @pytest.mark.parametrize('kind,workers', [(k, 0) for k in range(len(BAD_KINDS))] + [(0, 2)],
                          ids=[*BAD_KINDS, 'truncated png, 2 workers'])
+@pytest.mark.slow
 def test_each_bad_kind_is_a_clear_error_when_strict(corpus, kind, workers):
     folder, good, bad = corpus
     name, record, reason, message = bad[kind]
@@ -259,6 +260,7 @@ def test_each_bad_kind_is_a_clear_error_when_strict(corpus, kind, workers):
     assert re.search(rf'strict_{kind}\.jsonl\[1\].*{message}', str(err.value).splitlines()[0]), str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 def test_bad_records_are_skipped_counted_and_every_good_one_yielded_once(corpus, caplog, workers):
     folder, good, bad = corpus
@@ -362,6 +364,7 @@ def test_same_seed_same_batches_and_another_seed_another_order(synth):
     assert _rows(a) != _rows(c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 def test_resume_through_orbax_gives_the_uninterrupted_batches(synth, tmp_path, workers):
     """Batches N+1... after restoring the state saved at batch N equal an uninterrupted run's; with workers they

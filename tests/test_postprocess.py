@@ -25,6 +25,7 @@ def _reference_crop(low, h, w):
     return low[:, keep(h)][:, :, keep(w)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size', [(512, 512), (300, 484), (64, 1000), (1000, 64), (40, 30)])
 def test_reference_and_aligned_crops(np_rng, size):
     H, W = size

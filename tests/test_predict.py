@@ -41,6 +41,7 @@ def image(np_rng):
     return np_rng.integers(0, 256, size=SIZE + (3,), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_answers_masks_and_routing(predictor, image):
     p = predictor.predict(image, 'What is shown?', routing=True)
     assert isinstance(p.text, str) and 1 <= len(p.tokens) <= 6 and not p.has_seg and p.mask is None
@@ -52,6 +53,7 @@ def test_answers_masks_and_routing(predictor, image):
     assert always.mask_logits.shape == SIZE and np.isfinite(always.mask_logits).all()
 
 
+@pytest.mark.slow
 def test_grounding_mask_equals_the_training_paths_mask(predictor, image):
     """`<SEG>` forced by teacher forcing: the training forward over prompt + `<SEG>` gives the mask of the state
     before `<SEG>` (the prompt's last); decoding whose first token is treated as `<SEG>` yields that same state,
@@ -98,6 +100,7 @@ def test_requests_that_do_not_fit_are_one_line_errors(predictor, image):
     assert isinstance(region.text, str)
 
 
+@pytest.mark.slow
 def test_prompt_routing_is_the_routers_first_choice_at_every_prompt_position(predictor, image):
     """Each prompt (and teacher-forced answer) token's expert is the argmax of its router logits (captured from the
     router itself in a plain forward pass over prompt + answer); nothing is dropped at the evaluation capacity

@@ -45,6 +45,7 @@ def encoder_setup(np_rng):
     return enc, params, feats
 
 
+@pytest.mark.slow
 def test_one_cell_is_the_bilinear_sample_of_that_cell(encoder_setup):
     enc, params, feats = encoder_setup
     w, b = np.asarray(params['kernel']), np.asarray(params['bias'])
@@ -65,6 +66,7 @@ def test_one_cell_is_the_bilinear_sample_of_that_cell(encoder_setup):
                                    atol=1e-5)
 
 
+@pytest.mark.slow
 def test_full_and_free_form_masks_match_torch_grid_sample(encoder_setup, np_rng):
     enc, params, feats = encoder_setup
     w, b = np.asarray(params['kernel']), np.asarray(params['bias'])
@@ -78,6 +80,7 @@ def test_full_and_free_form_masks_match_torch_grid_sample(encoder_setup, np_rng)
     assert np.all(out[0, 2] == 0)  # empty region -> zeros
 
 
+@pytest.mark.slow
 def test_at_most_512_points_random_subset(encoder_setup):
     _, params, feats = encoder_setup
     enc = RegionEncoder(12)  # max_points 512 < 576 cells of a full mask

@@ -56,6 +56,7 @@ def hf_sam():
     return model.double(), config, sd
 
 
+@pytest.mark.slow
 def test_image_encoder_without_adapters_matches_hf(hf_sam, np_rng):
     model, config, sd = hf_sam
     cfg = SamImageEncoderConfig.from_hf(config.vision_config)
@@ -86,6 +87,7 @@ def _hf_decode(model, emb, sparse, multimask):
     return out[0][:, 0].numpy(), out[1][:, 0].numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('multimask', [False, True])
 def test_prompt_encoder_and_mask_decoder_match_hf(hf_sam, np_rng, multimask):
     model, config, sd = hf_sam
@@ -125,6 +127,7 @@ def test_prompt_encoder_and_mask_decoder_match_hf(hf_sam, np_rng, multimask):
             np.testing.assert_array_equal(ours[k], theirs[k])
 
 
+@pytest.mark.slow
 def test_adapter_matches_numpy_reference(np_rng):
     """Facts 5.1: gate = sigmoid(W2 relu(W1 mean_hw(x))); s = relu(convT_k4s2p1(relu(conv_k3s2p1(x * gate))));
     out = LayerNorm(x + s), the skip adding the *ungated* input."""
@@ -152,6 +155,7 @@ def test_adapter_matches_numpy_reference(np_rng):
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sam_med2d_checkpoint_keys_convert_and_run(np_rng):
     """A synthetic sam-med2d_b.pth with the reference's key names (reduced sizes: width 64, depth 3, embed 16)."""
     enc_cfg = SamImageEncoderConfig(hidden_size=64, depth=3, num_heads=4, mlp_dim=128, out_chans=16, window_size=14,

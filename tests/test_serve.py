@@ -245,6 +245,7 @@ def test_a_user_error_is_one_line_in_the_server_log(server, tmp_path, np_rng):
         assert new_lines(before) == [f'medplib-jax serve: {line}']
 
 
+@pytest.mark.slow
 def test_demo_notice_and_questions_only_for_synthetic_weights():
     def texts(app) -> list[str]:
         return [str(getattr(block, 'value', '')) for block in app.blocks.values()]

@@ -121,6 +121,7 @@ def test_kv_cache_decoding_sharded_equals_single_device(np_rng):
                                atol=1e-5 * float(np.abs(ref_logits).max()))
 
 
+@pytest.mark.slow
 def test_clip_tower_sharded_equals_single_device(np_rng):
     cfg = CLIPVisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128, num_layers=3,
                            num_heads=4)

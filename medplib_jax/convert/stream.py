@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from medplib_jax import checkpoint
+from medplib_jax import sharding
 from medplib_jax.convert.common import ConversionError, KeyTable, Layout
 from medplib_jax.convert.sources import CheckpointSource
 from medplib_jax.convert.writer import GROUP_BYTES, ParamsWriter
@@ -243,7 +243,7 @@ def convert_to_params_dir(out: str, want: Mapping[str, tuple[tuple[int, ...], An
             log(f'note: {note}')
     mesh = host_mesh()
     with ParamsWriter(out, group_bytes) as writer:
-        conflicts = write_params(plan, writer, checkpoint._export_sharding(mesh), seed=seed, init_std=init_std,
+        conflicts = write_params(plan, writer, sharding.largest_dim_sharding(mesh), seed=seed, init_std=init_std,
                                  progress=progress)
         if conflicts:
             first, second = plan.owner[conflicts[0][0]].label, plan.overlap[conflicts[0][0]].label

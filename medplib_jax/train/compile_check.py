@@ -249,7 +249,7 @@ def _tensors(abstract_state: Any) -> tuple[list[Tensor], int, list[Tensor]]:
                               axes))
             if part == 'params':
                 total += size
-    by_name = {t.name: t for t in out}
+    by_name = {t.path: t for t in out}
     replicated = [by_name[path] for path, leaf in sharding.unsharded_params(abstract_state.params) if leaf.shape]
     return out, total, replicated
 

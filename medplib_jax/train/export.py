@@ -21,23 +21,9 @@ from medplib_jax.checkpoint import (
 )
 from medplib_jax.models.config import LoRAConfig
 from medplib_jax.models.lora import merge
+from medplib_jax.sharding import largest_dim_sharding
 from medplib_jax.train.config import CheckpointConfig
 from medplib_jax.tree import tree_shapes, unflatten
-
-
-def _export_sharding(mesh: jax.sharding.Mesh) -> Callable[[str, tuple[int, ...]], jax.sharding.Sharding]:
-    """Export needs no model: each array is split along its largest dimension the devices divide (else kept
-    whole), so no device holds a full copy of a big tree."""
-    n = mesh.devices.size
-
-    def sharding_of(_: str, shape: tuple[int, ...]) -> jax.sharding.Sharding:
-        dims = [d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % n == 0]
-        spec = [None] * len(shape)
-        if dims:
-            spec[dims[0]] = mesh.axis_names[0]
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-
-    return sharding_of
 
 
 @reading()
@@ -64,7 +50,7 @@ def export(workdir: str, out: str, *, dtype: str | None = None, step: int | None
         saved = ckpts.manager.item_metadata(step)[STATE]
         mesh = jax.make_mesh((jax.device_count(),), ('fsdp',),
                              axis_types=(jax.sharding.AxisType.Auto,))
-        sharding_of = _export_sharding(mesh)
+        sharding_of = largest_dim_sharding(mesh)
         shapes = {k: v for k, v in tree_shapes(saved).items() if k.startswith('params/')}
         abstract = unflatten({k[len('params/'):]: jax.ShapeDtypeStruct(shape, dtype_, sharding=sharding_of(k, shape))
                               for k, (shape, dtype_) in shapes.items()})
