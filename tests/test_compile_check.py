@@ -73,8 +73,10 @@ def _check_report(out: str) -> None:
     assert 'memory per device: arguments' in out and 'temporaries' in out and '% of 95 GiB HBM' in out
     assert 'FLOPs per step: XLA cost_analysis' in out
     table = out.split('ten largest state tensors')[1].splitlines()[1:11]
-    assert len(table) == 10 and all(line.startswith('    params') or line.startswith('    opt_state')
-                                    for line in table), table
+    # parameters by their path (as config.train.trainable writes it), optimizer moments under opt_state/
+    paths = [line.split()[0] for line in table]
+    assert len(table) == 10 and all(line.startswith('    ') for line in table), table
+    assert all(re.fullmatch(r'(opt_state/)?[\w/]+', p) and '/' in p for p in paths), paths
 
 
 @pytest.fixture(scope='module')
