@@ -17,6 +17,7 @@ training had finished), the run returns with `preempted`, and the same command g
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gc
 import json
@@ -81,15 +82,27 @@ def train(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = pri
         return {stage: train_stage(config, workdir, log, preemption=preemption)}
     _check_data_roots(config)
     results: dict[str, StageResult] = {}
-    for name, stage in config.stages.items():
-        if results and preemption.agreed():
-            log(f'preempted (SIGTERM) before stage {name}: stages {", ".join(results)} are done; run the same '
-                f'command to go on')
-            break
-        log(f'=== {name} ===')
-        results[name] = train_stage(stage, os.path.join(workdir, name), log, preemption=preemption)
-        if results[name].preempted:
-            break
+    # The later stages' train steps compile on a background thread while the earlier ones train: a step of the
+    # tiny model keeps about one of two CPU cores busy, and each compile takes as long as 50-100 of its steps.
+    # One process only (a compile there lowers no collective, but the example batch's length is agreed by one).
+    names = list(config.stages)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='precompile') as pool:
+        ahead = ({name: pool.submit(compile_ahead, config.stages[name]) for name in names[1:]}
+                 if jax.process_count() == 1 else {})
+        try:
+            for name, stage in config.stages.items():
+                if results and preemption.agreed():
+                    log(f'preempted (SIGTERM) before stage {name}: stages {", ".join(results)} are done; run the '
+                        f'same command to go on')
+                    break
+                log(f'=== {name} ===')
+                results[name] = train_stage(stage, os.path.join(workdir, name), log, preemption=preemption,
+                                            ahead=ahead.get(name))
+                if results[name].preempted:
+                    break
+        finally:
+            for future in ahead.values():
+                future.cancel()  # stages not reached (preempted, or an error) are not compiled
     return results
 
 
@@ -138,16 +151,18 @@ class _Stage:
     mesh: Any
     runs: str
     preemption: Preemption  # SIGTERM's request, honoured at the next safe point
+    ahead: concurrent.futures.Future | None = None  # compile_ahead's {length: executable}
 
 
 def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print,
-                devices: Any = None, preemption: Preemption | None = None) -> StageResult:
+                devices: Any = None, preemption: Preemption | None = None,
+                ahead: concurrent.futures.Future | None = None) -> StageResult:
     """Trains one stage in `workdir` (devices: the mesh's, default all) and saves its hand-off. Resumes from the
     newest checkpoint in `workdir/checkpoints` when there is one (config.checkpoint.resume). SIGTERM is
-    `preemption`'s request (default: one covering this call)."""
+    `preemption`'s request (default: one covering this call). `ahead`: `compile_ahead(config)` running elsewhere."""
     if preemption is None:
         with Preemption() as preemption:
-            return train_stage(config, workdir, log, devices, preemption)
+            return train_stage(config, workdir, log, devices, preemption, ahead)
     main = jax.process_index() == 0
     tcfg = TrainConfig.from_config(config.train)
     if not tcfg.trainable:
@@ -156,7 +171,7 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
                 checkpoint.CheckpointConfig.from_config(config.get('checkpoint')),
                 MedPLIBConfig.from_model_config(config.model), DataConfig.from_config(config.data),
                 ModelShapes.from_config(config.model), sharding.make_mesh(config.mesh, devices),
-                tcfg.init.runs or os.path.dirname(os.path.abspath(workdir)), preemption)
+                tcfg.init.runs or os.path.dirname(os.path.abspath(workdir)), preemption, ahead)
     micro, group = _check_batch(tcfg, st.data_cfg, st.mcfg, st.mesh, list(config.logical_axis_rules))
     # The config's data (tokenizer, records files) are checked before anything is written or started.
     dataset = build_dataset(st.data_cfg, st.shapes, seed=config.seed)
@@ -179,11 +194,7 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
 def _start(st: _Stage, ckpts: checkpoint.RunCheckpoints, dataset: Any) -> StageResult:
     """Schedule, program, and the state: restored from the newest checkpoint or fresh."""
     config, tcfg, data_cfg, say = st.config, st.tcfg, st.data_cfg, st.say
-    per_epoch = tcfg.steps_per_epoch or optim.steps_per_epoch(dataset.epoch_records, data_cfg.batch_size,
-                                                              tcfg.grad_accum)
-    total = max(1, math.ceil(tcfg.epochs * per_epoch))
-    steps = min(total, tcfg.max_steps) if tcfg.max_steps else total
-    warmup = optim.warmup_steps(per_epoch, tcfg.warmup_fraction, tcfg.min_warmup_steps)
+    per_epoch, total, steps, warmup = _schedule(tcfg, data_cfg, dataset)
     say(f'schedule: {dataset.epoch_records} records per epoch -> {per_epoch} steps per epoch, {total} in all '
         f'(epochs {tcfg.epochs}), warmup {warmup}, peak lr {tcfg.lr:g}; running {steps}')
 
@@ -212,6 +223,34 @@ def _start(st: _Stage, ckpts: checkpoint.RunCheckpoints, dataset: Any) -> StageR
         return _loop(st, ckpts, it, first, setup, state, rng, interval, start, steps)
     finally:
         _close_data(it)
+
+
+def _schedule(tcfg: TrainConfig, data_cfg: DataConfig, dataset: Any) -> tuple[int, int, int, int]:
+    """(steps per epoch, steps of the whole schedule, steps this run takes, warmup steps)."""
+    per_epoch = tcfg.steps_per_epoch or optim.steps_per_epoch(dataset.epoch_records, data_cfg.batch_size,
+                                                              tcfg.grad_accum)
+    total = max(1, math.ceil(tcfg.epochs * per_epoch))
+    steps = min(total, tcfg.max_steps) if tcfg.max_steps else total
+    return per_epoch, total, steps, optim.warmup_steps(per_epoch, tcfg.warmup_fraction, tcfg.min_warmup_steps)
+
+
+def compile_ahead(config: mlc.ConfigDict) -> dict[int, Any]:
+    """The stage's train step compiled for the length bucket of its first batch, from shapes alone (no
+    parameter is read): the program `_Runner` compiles at the stage's first step, {length: executable}. One
+    process only: `global_batch` agrees the length over processes."""
+    tcfg, data_cfg = TrainConfig.from_config(config.train), DataConfig.from_config(config.data)
+    dataset = build_dataset(data_cfg, ModelShapes.from_config(config.model), seed=config.seed)
+    it = iter(dataset)
+    try:
+        example = next(it)  # the stage's own first batch: same seed, same records
+    finally:
+        it.close()
+    _, total, _, warmup = _schedule(tcfg, data_cfg, dataset)
+    setup = build_stage(config, example, total_steps=total, warmup=warmup)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        batch = global_batch(example, setup.mesh, TRAIN_KEYS)
+        exe = setup.step.lower(setup.abstract, batch, jax.random.key(config.seed + 1)).compile()
+    return {int(batch['input_ids'].shape[1]): exe}
 
 
 def _close_data(it: Any) -> None:
@@ -247,7 +286,7 @@ def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first: tuple[di
     config, workdir, say, main, tcfg, ccfg, mcfg, mesh = (st.config, st.workdir, st.say, st.main, st.tcfg, st.ccfg,
                                                           st.mcfg, st.mesh)
     rules = setup.rules
-    runner = _Runner(setup.step, mcfg, st.data_cfg.batch_size, tcfg, mesh, say)
+    runner = _Runner(setup.step, mcfg, st.data_cfg.batch_size, tcfg, mesh, say, st.ahead)
     writer = MetricWriter(workdir, main, echo=tqdm.write, total_steps=steps, resume_step=start if start else None)
     history: list[dict[str, float]] = list(writer.kept)
     final = _final_params(workdir)
@@ -463,10 +502,13 @@ class _Runner:
     """One compiled executable per sequence-length bucket (compiled ahead of time, so steps of a bucket never
     recompile); the first compile prints the step's memory and FLOPs."""
 
-    def __init__(self, jitted, mcfg: MedPLIBConfig, batch: int, tcfg: TrainConfig, mesh, log):
+    def __init__(self, jitted, mcfg: MedPLIBConfig, batch: int, tcfg: TrainConfig, mesh, log,
+                 ahead: concurrent.futures.Future | None = None):
         self.jitted, self.mcfg, self.batch, self.tcfg, self.mesh, self.log = jitted, mcfg, batch, tcfg, mesh, log
         self.executables: dict[int, Any] = {}
+        self.ahead = ahead  # compile_ahead's {length: executable}, taken at the first compile
         self.just_compiled = False
+        self.reported = False  # the first executable's FLOPs and memory are logged
         kind = jax.devices()[0].device_kind
         self.peak = flops_lib.peak_flops(kind, tcfg.peak_tflops)
 
@@ -475,22 +517,35 @@ class _Runner:
         self.just_compiled = length not in self.executables
         if self.just_compiled:
             start = time.perf_counter()
-            exe = self.jitted.lower(state, batch, rng).compile()
+            exe = self._take_ahead(length)
+            how = 'compiled ahead (waited {:.1f}s)' if exe is not None else 'compiled in {:.1f}s'
+            if exe is None:
+                exe = self.jitted.lower(state, batch, rng).compile()
             self.executables[length] = exe
-            if len(self.executables) == 1:
-                self._report(exe, length, time.perf_counter() - start)
+            how = how.format(time.perf_counter() - start)
+            if not self.reported:
+                self.reported = True
+                self._report(exe, length, how)
             else:
-                self.log(f'compiled the train step for length {length} in {time.perf_counter() - start:.1f}s')
+                self.log(f'train step for length {length} {how}')
         return self.executables[length]
 
-    def _report(self, exe, length: int, seconds: float) -> None:
+    def _take_ahead(self, length: int) -> Any:
+        """The executable compiled ahead for `length` (waiting for it), or None: none for that length, or the
+        compile failed (the stage's own compile then meets the same error and reports it)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and not ahead.cancelled() and ahead.exception() is None:
+            self.executables.update(ahead.result())
+        return self.executables.get(length)
+
+    def _report(self, exe, length: int, how: str) -> None:
         f = flops_lib.step_flops(self.mcfg, self.batch, length)
         cost = exe.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         xla = float(cost.get('flops', 0.0)) if cost else 0.0
         mem = exe.memory_analysis()
         n = jax.device_count()
-        lines = [f'train step compiled for length {length} in {seconds:.1f}s',
+        lines = [f'train step for length {length} {how}',
                  f'  FLOPs per step: formula {f.total / 1e12:.4g} TFLOP (LLM {f.llm / 1e12:.4g}, frozen vision '
                  f'{f.vision / 1e12:.4g}; train/flops.py), XLA cost_analysis {xla * n / 1e12:.4g} TFLOP over {n} '
                  f'devices (counts a scanned accumulation body once)']
