@@ -101,6 +101,11 @@ DEMO_COMPLEX_WEIGHT = 5.0
 # grounding questions as where-questions, 0 of 41 with `<SEG>`: held-out mDice 57.7 from the fallback state, 74.3
 # with stage III's lm_head; 1500 / 800 stage II / III steps).
 LM_HEAD = TRAINABLE['lm_head']
+# The LLM's causal attention in query blocks of 128 (models/layers.py causal_attention: the fully-masked blocks
+# above the diagonal are skipped; the same function of the inputs, up to float rounding). Stage II's step, where
+# the demo spends most of its time: 0.88-0.99 s against 1.03-1.05 s with one (640, 640) block (paired runs, 2-core
+# machine under other load).
+DEMO_ATTENTION_BLOCK = 128
 
 
 def get_config(arg=None):
@@ -135,6 +140,7 @@ def get_config(arg=None):
         stage.model.sam_decoder.update(embed_dim=DEMO_SAM_WIDTH, mlp_dim=2 * DEMO_SAM_WIDTH,
                                        iou_head_hidden_dim=DEMO_SAM_WIDTH)
         stage.model.medplib.postprocess = DEMO_POSTPROCESS
+        stage.model.llm.attention_block = DEMO_ATTENTION_BLOCK
         if name in ('stage1', 'stage2'):
             stage.train.trainable = (*stage.train.trainable, VISION_TOWER)
         if name == 'stage2':
