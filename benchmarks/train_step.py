@@ -7,7 +7,7 @@ MFU here means "share of what this host's XLA matmul reaches", not of a vendor f
 step's memory_analysis (arguments + temporaries + outputs not aliased) and the process's peak resident set.
 
   --config tiny                    configs/stage4.py:model=tiny,init=random (batch 4, the 640 bucket)
-  --config demo                    the demo's stage IV (configs/demo.py: tiny, MoE routing groups of 1 sequence)
+  --config demo [--stage N]       one of the demo's stages (configs/demo.py; default IV: tiny, MoE routing groups of 1)
   --config 7b-width-reduced-depth  configs/stage4.py:model=7b,init=random at full width (LLM hidden 4096, FFN 11008,
                                    vocab 32267; CLIP-L width; SAM-Med2D ViT-B width) with the depths cut to
                                    --llm_layers / --vision_layers (default 1 / 1), batch 1, one length bucket
@@ -45,14 +45,15 @@ def build_config(args):
     if args.config == 'tiny':
         cfg, label = _load('configs/stage4.py', 'model=tiny,init=random'), 'configs/stage4.py:model=tiny,init=random'
     elif args.config == 'demo':
-        # The demo's stage IV (configs/demo.py: its model -- demo vocab, 64-wide SAM, routing groups of one
-        # sequence -- trainable set and lr) with random initial parameters instead of stages II / III.
-        demo = _load('configs/demo.py', None).stages.stage4
-        cfg = _load('configs/stage4.py', 'model=tiny,init=random')
+        # One of the demo's stages (configs/demo.py: its model -- demo vocab, 64-wide SAM, routing groups of one
+        # sequence -- trainable set and lr; --stage, default IV) with random initial parameters.
+        name = f'stage{args.stage}'
+        demo = _load('configs/demo.py', None).stages[name]
+        cfg = _load(f'configs/{name}.py', 'model=tiny,init=random')
         cfg.model = demo.model
         cfg.train.trainable = demo.train.trainable
         cfg.train.lr = demo.train.lr
-        label = 'configs/demo.py stage4 (init=random)'
+        label = f'configs/demo.py {name} (init=random)'
     elif args.config == '7b-width-reduced-depth':
         if not args.dry:
             sys.exit('--config 7b-width-reduced-depth runs a cut-down 7B step on this host: pass --dry')
@@ -116,6 +117,7 @@ def synthetic_batch(example: dict, vocab: int, seed: int = 0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--config', default='tiny', choices=('tiny', 'demo', '7b-width-reduced-depth'))
+    parser.add_argument('--stage', type=int, default=4, choices=(1, 2, 3, 4), help='--config demo: which stage')
     parser.add_argument('--dry', action='store_true', help='allow the cut-down 7B-width step on a CPU host')
     parser.add_argument('--llm_layers', type=int, default=1)
     parser.add_argument('--vision_layers', type=int, default=1)

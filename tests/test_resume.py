@@ -306,7 +306,7 @@ def test_sigterm_between_stages_stops_before_the_next(tmp_path, monkeypatch):
     from medplib_jax.train import loop
     ran = []
 
-    def stage(config, workdir, log, preemption, ahead=None):
+    def stage(config, workdir, log, preemption, ahead=None, compiled=None):
         ran.append(os.path.basename(workdir))
         os.kill(os.getpid(), signal.SIGTERM)
         return loop.StageResult(workdir, 1, {}, {}, '', [])

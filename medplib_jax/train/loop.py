@@ -23,6 +23,7 @@ import gc
 import json
 import math
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -84,10 +85,17 @@ def train(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = pri
     results: dict[str, StageResult] = {}
     # The later stages' train steps compile on a background thread while the earlier ones train: a step of the
     # tiny model keeps about one of two CPU cores busy, and each compile takes as long as 50-100 of its steps.
+    # They start once the first stage's own step has compiled (`first_compiled`), so as not to slow that compile.
     # One process only (a compile there lowers no collective, but the example batch's length is agreed by one).
     names = list(config.stages)
+    first_compiled, stop = threading.Event(), threading.Event()
+
+    def later(stage: mlc.ConfigDict) -> dict[int, Any]:
+        first_compiled.wait()
+        return {} if stop.is_set() else compile_ahead(stage)
+
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='precompile') as pool:
-        ahead = ({name: pool.submit(compile_ahead, config.stages[name]) for name in names[1:]}
+        ahead = ({name: pool.submit(later, config.stages[name]) for name in names[1:]}
                  if jax.process_count() == 1 else {})
         try:
             for name, stage in config.stages.items():
@@ -97,10 +105,13 @@ def train(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = pri
                     break
                 log(f'=== {name} ===')
                 results[name] = train_stage(stage, os.path.join(workdir, name), log, preemption=preemption,
-                                            ahead=ahead.get(name))
+                                            ahead=ahead.get(name), compiled=first_compiled)
+                first_compiled.set()
                 if results[name].preempted:
                     break
         finally:
+            stop.set()
+            first_compiled.set()
             for future in ahead.values():
                 future.cancel()  # stages not reached (preempted, or an error) are not compiled
     return results
@@ -152,17 +163,20 @@ class _Stage:
     runs: str
     preemption: Preemption  # SIGTERM's request, honoured at the next safe point
     ahead: concurrent.futures.Future | None = None  # compile_ahead's {length: executable}
+    compiled: threading.Event | None = None  # set once this stage's train step is compiled
 
 
 def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None] = print,
                 devices: Any = None, preemption: Preemption | None = None,
-                ahead: concurrent.futures.Future | None = None) -> StageResult:
+                ahead: concurrent.futures.Future | None = None,
+                compiled: threading.Event | None = None) -> StageResult:
     """Trains one stage in `workdir` (devices: the mesh's, default all) and saves its hand-off. Resumes from the
     newest checkpoint in `workdir/checkpoints` when there is one (config.checkpoint.resume). SIGTERM is
-    `preemption`'s request (default: one covering this call). `ahead`: `compile_ahead(config)` running elsewhere."""
+    `preemption`'s request (default: one covering this call). `ahead`: `compile_ahead(config)` running elsewhere;
+    `compiled`: set once this stage's train step is compiled."""
     if preemption is None:
         with Preemption() as preemption:
-            return train_stage(config, workdir, log, devices, preemption, ahead)
+            return train_stage(config, workdir, log, devices, preemption, ahead, compiled)
     main = jax.process_index() == 0
     tcfg = TrainConfig.from_config(config.train)
     if not tcfg.trainable:
@@ -171,7 +185,7 @@ def train_stage(config: mlc.ConfigDict, workdir: str, log: Callable[[str], None]
                 checkpoint.CheckpointConfig.from_config(config.get('checkpoint')),
                 MedPLIBConfig.from_model_config(config.model), DataConfig.from_config(config.data),
                 ModelShapes.from_config(config.model), sharding.make_mesh(config.mesh, devices),
-                tcfg.init.runs or os.path.dirname(os.path.abspath(workdir)), preemption, ahead)
+                tcfg.init.runs or os.path.dirname(os.path.abspath(workdir)), preemption, ahead, compiled)
     micro, group = _check_batch(tcfg, st.data_cfg, st.mcfg, st.mesh, list(config.logical_axis_rules))
     # The config's data (tokenizer, records files) are checked before anything is written or started.
     dataset = build_dataset(st.data_cfg, st.shapes, seed=config.seed)
@@ -286,7 +300,7 @@ def _loop(st: _Stage, ckpts: checkpoint.RunCheckpoints, it: Any, first: tuple[di
     config, workdir, say, main, tcfg, ccfg, mcfg, mesh = (st.config, st.workdir, st.say, st.main, st.tcfg, st.ccfg,
                                                           st.mcfg, st.mesh)
     rules = setup.rules
-    runner = _Runner(setup.step, mcfg, st.data_cfg.batch_size, tcfg, mesh, say, st.ahead)
+    runner = _Runner(setup.step, mcfg, st.data_cfg.batch_size, tcfg, mesh, say, st.ahead, st.compiled)
     writer = MetricWriter(workdir, main, echo=tqdm.write, total_steps=steps, resume_step=start if start else None)
     history: list[dict[str, float]] = list(writer.kept)
     final = _final_params(workdir)
@@ -503,10 +517,11 @@ class _Runner:
     recompile); the first compile prints the step's memory and FLOPs."""
 
     def __init__(self, jitted, mcfg: MedPLIBConfig, batch: int, tcfg: TrainConfig, mesh, log,
-                 ahead: concurrent.futures.Future | None = None):
+                 ahead: concurrent.futures.Future | None = None, compiled: threading.Event | None = None):
         self.jitted, self.mcfg, self.batch, self.tcfg, self.mesh, self.log = jitted, mcfg, batch, tcfg, mesh, log
         self.executables: dict[int, Any] = {}
         self.ahead = ahead  # compile_ahead's {length: executable}, taken at the first compile
+        self.first_compiled = compiled  # set after the first compile
         self.just_compiled = False
         self.reported = False  # the first executable's FLOPs and memory are logged
         kind = jax.devices()[0].device_kind
@@ -522,6 +537,8 @@ class _Runner:
             if exe is None:
                 exe = self.jitted.lower(state, batch, rng).compile()
             self.executables[length] = exe
+            if self.first_compiled is not None:
+                self.first_compiled.set()
             how = how.format(time.perf_counter() - start)
             if not self.reported:
                 self.reported = True
