@@ -207,7 +207,8 @@ def test_tpu_pod_sh_runs_the_entry_point_on_every_worker():
 # and the same per-row random draws (LoRA dropout, MoE token selection).
 TRAIN = ('--config=configs/stage4.py:model=tiny,init=random', '--config.data.batch_size=8',
          '--config.mesh.data=4', '--config.mesh.fsdp=2', '--config.model.moe.group_size=1',
-         '--config.train.max_steps=3', '--config.train.log_every=1', '--config.data.worker_count=0')
+         '--config.train.max_steps=3', '--config.train.log_every=1', '--config.data.worker_count=0',
+         '--config.evals.held_out.max_batches=1')
 # Equal up to float32 reduction order: the gradient all-reduce over 8 devices adds the same numbers in another
 # order when half of them come from the other process (gloo's cross-process reduction vs one process's in-memory
 # one), so bit-equality is not promised; the difference is a few ulps per step, far below these bounds.
