@@ -13,3 +13,5 @@ DEMO_NOTICE = ('synthetic-data demo weights: a tiny model trained on synthetic s
 CLIP_SIZE = 336
 GRID = 24
 SAM_SIZE = 256
+# The answer-length limit of interactive asking (chat, serve, the predict API): the reference's chat.py.
+CHAT_MAX_NEW_TOKENS = 512

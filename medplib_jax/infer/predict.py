@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medplib_jax.constants import CHAT_MAX_NEW_TOKENS
 from medplib_jax.data.conversation import SYSTEMS, prompt_ids
 from medplib_jax.data.images import clip_preprocess, load_image, sam_preprocess
 from medplib_jax.data.regions import RegionError, RegionPrompt, regions_to_grids
@@ -93,9 +94,9 @@ class Predictor:
     """A model, its parameters and its tokenizer, ready to answer. Prompts are left-padded to a multiple of
     `length_step` tokens, so a few programs serve all prompt lengths."""
 
-    def __init__(self, mcfg: MedPLIBConfig, params: Any, tokenizer: MedPLIBTokenizer, *, max_new_tokens: int = 512,
-                 sampling: Sampling = Sampling(), system: str = 'train', largest_component: bool = True,
-                 length_step: int = 128):
+    def __init__(self, mcfg: MedPLIBConfig, params: Any, tokenizer: MedPLIBTokenizer, *,
+                 max_new_tokens: int = CHAT_MAX_NEW_TOKENS, sampling: Sampling = Sampling(), system: str = 'train',
+                 largest_component: bool = True, length_step: int = 128):
         if system not in SYSTEMS:
             raise ValueError(f'predict: system={system!r}; known: {sorted(SYSTEMS)}')
         if tokenizer.ids.vocab_size != mcfg.llm.vocab_size or tokenizer.ids.seg != mcfg.seg_token_id:

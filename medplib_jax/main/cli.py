@@ -16,6 +16,7 @@ import sys
 from absl import app, flags, logging
 
 import configs  # the config files' folder (an empty package: nothing is loaded here)
+from medplib_jax.constants import CHAT_MAX_NEW_TOKENS
 
 _CONFIGS = os.path.dirname(configs.__file__)
 _BASE = os.path.join(_CONFIGS, 'common.py')
@@ -132,7 +133,8 @@ flags.DEFINE_bool('routing', False, 'chat: print each answer token\'s expert per
 # a string checked by chat.py (a bad value is the commands' one-line error, exit 2, not absl's flag-parsing error)
 flags.DEFINE_string('mask_mode', 'auto', 'chat / serve: auto (a mask when the answer holds <SEG>), always (the '
                     'reference evaluation\'s fallback state without one) or never')
-flags.DEFINE_integer('max_new_tokens', None, 'chat / serve: answer length limit (default: the predict API\'s, 512)')
+flags.DEFINE_integer('max_new_tokens', None, 'chat / serve: answer length limit (default: the predict API\'s, '
+                     f'{CHAT_MAX_NEW_TOKENS})')
 flags.DEFINE_float('temperature', None, 'chat / serve: sampling temperature (chat default 0: greedy; serve: the '
                    'reference demo\'s 0.2)')
 flags.DEFINE_integer('port', 7860, 'serve: the localhost port')
