@@ -15,7 +15,7 @@ from configs.demo import SAM_ENCODER, VISION_TOWER
 from medplib_jax import sharding
 from medplib_jax.models.medplib import MedPLIBForCausalLM
 from medplib_jax.models.moe import collect_moe_metrics
-from medplib_jax.train import trainable
+from medplib_jax.train import loop, optimizer as optim, trainable
 from medplib_jax.train.config import TrainConfig
 from medplib_jax.train.inputs import global_batch
 from medplib_jax.train.loop import setup_stage
@@ -218,3 +218,35 @@ def test_stage4_steps_on_eight_devices_equal_one_device(root):
         assert float(a['grad_norm']) == pytest.approx(float(b['grad_norm']), rel=1e-4)
     np.testing.assert_array_equal(d8, d1)  # token by token, layer by layer
     assert (d1 == 0).any() and (d1 == 1).any()
+
+
+def test_a_stage_compiled_ahead_is_the_program_the_stage_compiles_itself(root):
+    """A multi-stage config compiles its later stages on a background thread (loop.compile_ahead, from the stage's
+    first batch and the abstract state): it is compiled for the length of the stage's first batch, and four steps
+    through it and through the program the stage's own first step compiles gives the same parameters and metrics,
+    bit for bit. On all 8 devices, as a stage runs
+    by default."""
+    cfg = stage_config('stage1', root, batch_size=8)
+    cfg.mesh = dict(data=8, fsdp=1, tensor=1)
+    cfg.train.steps_per_epoch, cfg.train.epochs = 5, 1.0
+    (length, ahead), = loop.compile_ahead(cfg).items()
+    tcfg = TrainConfig.from_config(cfg.train)
+    warmup = optim.warmup_steps(5, tcfg.warmup_fraction, tcfg.min_warmup_steps)
+    host = host_batch(cfg)
+    setup = setup_stage(cfg, host, runs=root, total_steps=5, warmup=warmup, log=lambda _: None)
+    outs = []
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        batch = global_batch(host, setup.mesh, TRAIN_KEYS)
+        assert batch['input_ids'].shape[1] == length
+        rng = jax.random.key(cfg.seed + 1)
+        own = setup.step.lower(setup.state, batch, rng).compile()
+        before = leaves(setup.state.params)
+        for exe in (ahead, own):
+            state = jax.tree.map(jnp.copy, setup.state)  # each step donates its state
+            for _ in range(4):  # lr 0 at the first step; warmup, then the decay over the schedule
+                state, metrics = exe(state, batch, rng)
+            outs.append((leaves(state.params), jax.device_get(metrics)))
+    (p1, m1), (p2, m2) = outs
+    assert any(not np.array_equal(p1[k], before[k]) for k in p1)
+    assert all(np.array_equal(p1[k], p2[k]) for k in p1)
+    assert all(np.array_equal(m1[k], m2[k]) for k in m1) and m1['lr'] > 0
