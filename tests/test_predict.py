@@ -103,8 +103,8 @@ def test_requests_that_do_not_fit_are_one_line_errors(predictor, image):
 @pytest.mark.slow
 def test_prompt_routing_is_the_routers_first_choice_at_every_prompt_position(predictor, image):
     """Each prompt (and teacher-forced answer) token's expert is the argmax of its router logits (captured from the
-    router itself in a plain forward pass over prompt + answer); nothing is dropped at the evaluation capacity
-    factor, so the answer does not change the prompt's routing."""
+    router itself in a plain forward pass over prompt + answer at its own length, where prompt_routing pads); nothing
+    is dropped at the evaluation capacity factor, so neither the answer nor the padding changes the prompt's routing."""
     from medplib_jax.models.moe import _Router
     request = Request(image, 'Could you segment out the liver?')
     answer = predictor.tokenizer.encode('Sure, it is <SEG>.', bos=False)
@@ -114,6 +114,7 @@ def test_prompt_routing_is_the_routers_first_choice_at_every_prompt_position(pre
     prompt_ids, prompt_experts = predictor.prompt_routing(request)
     np.testing.assert_array_equal(prompt_ids, inputs['ids'])
     np.testing.assert_array_equal(prompt_experts, experts[:, :len(prompt_ids)])
+    assert len(ids) % predictor.length_step and len(prompt_ids) % predictor.length_step  # both were right-padded
     captured = []
 
     def capture(next_fn, args, kwargs, context):

@@ -221,9 +221,16 @@ class Predictor:
         if not self.mcfg.llm.moe_layers:
             raise ValueError('predict: prompt_routing needs a MoE model (config.model.moe_layers is empty)')
         x = self._inputs(request)
-        ids = np.asarray([*x['ids'], *answer], np.int32)[None]
-        return ids[0], self._first_choice(ids, np.ones(ids.shape, bool), jnp.asarray(x['clip'])[None],
-                                          jnp.asarray(x['grids'])[None])
+        ids = np.asarray([*x['ids'], *answer], np.int32)
+        # Right-padded to a multiple of `length_step` (a few programs for every length): causal attention keeps
+        # the padding out of the real positions, and evaluation routing drops no token (its capacity covers the
+        # group), so the real positions route as the sequence alone does.
+        n = len(ids)
+        length = self.length_step * math.ceil(n / self.length_step)
+        padded, token_mask = np.zeros((1, length), np.int32), np.zeros((1, length), bool)
+        padded[0, :n], token_mask[0, :n] = ids, True
+        experts = self._first_choice(padded, token_mask, jnp.asarray(x['clip'])[None], jnp.asarray(x['grids'])[None])
+        return ids, experts[:, :n]
 
     def _first_choice(self, ids: np.ndarray, token_mask: np.ndarray, clip_pixels: jax.Array,
                       region_grids: jax.Array) -> np.ndarray:
