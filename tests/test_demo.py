@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # The main job shortened to what still learns (the same code path; 315 s alone on the 2-core machine, the full
-# demo 839 s with its install): 250 stage-II steps answer all four held-out closed questions (100 steps: none) and
+# demo 738 s with its install): 250 stage-II steps answer all four held-out closed questions (100 steps: none) and
 # 100 stage-III steps take mDice from the untrained 6.3 to 38.6; open / region recall 33.3 / 25.0 against 0 (answers
 # cut to 6 tokens). 20 images hold out one image of each modality.
 DEMO_STEPS = '5:250:100:5'
