@@ -223,9 +223,8 @@ def test_stage4_steps_on_eight_devices_equal_one_device(root):
 def test_a_stage_compiled_ahead_is_the_program_the_stage_compiles_itself(root):
     """A multi-stage config compiles its later stages on a background thread (loop.compile_ahead, from the stage's
     first batch and the abstract state): it is compiled for the length of the stage's first batch, and four steps
-    through it and through the program the stage's own first step compiles gives the same parameters and metrics,
-    bit for bit. On all 8 devices, as a stage runs
-    by default."""
+    through it and through the program the stage's own first step compiles give the same parameters and metrics,
+    bit for bit. On all 8 devices, as a stage runs by default."""
     cfg = stage_config('stage1', root, batch_size=8)
     cfg.mesh = dict(data=8, fsdp=1, tensor=1)
     cfg.train.steps_per_epoch, cfg.train.epochs = 5, 1.0

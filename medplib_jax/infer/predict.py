@@ -145,7 +145,7 @@ class Predictor:
         if mask not in MASK_MODES:
             raise ValueError(f'predict: mask={mask!r}; known: {MASK_MODES}')
         inputs = [self._inputs(r) for r in requests]
-        length = self.length_step * math.ceil(max(len(x['ids']) for x in inputs) / self.length_step)
+        length = self._padded_length(max(len(x['ids']) for x in inputs))
         ids = np.zeros((len(inputs), length), np.int32)
         token_mask = np.zeros((len(inputs), length), bool)
         for i, x in enumerate(inputs):
@@ -226,11 +226,15 @@ class Predictor:
         # the padding out of the real positions, and evaluation routing drops no token (its capacity covers the
         # group), so the real positions route as the sequence alone does.
         n = len(ids)
-        length = self.length_step * math.ceil(n / self.length_step)
+        length = self._padded_length(n)
         padded, token_mask = np.zeros((1, length), np.int32), np.zeros((1, length), bool)
         padded[0, :n], token_mask[0, :n] = ids, True
         experts = self._first_choice(padded, token_mask, jnp.asarray(x['clip'])[None], jnp.asarray(x['grids'])[None])
         return ids, experts[:, :n]
+
+    def _padded_length(self, n: int) -> int:
+        """The program length a sequence of `n` tokens is padded to: the next multiple of `length_step`."""
+        return self.length_step * math.ceil(n / self.length_step)
 
     def _first_choice(self, ids: np.ndarray, token_mask: np.ndarray, clip_pixels: jax.Array,
                       region_grids: jax.Array) -> np.ndarray:

@@ -87,8 +87,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     if bias is not None:
         scores = scores + bias.reshape(b, kv, g * t, s).astype(jnp.float32)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, t, mask.shape[-1]))[:, None, None]
-        mask = jnp.broadcast_to(mask, (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+        mask = jnp.broadcast_to(jnp.broadcast_to(mask, (b, t, s))[:, None, None], (b, 1, g, t, s))
+        mask = mask.reshape(b, 1, g * t, s)
         # A finite minimum (not -inf) keeps fully-masked rows (padding queries) NaN-free, as HF does.
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     # Softmax normalised after the value product (one division of (T, D) instead of (T, S)); the max is a constant
