@@ -239,7 +239,13 @@ TRAINABLE = {
     'region_fea_adapter': r'model/region_fea_adapter/.*',
     'router': r'model/layers.*/mlp/gate/wg/kernel',
 }
-STAGE_ARGS = dict(model='7b', init='prev', dtype='float32', scan=False, remat='', data='', hw='')
+# The compute dtype of a stage config whose arg gives none (`dtype=` overrides it). The reference trains in bf16
+# (train_ds_medplib.py: DeepSpeed `bf16` under --precision bf16) with fp32 master weights and optimizer state, as
+# here: parameters and Adam moments stay `param_dtype` float32 and gradients are averaged in fp32 (train/step.py);
+# softmax and norm statistics, logits, losses and the MoE gate stay fp32 (models/layers.py, losses.py, moe.py).
+# The tiny model is the CPU test model: fp32.
+STAGE_DTYPE = {'7b': 'bfloat16', 'tiny': 'float32'}
+STAGE_ARGS = dict(model='7b', init='prev', dtype='', scan=False, remat='', data='', hw='')
 
 # Hardware presets (stage configs' `hw=` arg): the mesh, the micro-batch (through config.train.grad_accum; the
 # global batch config.data.batch_size stays 128), the remat policy and the scanned layer layout, per target and
@@ -277,9 +283,10 @@ def apply_hw(cfg: mlc.ConfigDict, hw: str, remat: str = '') -> mlc.ConfigDict:
 def stage_config(arg: str | None, *, stage: str, files: dict[str, str], demo_files: tuple[str, ...],
                  **arg_defaults) -> tuple[mlc.ConfigDict, mlc.ConfigDict]:
     """The common part of a stage config. arg keys: model (7b | tiny), init (prev: the previous stages' run dirs
-    beside this run's workdir, `{runs}/stageN` | random: tests), dtype, scan, remat, data (mecovqa: the reference's
-    file names under config.data.root | demo: the synthetic set; default mecovqa for 7b, demo for tiny), hw (a
-    HW_PRESETS name: the stage config ends with `apply_hw(cfg, a.hw, a.remat)`).
+    beside this run's workdir, `{runs}/stageN` | random: tests), dtype (compute; default STAGE_DTYPE's), scan,
+    remat, data (mecovqa: the reference's file names under config.data.root | demo: the synthetic set; default
+    mecovqa for 7b, demo for tiny), hw (a HW_PRESETS name: the stage config ends with `apply_hw(cfg, a.hw,
+    a.remat)`).
     files: dataset name -> the reference's records file; demo_files: the synthetic files (DEMO_FILES keys)."""
     a = parse_arg(arg, **STAGE_ARGS, **arg_defaults)
     if a.init not in ('prev', 'random'):
@@ -287,7 +294,8 @@ def stage_config(arg: str | None, *, stage: str, files: dict[str, str], demo_fil
     data = a.data or ('demo' if a.model == 'tiny' else 'mecovqa')
     if data not in ('mecovqa', 'demo'):
         raise ValueError(f'config arg data={data!r}: known: mecovqa, demo')
-    cfg = get_config(f'model={a.model},dtype={a.dtype},scan={a.scan},remat={a.remat or "none"},data=none')
+    dtype = a.dtype or STAGE_DTYPE.get(a.model, 'float32')  # an unknown model is get_config's error
+    cfg = get_config(f'model={a.model},dtype={dtype},scan={a.scan},remat={a.remat or "none"},data=none')
     if data == 'demo':
         cfg.data.root = 'outputs/demo_data'
         cfg.data.datasets = mlc.ConfigDict({k: dataset(DEMO_FILES[k].format(split='train')) for k in demo_files})

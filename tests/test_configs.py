@@ -61,3 +61,16 @@ def test_unknown_model_keys_are_rejected():
     cfg.model.dtype = 'float8'
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         LlamaConfig.from_model_config({**cfg.model, 'llm': dict(get_config().model.llm)})
+
+
+@pytest.mark.parametrize('stage', ['stage1', 'stage2', 'stage3', 'stage4'])
+def test_stage_configs_compute_7b_in_bf16_and_tiny_in_fp32_with_fp32_master_weights(stage):
+    """The reference trains the 7B model in bf16 (DeepSpeed bf16) with fp32 master weights; the tiny CPU model stays
+    fp32; `dtype=` overrides either, and no preset touches the parameter dtype."""
+    import importlib
+    get = importlib.import_module(f'configs.{stage}').get_config
+    for arg, dtype in (('model=7b', 'bfloat16'), ('model=7b,hw=v5p-64', 'bfloat16'),
+                       ('model=7b,dtype=float32', 'float32'), ('model=tiny', 'float32'),
+                       ('model=tiny,dtype=bfloat16', 'bfloat16')):
+        model = get(arg).model
+        assert (model.dtype, model.param_dtype) == (dtype, 'float32'), arg
