@@ -251,9 +251,9 @@ STAGE_ARGS = dict(model='7b', init='prev', dtype='', scan=False, remat='', data=
 # global batch config.data.batch_size stays 128), the remat policy and the scanned layer layout, per target and
 # stage. Keys: the hw name, then the stage ('*' = any stage without its own entry). `remat=` in the arg and
 # `--config.*` flags still override a preset. FSDP over every chip (7B's vocab 32267 is odd, so no tensor axis).
-# Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?"), 7B stage IV: v5p-64 13.5 GiB per chip
-# (14% of HBM), v5p-256 17.2 GiB (18%), 8 x H100 24.8 GiB (31%, a CPU estimate); without remat the v5p-64 step's
-# temporaries alone are 119 GiB.
+# Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?"), 7B stage IV in fp32 compute: v5p-64
+# 13.5 GiB per chip (14% of HBM), v5p-256 17.2 GiB (18%), 8 x H100 24.8 GiB (31%, a CPU estimate); without remat the
+# v5p-64 step's temporaries alone are 119 GiB. In bf16 compute (STAGE_DTYPE) v5p-64 takes 11.6 GiB (12%).
 # Scanned layers also make the 7B compile take minutes instead of hours (one decoder layer compiled, not 32).
 HW_PRESETS = {
     'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='full', scan=True)},

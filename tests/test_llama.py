@@ -46,9 +46,11 @@ def _rel_err(a, b, mask=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('scan_layers,attention_block', [(False, 0), (True, 0), (False, 7)])
-def test_logits_and_loss_match_hf(hf_model, np_rng, scan_layers, attention_block):
-    cfg, model, params = _ours(hf_model, scan_layers=scan_layers, attention_block=attention_block)
+@pytest.mark.parametrize('scan_layers,attention_block,attention', [(False, 0, 'xla'), (True, 0, 'xla'),
+                                                                    (False, 7, 'xla'), (False, 0, 'splash')])
+def test_logits_and_loss_match_hf(hf_model, np_rng, scan_layers, attention_block, attention):
+    cfg, model, params = _ours(hf_model, scan_layers=scan_layers, attention_block=attention_block,
+                               attention=attention)
     ids, mask, labels = _inputs(np_rng, cfg.vocab_size)
     with torch.no_grad():
         ref = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),

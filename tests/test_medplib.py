@@ -118,6 +118,34 @@ def test_gradients_reach_every_part_that_feeds_a_loss(setup, np_rng):
         assert norm(tower) > 0
 
 
+@pytest.mark.slow
+def test_splash_attention_gives_the_xla_model(setup, np_rng):
+    """The whole model with the LLM's attention through the splash kernel (`llm.attention='splash'`, interpreted on
+    CPU): the logits, the masks and every gradient of the einsum path's model (fp32)."""
+    cfg, model = setup
+    batch = _batch(cfg, np_rng)
+    params = _init(model, batch)
+    splash_cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, attention='splash'))
+    r = jnp.asarray(np_rng.normal(size=(2, 2, 64, 64)), jnp.float32)
+    results = []
+    for m in (model, MedPLIBForCausalLM(splash_cfg.llm, mcfg=splash_cfg)):
+        def loss(p, m=m):
+            out = m.apply({'params': p}, **batch, method=MedPLIBForCausalLM.forward)
+            return jnp.sum(out['mask_logits'] * r) + jnp.mean(out['logits'] ** 2), out
+        results.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(params))
+    ((_, xla), g_xla), ((_, splash), g_splash) = results
+    for k in ('logits', 'mask_logits'):
+        np.testing.assert_allclose(splash[k], xla[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    flat_xla, flat_splash = (dict(jax.tree_util.tree_leaves_with_path(g)) for g in (g_xla, g_splash))
+    largest = max(float(jnp.abs(g).max()) for g in flat_xla.values())
+    for path, g in flat_xla.items():
+        name = jax.tree_util.keystr(path)
+        # Attention key biases: softmax ignores a shift shared by all keys, so their true gradient is 0 and both
+        # paths give rounding noise: compared against the largest gradient of the model.
+        atol = 1e-5 * (largest if "['k_proj']['bias']" in name else max(float(jnp.abs(g).max()), 1e-3))
+        np.testing.assert_allclose(flat_splash[path], g, rtol=1e-4, atol=atol, err_msg=name)
+
+
 def test_config_errors():
     model_cfg = get_config().model
     model_cfg.medplib.postprocess = 'exact'

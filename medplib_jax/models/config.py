@@ -9,6 +9,7 @@ from medplib_jax.config_fields import known_fields
 from medplib_jax.constants import MASK_THRESHOLD
 
 DTYPES = ('float32', 'bfloat16', 'float16')  # models/layers.py DTYPES maps them to jnp dtypes
+ATTENTION = ('xla', 'splash', 'auto')  # LlamaConfig.attention; models/layers.py causal_attention runs them
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')  # models/llama.py REMAT_POLICIES: the jax policies
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
@@ -116,6 +117,9 @@ class LlamaConfig:
     # Query block of the causal self-attention (layers.causal_attention): 0 = one (T, T) block; > 0 skips the
     # masked upper-triangle blocks (same result; faster on CPU, see docs/performance.md).
     attention_block: int = 0
+    # The causal self-attention's kernel (ATTENTION): 'xla' the einsum core above (the reference's function),
+    # 'splash' Pallas's TPU splash attention (interpreted off TPU), 'auto' splash on TPU and xla elsewhere.
+    attention: str = 'xla'
     lora: LoRAConfig = LoRAConfig()
     moe: MoEConfig = MoEConfig()
 
@@ -127,6 +131,8 @@ class LlamaConfig:
             raise ValueError(f'llm.head_dim={self.head_dim} must be even for RoPE')
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f'model.remat_policy={self.remat_policy!r}; known: {list(REMAT_POLICIES)}')
+        if self.attention not in ATTENTION:
+            raise ValueError(f'model.llm.attention={self.attention!r}; known: {list(ATTENTION)}')
         for name in (self.dtype, self.param_dtype):
             if name not in DTYPES:
                 raise ValueError(f'unknown dtype {name!r}; known: {list(DTYPES)}')

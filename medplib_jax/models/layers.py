@@ -99,14 +99,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array, block: int = 0) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array, block: int = 0,
+                     kernel: str = 'xla') -> jax.Array:
     """Causal self-attention over one sequence (key s visible to query t iff s <= t and token_mask[:, s]).
 
     `block` > 0 splits the queries into blocks of `block` rows; block i [a, b) attends only keys [0, b), so the
     fully-masked upper-triangle blocks are never computed (about half the score work and memory at long T). The
     result equals `dot_product_attention` with the full (B, T, T) mask, fully-masked rows included (those get the
-    uniform average of all T values, as the full-width softmax over float32-min scores gives).
+    uniform average of all T values, as the full-width softmax over float32-min scores gives). `kernel`: 'xla'
+    (the einsums here), 'splash' (`splash_causal_attention`), 'auto' (splash on TPU, else xla); the same function.
     """
+    if kernel == 'auto':
+        kernel = 'splash' if jax.default_backend() == 'tpu' else 'xla'
+    if kernel == 'splash':
+        return splash_causal_attention(q, k, v, token_mask)
     b, t, h, d = q.shape
     if block <= 0 or block >= t:
         causal = jnp.tril(jnp.ones((t, t), bool))
@@ -120,6 +126,43 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.A
         out = dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask)
         outs.append(jnp.where(mask.any(-1)[:, :, None, None], out, uniform.astype(out.dtype)))
     return jnp.concatenate(outs, axis=1)
+
+
+SPLASH_BLOCK = 128  # the splash kernel's query / key tile; sequences are padded up to a multiple of it
+
+
+def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array) -> jax.Array:
+    """`causal_attention` through Pallas's TPU splash attention kernel (flash-style: no (T, T) scores in memory,
+    masked tiles skipped), interpreted off TPU (how the CPU tests run it). q (B, T, H, D), k / v (B, T, KV, D).
+
+    The kernel's causal mask does the s <= t part; padding keys are masked through its segment ids (every query
+    in segment 1, a key in segment token_mask), so a padding query still sees the real keys before it, as in the
+    einsum path. Rows with no visible key (left padding) get the uniform average of all T values, as there. Each KV
+    head's query group runs as one multi-query kernel call. The sequence is padded to a multiple of SPLASH_BLOCK
+    (keys there in segment 0, rows dropped).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+        splash_attention_mask as splash_mask,
+    )
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    tp = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    qh = jnp.pad(q * jnp.asarray(d ** -0.5, q.dtype), pad).reshape(b, tp, kv, g, d).transpose(0, 2, 3, 1, 4)
+    kh, vh = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (k, v))  # (B, KV, Tp, D)
+    key_segment = jnp.pad(token_mask, ((0, 0), (0, tp - t))).astype(jnp.int32)
+    segments = splash.SegmentIds(q=jnp.ones((b, tp), jnp.int32), kv=key_segment)
+    blocks = splash.BlockSizes(*(SPLASH_BLOCK,) * 8)
+    kernel = splash.make_splash_mqa(splash_mask.MultiHeadMask([splash_mask.CausalMask((tp, tp))] * g),
+                                    block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                    interpret=jax.default_backend() != 'tpu')
+    out = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))(qh, kh, vh, segments)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t]
+    seen = jnp.cumsum(token_mask, axis=1) > 0  # a real key at or before t
+    uniform = jnp.repeat(jnp.mean(v, axis=1), g, axis=1)[:, None]  # (B, 1, H, D)
+    return jnp.where(seen[:, :, None, None], out.astype(v.dtype), uniform.astype(v.dtype))
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -71,7 +71,7 @@ class LlamaAttention(nn.Module):
             k, v, mask = self._update_cache(k, v, token_mask)
             out = dot_product_attention(q, k, v, mask)
         else:
-            out = causal_attention(q, k, v, token_mask, cfg.attention_block)
+            out = causal_attention(q, k, v, token_mask, cfg.attention_block, cfg.attention)
         out = constrain(out, (BATCH, LENGTH, 'activation_heads', None)).reshape(b, t, cfg.num_heads * cfg.head_dim)
         return proj(cfg, cfg.hidden_size, ('heads', 'embed'), 'o_proj')(out, train)
 
