@@ -15,7 +15,14 @@ from medplib_jax.data.config import DataConfig
 from medplib_jax.data.synthetic import FILES as DEMO_FILES  # the synthetic set's files by kind
 from medplib_jax.data.tokenizer import ADDED_TOKENS
 from medplib_jax.eval.config import REFERENCE_TEST_FILES, EvalSettings
-from medplib_jax.models.config import LoRAConfig, MedPLIBConfig, MoEConfig, SamDecoderConfig, SamImageEncoderConfig
+from medplib_jax.models.config import (
+    LlamaConfig,
+    LoRAConfig,
+    MedPLIBConfig,
+    MoEConfig,
+    SamDecoderConfig,
+    SamImageEncoderConfig,
+)
 from medplib_jax.train.config import CheckpointConfig, TrainConfig
 
 # LLaMA decoder sizes. `llama7b` is LLaVA-v1.5-7B (LLaMA-2-7B architecture) with the MedPLIB vocab of 32267
@@ -70,7 +77,9 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
 def llm_config(size: str) -> mlc.ConfigDict:
     if size not in LLM_SIZES:
         raise ValueError(f'unknown LLM size {size!r}; known: {sorted(LLM_SIZES)}')
-    return mlc.ConfigDict(dict(LLM_SIZES[size]))
+    # The attention kernel settings, so `--config.model.llm.attention=splash` can pick them (LlamaConfig's defaults).
+    kernel = {f.name: f.default for f in dataclasses.fields(LlamaConfig) if f.name in ('attention', 'attention_block')}
+    return mlc.ConfigDict(dict(LLM_SIZES[size], **kernel))
 
 
 def vision_config(size: str) -> mlc.ConfigDict:
@@ -248,7 +257,8 @@ STAGE_DTYPE = {'7b': 'bfloat16', 'tiny': 'float32'}
 STAGE_ARGS = dict(model='7b', init='prev', dtype='', scan=False, remat='', data='', hw='')
 
 # Hardware presets (stage configs' `hw=` arg): the mesh, the micro-batch (through config.train.grad_accum; the
-# global batch config.data.batch_size stays 128), the remat policy and the scanned layer layout, per target and
+# global batch config.data.batch_size stays 128), the remat policy, the scanned layer layout and, on TPU, the
+# splash attention kernel (model.llm.attention), per target and
 # stage. Keys: the hw name, then the stage ('*' = any stage without its own entry). `remat=` in the arg and
 # `--config.*` flags still override a preset. FSDP over every chip (7B's vocab 32267 is odd, so no tensor axis).
 # Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?"), 7B stage IV in fp32 compute: v5p-64
@@ -256,8 +266,10 @@ STAGE_ARGS = dict(model='7b', init='prev', dtype='', scan=False, remat='', data=
 # v5p-64 step's temporaries alone are 119 GiB. In bf16 compute (STAGE_DTYPE) v5p-64 takes 11.6 GiB (12%).
 # Scanned layers also make the 7B compile take minutes instead of hours (one decoder layer compiled, not 32).
 HW_PRESETS = {
-    'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='full', scan=True)},
-    'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='full', scan=True)},
+    'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='full', scan=True,
+                         attention='splash')},
+    'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='full', scan=True,
+                          attention='splash')},
     # stage III's loss groups of 32 sequences need micro-batches of 32 or more
     '8xh100': {'*': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=8, remat='full', scan=True),
                'III': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=4, remat='full', scan=True)},
@@ -275,6 +287,7 @@ def apply_hw(cfg: mlc.ConfigDict, hw: str, remat: str = '') -> mlc.ConfigDict:
         cfg.train.grad_accum = p['grad_accum']
         cfg.model.remat_policy = p['remat']
         cfg.model.scan_layers = p['scan']
+        cfg.model.llm.attention = p.get('attention', cfg.model.llm.attention)  # TPU: the splash kernel
     if remat:
         cfg.model.remat_policy = remat
     return cfg

@@ -76,3 +76,29 @@ def test_splash_kernel_equals_the_einsum_attention(np_rng):
                                jax.jit(jax.grad(loss(splash), (0, 1, 2)))(q, k, v)):
         assert np.isfinite(np.asarray(g_splash)).all()
         np.testing.assert_allclose(g_splash, g_xla, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_splash_kernel_runs_per_shard_under_a_mesh(np_rng):
+    """Under a (data 2, fsdp 2, tensor 2) mesh of 8 fake CPU devices the splash kernel runs per shard (batch over
+    data x fsdp, heads over tensor): the values and gradients of the einsum path on one device (fp32, 1e-5)."""
+    import flax.linen as nn
+
+    from medplib_jax import sharding
+    from medplib_jax.axis_rules import LOGICAL_AXIS_RULES
+    b, t = 4, int(np_rng.integers(130, 260))
+    q = jnp.asarray(np_rng.normal(size=(b, t, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(np_rng.normal(size=(b, t, 2, 16)), jnp.float32) for _ in range(2))
+    mask = np.ones((b, t), bool)
+    mask[1, :int(np_rng.integers(1, t // 2))] = False
+    mask[3, int(np_rng.integers(t // 2, t - 1)):] = False
+    mask = jnp.asarray(mask)
+    loss = lambda kernel: lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, mask, 0, kernel)))  # noqa: E731
+    want = jax.jit(jax.value_and_grad(loss('xla'), (0, 1, 2)))(q, k, v)
+    with jax.set_mesh(sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        fn = jax.jit(jax.value_and_grad(loss('splash'), (0, 1, 2)))
+        assert 'shard_map' in str(jax.make_jaxpr(fn)(q, k, v))  # the kernel per shard, not gathered
+        got = fn(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g_got, g_want in zip(got[1], want[1]):
+        np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5)

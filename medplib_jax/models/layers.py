@@ -110,7 +110,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.A
     (the einsums here), 'splash' (`splash_causal_attention`), 'auto' (splash on TPU, else xla); the same function.
     """
     if kernel == 'auto':
-        kernel = 'splash' if jax.default_backend() == 'tpu' else 'xla'
+        kernel = 'splash' if target_platform() == 'tpu' else 'xla'
     if kernel == 'splash':
         return splash_causal_attention(q, k, v, token_mask)
     b, t, h, d = q.shape
@@ -131,16 +131,36 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.A
 SPLASH_BLOCK = 128  # the splash kernel's query / key tile; sequences are padded up to a multiple of it
 
 
+def target_platform() -> str:
+    """The platform the program being traced is for: the devices of the mesh in context (a TPU topology's when
+    compile-check compiles ahead of time on a CPU host), else the default backend's."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
 def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array) -> jax.Array:
     """`causal_attention` through Pallas's TPU splash attention kernel (flash-style: no (T, T) scores in memory,
     masked tiles skipped), interpreted off TPU (how the CPU tests run it). q (B, T, H, D), k / v (B, T, KV, D).
 
-    The kernel's causal mask does the s <= t part; padding keys are masked through its segment ids (every query
-    in segment 1, a key in segment token_mask), so a padding query still sees the real keys before it, as in the
-    einsum path. Rows with no visible key (left padding) get the uniform average of all T values, as there. Each KV
-    head's query group runs as one multi-query kernel call. The sequence is padded to a multiple of SPLASH_BLOCK
-    (keys there in segment 0, rows dropped).
+    Under a mesh the kernel runs per shard (`jax.shard_map`; GSPMD cannot split a Pallas call): the batch split as
+    the rules split `activation_batch`, the heads as `activation_heads` / `activation_kv_heads`, the sequence whole.
     """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q, k, v, token_mask)
+    heads = nn.logical_to_mesh_axes(('activation_batch', None, 'activation_heads', None))
+    kv_heads = nn.logical_to_mesh_axes(('activation_batch', None, 'activation_kv_heads', None))
+    rows = jax.sharding.PartitionSpec(heads[0], None)
+    return jax.shard_map(_splash_local, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, rows), out_specs=heads,
+                         check_vma=False)(q, k, v, token_mask)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array) -> jax.Array:
+    """One shard's splash attention. The kernel's causal mask does the s <= t part; padding keys are masked through
+    its segment ids (every query in segment 1, a key in segment token_mask), so a padding query still sees the real
+    keys before it, as in the einsum path. Rows with no visible key (left padding) get the uniform average of all T
+    values, as there. Each KV head's query group runs as one multi-query kernel call. The sequence is padded to a
+    multiple of SPLASH_BLOCK (keys there in segment 0, rows dropped)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
         splash_attention_mask as splash_mask,
@@ -157,7 +177,7 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask
     blocks = splash.BlockSizes(*(SPLASH_BLOCK,) * 8)
     kernel = splash.make_splash_mqa(splash_mask.MultiHeadMask([splash_mask.CausalMask((tp, tp))] * g),
                                     block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                                    interpret=jax.default_backend() != 'tpu')
+                                    interpret=target_platform() != 'tpu')
     out = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))(qh, kh, vh, segments)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t]
     seen = jnp.cumsum(token_mask, axis=1) > 0  # a real key at or before t

@@ -212,6 +212,9 @@ class CheckResult:
     reason: str = ''
     hint: str = ''
     thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Pallas TPU kernels in the compiled program (Mosaic custom calls, e.g. llm.attention='splash'): XLA's
+    # cost analysis does not count their FLOPs.
+    pallas_calls: int = 0
 
     @property
     def hbm_fraction(self) -> float:
@@ -341,7 +344,8 @@ def compile_step(config: mlc.ConfigDict, devices: list, log: Callable[[str], Non
         memory['code']
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    figures.update(memory=memory, flops_per_device=float((cost or {}).get('flops', 0.0)))
+    figures.update(memory=memory, flops_per_device=float((cost or {}).get('flops', 0.0)),
+                   pallas_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
     return figures
 
 
@@ -454,6 +458,9 @@ def report(r: CheckResult) -> str:
                   f'  FLOPs per step: XLA cost_analysis {r.flops_per_device * r.devices / 1e12:.4g} TFLOP over '
                   f'{r.devices} devices ({r.flops_per_device / 1e12:.4g} per device; a scanned micro-batch body '
                   f'is counted once), formula {r.formula_flops / 1e12:.4g} TFLOP (train/flops.py)']
+        if r.pallas_calls:
+            lines.append(f'  Pallas kernels: {r.pallas_calls} calls in the program (XLA\'s cost analysis does not '
+                         f'count their FLOPs)')
     elif r.oom:
         lines.append(f'  memory per device: more than the {r.hbm_bytes / GiB:.0f} GiB HBM (the compiler refused it '
                      f'after {r.compile_s:.0f}s)')
