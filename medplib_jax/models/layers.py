@@ -118,7 +118,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.A
         causal = jnp.tril(jnp.ones((t, t), bool))
         return dot_product_attention(q, k, v, causal[None] & token_mask[:, None, :])
     kv = k.shape[2]
-    uniform = jnp.repeat(jnp.mean(v, axis=1), h // kv, axis=1)[:, None]  # (B, 1, H, D)
+    uniform = _uniform_rows(v, h // kv)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
@@ -181,8 +181,13 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Arra
     out = jax.vmap(jax.vmap(kernel, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, 0))(qh, kh, vh, segments)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t]
     seen = jnp.cumsum(token_mask, axis=1) > 0  # a real key at or before t
-    uniform = jnp.repeat(jnp.mean(v, axis=1), g, axis=1)[:, None]  # (B, 1, H, D)
-    return jnp.where(seen[:, :, None, None], out.astype(v.dtype), uniform.astype(v.dtype))
+    return jnp.where(seen[:, :, None, None], out.astype(v.dtype), _uniform_rows(v, g).astype(v.dtype))
+
+
+def _uniform_rows(v: jax.Array, groups: int) -> jax.Array:
+    """What a row that sees no key gets from the full-width softmax over float32-min scores: the average of all T
+    values, per query head (each KV head's repeated over its `groups` query heads). v (B, T, KV, D) -> (B, 1, H, D)."""
+    return jnp.repeat(jnp.mean(v, axis=1), groups, axis=1)[:, None]
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
