@@ -263,13 +263,14 @@ STAGE_ARGS = dict(model='7b', init='prev', dtype='', scan=False, remat='', data=
 # `--config.*` flags still override a preset. FSDP over every chip (7B's vocab 32267 is odd, so no tensor axis).
 # Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?"), 7B stage IV in fp32 compute: v5p-64
 # 13.5 GiB per chip (14% of HBM), v5p-256 17.2 GiB (18%), 8 x H100 24.8 GiB (31%, a CPU estimate); without remat the
-# v5p-64 step's temporaries alone are 119 GiB. In bf16 compute (STAGE_DTYPE) v5p-64 takes 11.6 GiB (12%).
+# v5p-64 step's temporaries alone are 119 GiB. In bf16 compute (STAGE_DTYPE) v5p-64 takes 11.6 GiB (12%), 11.9 GiB
+# with the splash kernel (the preset as it is).
 # Scanned layers also make the 7B compile take minutes instead of hours (one decoder layer compiled, not 32).
 HW_PRESETS = {
     'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='full', scan=True,
-                         attention='splash')},
+                         attention='auto')},
     'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='full', scan=True,
-                          attention='splash')},
+                          attention='auto')},
     # stage III's loss groups of 32 sequences need micro-batches of 32 or more
     '8xh100': {'*': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=8, remat='full', scan=True),
                'III': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=4, remat='full', scan=True)},
@@ -287,7 +288,8 @@ def apply_hw(cfg: mlc.ConfigDict, hw: str, remat: str = '') -> mlc.ConfigDict:
         cfg.train.grad_accum = p['grad_accum']
         cfg.model.remat_policy = p['remat']
         cfg.model.scan_layers = p['scan']
-        cfg.model.llm.attention = p.get('attention', cfg.model.llm.attention)  # TPU: the splash kernel
+        # 'auto': the splash kernel on TPU; a run's parameters evaluated on CPU / GPU get the einsum path
+        cfg.model.llm.attention = p.get('attention', cfg.model.llm.attention)
     if remat:
         cfg.model.remat_policy = remat
     return cfg
@@ -307,7 +309,7 @@ def stage_config(arg: str | None, *, stage: str, files: dict[str, str], demo_fil
     data = a.data or ('demo' if a.model == 'tiny' else 'mecovqa')
     if data not in ('mecovqa', 'demo'):
         raise ValueError(f'config arg data={data!r}: known: mecovqa, demo')
-    dtype = a.dtype or STAGE_DTYPE.get(a.model, 'float32')  # an unknown model is get_config's error
+    dtype = a.dtype or STAGE_DTYPE.get(a.model, '')  # an unknown model is get_config's error
     cfg = get_config(f'model={a.model},dtype={dtype},scan={a.scan},remat={a.remat or "none"},data=none')
     if data == 'demo':
         cfg.data.root = 'outputs/demo_data'

@@ -81,7 +81,8 @@ def test_splash_kernel_equals_the_einsum_attention(np_rng):
 @pytest.mark.slow
 def test_splash_kernel_runs_per_shard_under_a_mesh(np_rng):
     """Under a (data 2, fsdp 2, tensor 2) mesh of 8 fake CPU devices the splash kernel runs per shard (batch over
-    data x fsdp, heads over tensor): the values and gradients of the einsum path on one device (fp32, 1e-5)."""
+    data x fsdp, heads over tensor): the values and gradients of the einsum path on one device (fp32, 1e-5; the
+    summed loss 1e-4)."""
     import flax.linen as nn
 
     from medplib_jax import sharding
@@ -99,6 +100,7 @@ def test_splash_kernel_runs_per_shard_under_a_mesh(np_rng):
         fn = jax.jit(jax.value_and_grad(loss('splash'), (0, 1, 2)))
         assert 'shard_map' in str(jax.make_jaxpr(fn)(q, k, v))  # the kernel per shard, not gathered
         got = fn(q, k, v)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    # the loss: a sum of about 10^4 terms, reduced over 8 shards in another order (measured: up to 1.2e-5 relative)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4)
     for g_got, g_want in zip(got[1], want[1]):
         np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5)

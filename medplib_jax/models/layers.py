@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medplib_jax.axis_rules import LOGICAL_AXIS_RULES
 from medplib_jax.models.config import DTYPES as DTYPE_NAMES
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -148,8 +149,12 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return _splash_local(q, k, v, token_mask)
-    heads = nn.logical_to_mesh_axes(('activation_batch', None, 'activation_heads', None))
-    kv_heads = nn.logical_to_mesh_axes(('activation_batch', None, 'activation_kv_heads', None))
+    rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES  # as sharding.data_sharding: the table by default
+    heads = nn.logical_to_mesh_axes(('activation_batch', None, 'activation_heads', None), rules)
+    kv_heads = nn.logical_to_mesh_axes(('activation_batch', None, 'activation_kv_heads', None), rules)
+    if heads[2] != kv_heads[2]:  # each shard must hold whole query groups with their KV heads
+        raise ValueError(f'llm.attention=splash: the rules split activation_heads over {heads[2]!r} but '
+                         f'activation_kv_heads over {kv_heads[2]!r}; split both alike or use llm.attention=xla')
     rows = jax.sharding.PartitionSpec(heads[0], None)
     return jax.shard_map(_splash_local, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, rows), out_specs=heads,
                          check_vma=False)(q, k, v, token_mask)
