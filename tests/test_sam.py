@@ -29,8 +29,12 @@ def _rel(a, b):
 
 # The IoU head's output is two numbers per test (relative to their max, no averaging) at the end of the two-way
 # transformer and a 3-layer MLP with N(0, 0.3) weights: our fp32 error against the float64 reference reached
-# 2.4e-5 in 1 of 120 random draws (median 1.7e-6), so its bound is 1e-4; the masks stay within 1e-5.
+# 2.4e-5 in 1 of 120 random draws (median 1.7e-6), so its bound is 1e-4.
 IOU_RTOL = 1e-4
+# The masks, measured over 800 fresh draws (200 models x both prompt kinds x multimask on/off): median 2.2e-6,
+# 99th percentile 1.1e-5, largest 2.0e-5, so 1e-5 failed about one draw in 80; the bound leaves 2.5x over the
+# largest. The image encoder's output stays within 2.5e-6 over 200 draws, so it keeps 1e-5.
+MASK_RTOL = 5e-5
 
 
 @pytest.fixture(scope='module')
@@ -108,7 +112,7 @@ def test_prompt_encoder_and_mask_decoder_match_hf(hf_sam, np_rng, multimask):
                                multimask_output=multimask)
     n_masks = 3 if multimask else 1
     assert masks.shape == (2, n_masks, 32, 32) and iou.shape == (2, n_masks)
-    assert _rel(masks, out.pred_masks[:, 0].numpy()) <= 1e-5
+    assert _rel(masks, out.pred_masks[:, 0].numpy()) <= MASK_RTOL
     assert _rel(iou, out.iou_scores[:, 0].numpy()) <= IOU_RTOL
 
     # (b) an externally given sparse embedding (MedPLIB's <SEG> prompt), dense = no_mask_embed
@@ -118,7 +122,7 @@ def test_prompt_encoder_and_mask_decoder_match_hf(hf_sam, np_rng, multimask):
     masks, iou = decoder.apply({'params': dp}, jnp.asarray(emb.transpose(0, 2, 3, 1)), pe, sparse, dense,
                                multimask_output=multimask)
     ref_masks, ref_iou = _hf_decode(model, emb, text, multimask)
-    assert _rel(masks, ref_masks) <= 1e-5 and _rel(iou, ref_iou) <= IOU_RTOL
+    assert _rel(masks, ref_masks) <= MASK_RTOL and _rel(iou, ref_iou) <= IOU_RTOL
 
     bp, bd = decoder_to_source(pp, dp, hf=True)
     for ours, theirs in ((bp, parts['prompt_encoder']), (bd, parts['mask_decoder'])):  # exact, float32 as stored
