@@ -8,6 +8,11 @@ grad_accum (one body per micro-batch; the layer scan is inside the body and like
 remains an undercount); the train/flops.py formula (6 x active matmul parameters x tokens + attention) is the
 figure MFU uses.
 
+Step time and MFU: ESTIMATES, from benchmarks/results/step_estimate_<case>.json where one exists (written by
+`benchmarks/compile_check.py --estimate CASE`): XLA's cost model (`optimal_seconds`) of the 1- and 2-layer
+micro-batch programs extrapolated to the full depth and grad_accum, Pallas kernels at the chip's bf16 peak
+(medplib_jax/train/step_estimate.py). Nothing here ran on a TPU.
+
     python benchmarks/aot_memory.py [--recompile [CASE ...]] [--out PATH]
 """
 from __future__ import annotations
@@ -55,6 +60,12 @@ def parse(result: dict) -> dict:
             row['xla_tflop_per_device_x_accum'] = xla / n * row['grad_accum']
     if row.get('total_gib') and row.get('hbm_gib'):
         row['hbm_fraction'] = row['total_gib'] / row['hbm_gib']
+    estimate = os.path.join(HERE, 'results', f'step_estimate_{result["case"]}.json')
+    if os.path.exists(estimate):
+        with open(estimate) as f:
+            e = json.load(f)
+        row.update(est_step_s=e['step_seconds'], est_mfu=e['mfu'],
+                   est_recompute=e['step_flops_per_device'] * e['devices'] / e['model_flops'])
     return row
 
 
@@ -64,7 +75,8 @@ def _fmt(v, spec='.2f'):
 
 def table(rows: list[dict]) -> str:
     lines = ['| case | mesh | batch (accum x micro), length | remat | arguments | temporaries | total / HBM | '
-             'verdict | XLA TFLOP/device (x accum) | formula TFLOP/device |', '|' + '---|' * 10]
+             'verdict | XLA TFLOP/device (x accum) | formula TFLOP/device | step (estimate) | MFU (estimate) | '
+             'compiled / formula FLOPs |', '|' + '---|' * 13]
     for r in rows:
         lines.append(
             f'| {r["case"]}{" (estimate)" if r["estimate"] else ""} | {r.get("mesh", "-")} | '
@@ -73,7 +85,8 @@ def table(rows: list[dict]) -> str:
             f'{_fmt(r.get("temporaries_gib"))} GiB | {_fmt(r.get("total_gib"))} / {_fmt(r.get("hbm_gib"), "g")} GiB '
             f'({_fmt(r.get("hbm_fraction") and 100 * r["hbm_fraction"], ".1f")}%) | {r["verdict"]} | '
             f'{_fmt(r.get("xla_tflop_per_device"))} ({_fmt(r.get("xla_tflop_per_device_x_accum"), ".1f")}) | '
-            f'{_fmt(r.get("formula_tflop_per_device"), ".1f")} |')
+            f'{_fmt(r.get("formula_tflop_per_device"), ".1f")} | {_fmt(r.get("est_step_s"), ".2f")} s | '
+            f'{_fmt(r.get("est_mfu") and 100 * r["est_mfu"], ".1f")}% | {_fmt(r.get("est_recompute"))} |')
     return '\n'.join(lines)
 
 

@@ -6,14 +6,20 @@ XLA's CPU compiler over fake devices for the GPU estimate). Needs libtpu (`pip i
     python benchmarks/compile_check.py                      # every case below
     python benchmarks/compile_check.py stage4-7b-v5p-64     # chosen cases
     python benchmarks/compile_check.py --list
+    python benchmarks/compile_check.py --estimate stage4-7b-v5p-64-bf16-splash   # -> step_estimate_<case>.json
+
+`--estimate` compiles only the two reduced-depth programs of train/step_estimate.py (XLA's cost-model step time and
+the MFU it implies, an ESTIMATE) for TPU cases; the memory figures stay those of the full compile.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import platform
 import sys
+import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # this host compiles; it has no accelerator to find
 
@@ -23,20 +29,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from medplib_jax.train.compile_check import compile_check, report  # noqa: E402
+from medplib_jax.train.compile_check import compile_check, compile_step, parse_topology, report, tpu_devices  # noqa: E402
+from medplib_jax.train.step_estimate import describe, estimate  # noqa: E402
 
-# name -> (config file, config arg, topology, overrides as {dotted field: value}). The cases without a suffix are
-# pinned to fp32 compute and the einsum attention, as their stored results (2026-12-02) were measured; `-bf16` is
-# today's 7B default compute, `-bf16-splash` the v5p presets as they are now.
+# name -> (config file, config arg, topology, overrides as {dotted field: value}). Each case pins what its stored
+# result was measured with where the preset has moved since: the cases without a suffix fp32 compute and the einsum
+# attention (2026-12-02); `-bf16` today's 7B default compute; `-bf16-splash` the v5p-64 preset until 2026-12-07
+# (micro-batches of 32: routing groups of 4 sequences spread over 4 chips); `-accum1` the v5p-64 stage-IV preset
+# since (one micro-batch of 128: one routing group per chip).
 FP32 = {'model.dtype': 'float32', 'model.llm.attention': 'xla'}
+ACCUM4 = {'train.grad_accum': 4}
 CASES = {
     'stage4-7b-v5p-64-default': ('configs/stage4.py', '', 'v5p-64', {'train.grad_accum': 4, **FP32}),
-    'stage4-7b-v5p-64': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', FP32),
-    'stage4-7b-v5p-64-bf16': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {'model.llm.attention': 'xla'}),
-    'stage4-7b-v5p-64-bf16-splash': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {}),
+    'stage4-7b-v5p-64': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {**FP32, **ACCUM4}),
+    'stage4-7b-v5p-64-bf16': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {'model.llm.attention': 'xla', **ACCUM4}),
+    'stage4-7b-v5p-64-bf16-splash': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', ACCUM4),
+    # A diagnostic, not a recipe: routing groups of one sequence (one per chip) instead of the reference's 4.
+    'stage4-7b-v5p-64-bf16-splash-group1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
+                                            {'model.moe.group_size': 1, **ACCUM4}),
+    # The stage-IV preset now: the whole global batch as one micro-batch, 4 rows and one routing group per chip.
+    'stage4-7b-v5p-64-bf16-splash-accum1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {}),
+    'stage4-7b-v5p-64-bf16-splash-accum1-dots': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
+                                                 {'model.remat_policy': 'dots_no_batch'}),
+    'stage4-7b-v5p-64-bf16-splash-accum1-none': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
+                                                 {'model.remat_policy': 'none'}),
     'stage4-7b-v5p-256': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', FP32),
     'stage4-7b-v5p-256-bf16-splash': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', {}),
-    'stage4-7b-8xh100': ('configs/stage4.py', 'hw=8xh100', 'gpu:8xH100', FP32),
+    'stage4-7b-8xh100': ('configs/stage4.py', 'hw=8xh100', 'gpu:8xH100', {**FP32, 'train.grad_accum': 8}),
+    # the stage-IV preset since 2026-12-07: micro-batches of 32, one routing group of 4 per GPU
+    'stage4-7b-8xh100-bf16-accum4': ('configs/stage4.py', 'hw=8xh100', 'gpu:8xH100', {'train.grad_accum': 4}),
     'stage2-7b-v5p-64': ('configs/stage2.py', 'hw=v5p-64', 'v5p-64', FP32),
     'stage3-7b-v5p-64': ('configs/stage3.py', 'hw=v5p-64', 'v5p-64', FP32),
 }
@@ -56,21 +77,38 @@ def load_config(path: str, arg: str, overrides: dict):
     return config
 
 
+def _versions() -> str:
+    from importlib.metadata import version
+    return f'jax {version("jax")}, libtpu {version("libtpu")}'
+
+
 def main(names: list[str]) -> None:
     if names == ['--list']:
         print('\n'.join(CASES))
         return
+    only_estimate = '--estimate' in names
+    names = [n for n in names if n != '--estimate']
     os.makedirs(os.path.join(HERE, 'results'), exist_ok=True)
     for name in names or list(CASES):
         path, arg, topology, overrides = CASES[name]
         config = load_config(path, arg, overrides)
         label = f'{path}:{arg}' if arg else path
+        command = f'medplib-jax compile-check --config={label} --topology={topology}' + ''.join(
+            f' --config.{k}={v}' for k, v in overrides.items())
+        meta = dict(case=name, date=datetime.date.today().isoformat(),
+                    host=f'{platform.node()} ({os.cpu_count()} CPUs), {_versions()}')
+        if only_estimate:
+            start = time.perf_counter()
+            e = estimate(config, tpu_devices(parse_topology(topology)), compile_step)
+            print('\n'.join(describe(e)), flush=True)
+            out = dict(meta, command=command + ' --estimate (only the two reduced-depth compiles)',
+                       compile_s=round(time.perf_counter() - start), lines=describe(e), **dataclasses.asdict(e))
+            with open(os.path.join(HERE, 'results', f'step_estimate_{name}.json'), 'w') as f:
+                json.dump(out, f, indent=1)
+            continue
         r = compile_check(label, config, topology)
         print(report(r), flush=True)
-        out = dict(case=name, command=f'medplib-jax compile-check --config={label} --topology={topology}' +
-                   ''.join(f' --config.{k}={v}' for k, v in overrides.items()),
-                   date=datetime.date.today().isoformat(), host=f'{platform.node()} ({os.cpu_count()} CPUs)',
-                   **r.to_dict())
+        out = dict(meta, command=command, **r.to_dict())
         with open(os.path.join(HERE, 'results', f'compile_check_{name}.json'), 'w') as f:
             json.dump(out, f, indent=1, default=str)
 

@@ -116,6 +116,12 @@ def test_tiny_fits_4_chip_v5p_and_fails_on_a_small_hbm(compiled):
     strict = cc.judge(r)
     assert not strict.ok and '--max_replicated=0.05 (now 0.02)' in strict.hint
     assert cc.judge(r, max_replicated_fraction=0.05).ok
+    # 4 rows on 4 shards split each routing group of 4 sequences over 4 chips: said, with the micro-batch that
+    # gives every shard whole groups; 16 rows do
+    assert ('note: MoE routing groups of 4 sequences in micro-batches of 4 rows over 4 batch shards' in out
+            and 'a multiple of 16 rows' in out)
+    assert dataclasses.replace(r, batch=16).routing_note == '' and dataclasses.replace(r, batch=8).routing_note
+    assert dataclasses.replace(r, moe_group_size=0).routing_note == ''
 
 
 @pytest.mark.slow
@@ -138,6 +144,41 @@ def test_tiny_fits_64_chip_v5p_with_the_splash_kernel(compiled):
     hint = cc.judge(r, hbm_gib=2 ** -10, max_replicated_fraction=LOOSE).hint
     assert '--config.mesh.data=1 --config.mesh.fsdp=64' in hint and "remat_policy='full'" in hint
     _asks_for_a_change(r, hint)
+
+
+@pytest.mark.slow
+@pytest.mark.libtpu
+@needs_libtpu
+def test_step_estimate_extrapolates_per_layer_and_prices_the_splash_kernels():
+    """The estimate from the 1- and 2-layer programs against the compiler's own cost of a 3-layer program (an
+    independent compile, not the formula); the splash kernels XLA does not price are counted per layer."""
+    from medplib_jax.train import step_estimate as se
+    cfg = tiny(data=1, fsdp=4)
+    cfg.model.llm.num_layers = 3
+    cfg.model.llm.attention = 'auto'  # the splash kernel for the TPU target
+    cfg.train.grad_accum = 2
+    cfg.data.batch_size = 8  # two micro-batches of 4, one row per chip
+    devices = cc.tpu_devices(cc.parse_topology('v5p-8'))
+    e = se.estimate(cfg, devices, cc.compile_step, log=lambda _: None)
+    direct = cc.compile_step(se.reduced(cfg, 3), devices, log=lambda _: None)
+    kernels = se.kernel_flops(direct['pallas_kernels'], cfg, direct['batch'], direct['length'], len(devices))
+    one, per_layer = e.xla_seconds[0] + e.kernel_seconds[0], (e.xla_seconds[1] + e.kernel_seconds[1]) - (
+        e.xla_seconds[0] + e.kernel_seconds[0])
+    # every figure is a cost-model time, positive once the SparseCore offloads' -1 s each are taken out
+    assert min(e.xla_seconds) > 0 and per_layer > 0 and one > per_layer
+    # layers add: measured 3.3% apart at 4 layers (the 1-layer program lays out its buffers differently)
+    assert direct['xla_seconds'] + kernels / e.peak_flops == pytest.approx(one + 2 * per_layer, rel=0.1)
+    assert e.step_seconds == pytest.approx(2 * (one + 2 * per_layer))  # two micro-batches
+    # one forward (its residuals kept: remat 'none'), dq and dkv kernel per layer, each priced
+    assert sorted(se._SPLASH.search(k)[1] for k in e.kernels_per_layer) == ['dkv', 'dq', 'fwd']
+    assert set(e.kernels_per_layer.values()) == {1} and e.kernel_seconds[1] == pytest.approx(2 * e.kernel_seconds[0])
+    assert sum(direct['pallas_kernels'].values()) == 9
+    assert 0 < e.mfu < 1 and e.recompute_ratio > 1
+    lines = se.describe(e)
+    assert all(line.lstrip().startswith('ESTIMATE') for line in lines) and f'MFU {e.mfu:.1%}' in lines[1]
+    with pytest.raises(ValueError, match='--estimate needs a TPU topology') as err:
+        cc.compile_check('configs/stage4.py', cfg, 'gpu:8xH100', estimate=True)
+    assert '\n' not in str(err.value)
 
 
 @needs_libtpu
@@ -251,6 +292,9 @@ def test_hw_presets_are_valid_for_every_stage(hw):
         shards = cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
         assert shards == devices and micro % (cfg.mesh.data * cfg.mesh.fsdp) == 0, (module.__name__, hw)
         assert micro % (cfg.train.loss_group or micro) == 0, (module.__name__, hw)
+        if cfg.model.moe.mode != 'none' and hw != 'v5p-256':
+            # every batch shard routes whole MoE groups (v5p-256: 128 rows on 128 chips cannot; docs/training.md)
+            assert micro % (cfg.model.moe.group_size * cfg.mesh.data * cfg.mesh.fsdp) == 0, (module.__name__, hw)
     assert stage4.get_config(f'hw={hw},remat=dots').model.remat_policy == 'dots'  # the arg wins
     with pytest.raises(ValueError, match="config arg hw='tpu'") as e:
         stage4.get_config('hw=tpu')

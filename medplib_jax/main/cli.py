@@ -83,7 +83,7 @@ COMMANDS: dict[str, Command] = {
                         '--out=runs/medplib-7b-2e',
                         'medplib-jax convert llama --src=/ckpt/llava-v1.5-7b --clip=/ckpt/clip-vit-large-patch14-336 '
                         '--sam-med2d=/ckpt/sam-med2d_b.pth --out=runs/llava-v1.5-7b')),
-    'compile-check': Command((), ('topology', 'max_replicated'), _BASE,
+    'compile-check': Command((), ('topology', 'max_replicated', 'estimate'), _BASE,
                              'compile the train step ahead of time for a TPU topology (or estimate a GPU box): '
                              'memory, FLOPs, does it fit',
                              ('medplib-jax compile-check --config=configs/stage4.py:hw=v5p-64 --topology=v5p-64',)),
@@ -145,6 +145,8 @@ flags.DEFINE_list('evals', [], 'eval: the evaluators to run, names in config.eva
 flags.DEFINE_integer('num_pictures', 8, 'eval: overlay / routing pictures of the first N samples per evaluator')
 flags.DEFINE_string('rescore', '', 'eval: recompute the metrics of this predictions.jsonl (no model) into --out')
 flags.DEFINE_string('topology', '', 'compile-check: a TPU topology (v5p-64, v5p-256, v4-128, ...) or gpu:8xH100')
+flags.DEFINE_bool('estimate', False, 'compile-check: also XLA\'s estimate of the step time and the MFU it implies '
+                  '(TPU targets; two more compiles at reduced depth)')
 flags.DEFINE_float('max_replicated', None, 'compile-check: the share of parameter bytes that may be replicated on '
                    'every device (default 0.02; a tiny model\'s MoE LoRA adapters and norms are about 0.05)')
 flags.DEFINE_string('compilation_cache', '', 'where compiled programs are kept between runs '
@@ -163,7 +165,7 @@ flags.DEFINE_list('local_device_ids', [], 'multi-host: the local devices this pr
 _OURS = ('num_images', 'seed', 'picture', 'workdir', 'print-launch', 'points', 'out', 'src', 'sam-med2d', 'clip',
          'dtype', 'step', 'checkpoint', 'tokenizer', 'image', 'point', 'box', 'mask', 'slice', 'window', 'routing',
          'mask_mode', 'max_new_tokens', 'temperature', 'port', 'shortest_edge', 'evals', 'num_pictures', 'rescore',
-         'topology', 'max_replicated', 'compilation_cache', *_MULTIHOST)
+         'topology', 'max_replicated', 'estimate', 'compilation_cache', *_MULTIHOST)
 
 
 class UsageError(ValueError):
@@ -376,7 +378,8 @@ def _run(command: str, args: list[str], config, preemption=None) -> None:
         if not F.topology:
             raise ValueError('compile-check: set --topology= (v5p-64, v5p-256, v4-128, ... or gpu:8xH100)')
         limit = MAX_REPLICATED_FRACTION if F.max_replicated is None else F.max_replicated
-        if not run_compile_check(F['config'].config_filename, config, F.topology, max_replicated_fraction=limit):
+        if not run_compile_check(F['config'].config_filename, config, F.topology, max_replicated_fraction=limit,
+                                 estimate=F.estimate):
             raise SystemExit(1)
     elif command == 'eval':
         _eval(config)

@@ -215,6 +215,12 @@ class CheckResult:
     # Pallas TPU kernels in the compiled program (Mosaic custom calls, e.g. llm.attention='splash'): XLA's
     # cost analysis does not count their FLOPs.
     pallas_calls: int = 0
+    pallas_kernels: dict[str, int] = dataclasses.field(default_factory=dict)
+    # XLA's cost-model run time of the compiled program on one device (a scanned body counted once; 0: the
+    # compiler gave none, e.g. the CPU compiler of a GPU estimate)
+    xla_seconds: float = 0.0
+    estimate: Any = None  # step_estimate.StepEstimate when asked for (TPU targets)
+    moe_group_size: int = 0  # sequences per MoE routing group in training (0: no MoE layers)
 
     @property
     def hbm_fraction(self) -> float:
@@ -223,6 +229,18 @@ class CheckResult:
     @property
     def replicated_fraction(self) -> float:
         return self.replicated_param_bytes / max(self.param_bytes, 1)
+
+    @property
+    def routing_note(self) -> str:
+        """'' when every batch shard holds whole MoE routing groups; else what the split costs."""
+        g, micro = self.moe_group_size, self.batch // max(self.grad_accum, 1)
+        shards = self.mesh.get('data', 1) * self.mesh.get('fsdp', 1)
+        if not g or micro % (g * shards) == 0:
+            return ''
+        return (f'MoE routing groups of {g} sequences in micro-batches of {micro} rows over {shards} batch shards '
+                f'(data x fsdp): {micro // g} groups, so a group spans several devices and only part of them get '
+                f'expert work (docs/training.md, "Estimated step time"); whole groups per shard need micro-batches of a multiple of {g * shards} '
+                f'rows (config.train.grad_accum)')
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -343,10 +361,27 @@ def compile_step(config: mlc.ConfigDict, devices: list, log: Callable[[str], Non
     memory['total'] = memory['arguments'] + memory['outputs'] - memory['aliased'] + memory['temporaries'] + \
         memory['code']
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    figures.update(memory=memory, flops_per_device=float((cost or {}).get('flops', 0.0)),
-                   pallas_calls=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    hlo = compiled.as_text()
+    kernels = pallas_kernels(hlo)
+    # libtpu offloads some scatters (embedding and region-feature gradients) to the v5p's SparseCores as async
+    # calls, which its cost model prices at -1 s each (seen: a tiny step's -9.9995 s with 10 of them, 0.0005 s
+    # once they are taken out): they run beside the TensorCore and count as 0 here.
+    offloads = len(re.findall(r'call-start\(.*async_execution_thread="sparsecore"', hlo))
+    figures.update(memory=memory, flops_per_device=float(cost.get('flops', 0.0)),
+                   xla_seconds=float(cost.get('optimal_seconds', 0.0)) + offloads, pallas_calls=sum(kernels.values()),
+                   pallas_kernels=kernels)
     return figures
+
+
+def pallas_kernels(hlo: str) -> dict[str, int]:
+    """Pallas TPU kernels (Mosaic custom calls) in a compiled program's text -> calls by kernel name."""
+    counts: dict[str, int] = {}
+    for line in hlo.splitlines():
+        if 'custom_call_target="tpu_custom_call"' in line:
+            name = re.sub(r'\.\d+$', '', line.split('=', 1)[0].strip().lstrip('%').split()[-1])
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def judge(r: CheckResult, *, max_hbm_fraction: float = MAX_HBM_FRACTION,
@@ -461,6 +496,11 @@ def report(r: CheckResult) -> str:
         if r.pallas_calls:
             lines.append(f'  Pallas kernels: {r.pallas_calls} calls in the program (XLA\'s cost analysis does not '
                          f'count their FLOPs)')
+        if r.estimate is not None:
+            from medplib_jax.train.step_estimate import describe
+            lines += describe(r.estimate)
+        if r.routing_note:
+            lines.append(f'  note: {r.routing_note}')
     elif r.oom:
         lines.append(f'  memory per device: more than the {r.hbm_bytes / GiB:.0f} GiB HBM (the compiler refused it '
                      f'after {r.compile_s:.0f}s)')
@@ -480,26 +520,34 @@ def report(r: CheckResult) -> str:
 def compile_check(config_filename: str, config: mlc.ConfigDict, topology: str, *,
                   max_hbm_fraction: float = MAX_HBM_FRACTION,
                   max_replicated_fraction: float = MAX_REPLICATED_FRACTION, hbm_gib: float | None = None,
-                  log: Callable[[str], None] = print) -> CheckResult:
+                  log: Callable[[str], None] = print, estimate: bool = False) -> CheckResult:
     """Compiles the config's train step for `topology` -> the result with its verdict (`ok`, `reason`, `hint`).
     Limits are fractions: of a device's HBM, and of the parameter bytes that may be replicated on every device
-    (`max_replicated_fraction`, the CLI's --max_replicated). `hbm_gib` overrides the device's HBM (tests)."""
+    (`max_replicated_fraction`, the CLI's --max_replicated). `hbm_gib` overrides the device's HBM (tests).
+    `estimate` (TPU targets): also XLA's estimate of the step time and the MFU it implies (train/step_estimate.py;
+    two more compiles at reduced depth)."""
     _check_limits(max_hbm_fraction, max_replicated_fraction)
     target = parse_topology(topology)
+    if estimate and target.kind != 'tpu':
+        raise ValueError(f'--estimate needs a TPU topology: {target.name} is compiled by the CPU compiler, which has '
+                         f'no cost model of a GPU')
     _host_cpu()
     if target.kind == 'gpu':
         return _gpu_estimate(config_filename, config, target, max_hbm_fraction, max_replicated_fraction, hbm_gib,
                              log)
     devices = tpu_devices(target)
-    return _finish(config_filename, config, target, compile_step(config, devices, log, max_replicated_fraction),
-                   max_hbm_fraction,
-                   max_replicated_fraction, hbm_gib)
+    figures = compile_step(config, devices, log, max_replicated_fraction)
+    if estimate and figures['memory'] is not None:
+        from medplib_jax.train import step_estimate
+        figures['estimate'] = step_estimate.estimate(config, devices, compile_step, log)
+    return _finish(config_filename, config, target, figures, max_hbm_fraction, max_replicated_fraction, hbm_gib)
 
 
 def _finish(config_filename, config, target, figures, max_hbm_fraction, max_replicated_fraction, hbm_gib):
     hbm = int(hbm_gib * GiB) if hbm_gib else target.hbm_bytes
     r = CheckResult(config=config_filename, target=target.name, label=target.label, devices=target.devices,
                     grad_accum=int(config.train.grad_accum), remat_policy=str(config.model.remat_policy),
+                    moe_group_size=int(config.model.moe.group_size) if config.model.moe.mode != 'none' else 0,
                     scan_layers=bool(config.model.scan_layers), hbm_bytes=hbm,
                     thresholds=dict(max_hbm_fraction=max_hbm_fraction,
                                     max_replicated_fraction=max_replicated_fraction), **figures)
@@ -546,11 +594,11 @@ def _gpu_estimate(config_filename, config, target, max_hbm_fraction, max_replica
 def run_compile_check(config_filename: str, config: mlc.ConfigDict, topology: str, *,
                       max_hbm_fraction: float = MAX_HBM_FRACTION,
                       max_replicated_fraction: float = MAX_REPLICATED_FRACTION, hbm_gib: float | None = None,
-                      json_out: str = '', log: Callable[[str], None] = print) -> bool:
+                      json_out: str = '', log: Callable[[str], None] = print, estimate: bool = False) -> bool:
     """`medplib-jax compile-check`: prints the report; True when the step fits (see compile_check: the limits are
     fractions, `max_replicated_fraction` the share of parameter bytes that may be replicated on every device)."""
     r = compile_check(config_filename, config, topology, max_hbm_fraction=max_hbm_fraction,
-                      max_replicated_fraction=max_replicated_fraction, hbm_gib=hbm_gib, log=log)
+                      max_replicated_fraction=max_replicated_fraction, hbm_gib=hbm_gib, log=log, estimate=estimate)
     log(report(r))
     if json_out:
         with open(json_out, 'w') as f:
