@@ -36,8 +36,42 @@ _FLOPS = re.compile(r'XLA cost_analysis ([\d.]+) TFLOP over (\d+) devices .*form
 _OOM = re.compile(r'HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)')
 
 
+def _from_result(result: dict) -> dict:
+    """A JSON written from CheckResult.to_dict() (benchmarks/compile_check.py since 2026-12-07) -> a flat row."""
+    gib = 2 ** 30
+    m = result.get('memory') or {}
+    accum = result['grad_accum']
+    row = dict(case=result['case'], command=result.get('command'), date=result.get('date'),
+               verdict=('FITS' if result['ok'] else 'DOES NOT FIT') + (' (estimate)' if 'ESTIMATE' in result['label']
+                                                                       else ''),
+               hbm_gib=result['hbm_bytes'] / gib, compile_s=result.get('compile_s'),
+               estimate='ESTIMATE' in result['label'], mesh=str(result['mesh']), global_batch=result['batch'],
+               grad_accum=accum, micro_batch=result['batch'] // accum, length=result['length'],
+               remat=result['remat_policy'], devices=result['devices'],
+               xla_tflop_per_device=result['flops_per_device'] / 1e12,
+               formula_tflop_per_device=result['formula_flops'] / result['devices'] / 1e12)
+    row['xla_tflop_per_device_x_accum'] = row['xla_tflop_per_device'] * accum
+    if m:
+        row.update(arguments_gib=m['arguments'] / gib, outputs_gib=m['outputs'] / gib, aliased_gib=m['aliased'] / gib,
+                   temporaries_gib=m['temporaries'] / gib, code_gib=m['code'] / gib, total_gib=m['total'] / gib,
+                   hbm_fraction=m['total'] / result['hbm_bytes'])
+    return row
+
+
+def _estimate(row: dict) -> dict:
+    path = os.path.join(HERE, 'results', f'step_estimate_{row["case"]}.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            e = json.load(f)
+        row.update(est_step_s=e['step_seconds'], est_mfu=e['mfu'],
+                   est_recompute=e['step_flops_per_device'] * e['devices'] / e['model_flops'])
+    return row
+
+
 def parse(result: dict) -> dict:
     """One compile-check JSON -> a flat row (None where the run did not report a figure)."""
+    if 'memory' in result and 'label' in result:
+        return _estimate(_from_result(result))
     text = '\n'.join(result.get('output') or []) + '\n' + str(result.get('compiler', ''))
     row = dict(case=result['case'], command=result.get('command'), date=result.get('date'),
                verdict=result.get('verdict'), hbm_gib=result.get('hbm_gib'), compile_s=result.get('compile_s'),
@@ -60,13 +94,7 @@ def parse(result: dict) -> dict:
             row['xla_tflop_per_device_x_accum'] = xla / n * row['grad_accum']
     if row.get('total_gib') and row.get('hbm_gib'):
         row['hbm_fraction'] = row['total_gib'] / row['hbm_gib']
-    estimate = os.path.join(HERE, 'results', f'step_estimate_{result["case"]}.json')
-    if os.path.exists(estimate):
-        with open(estimate) as f:
-            e = json.load(f)
-        row.update(est_step_s=e['step_seconds'], est_mfu=e['mfu'],
-                   est_recompute=e['step_flops_per_device'] * e['devices'] / e['model_flops'])
-    return row
+    return _estimate(row)
 
 
 def _fmt(v, spec='.2f'):
@@ -105,6 +133,14 @@ def main() -> None:
             cc.main(names)
     rows = [parse(json.load(open(p))) for p in sorted(glob.glob(os.path.join(HERE, 'results',
                                                                             'compile_check_stage4-*.json')))]
+    # cases estimated without a full-depth compile: their estimate alone
+    for p in sorted(glob.glob(os.path.join(HERE, 'results', 'step_estimate_stage4-*.json'))):
+        case = os.path.basename(p)[len('step_estimate_'):-len('.json')]
+        if case not in {r['case'] for r in rows}:
+            with open(p) as f:
+                e = json.load(f)
+            rows.append(_estimate(dict(case=case, command=e['command'], date=e['date'], verdict='not compiled at '
+                                       'full depth', estimate=False, grad_accum=e['grad_accum'])))
     if not rows:
         sys.exit('no benchmarks/results/compile_check_stage4-*.json: run with --recompile')
     print(table(rows))

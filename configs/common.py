@@ -264,16 +264,18 @@ STAGE_ARGS = dict(model='7b', init='prev', dtype='', scan=False, remat='', data=
 # Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?"), 7B stage IV in fp32 compute: v5p-64
 # 13.5 GiB per chip (14% of HBM), v5p-256 17.2 GiB (18%), 8 x H100 24.8 GiB (31%, a CPU estimate); without remat the
 # v5p-64 step's temporaries alone are 119 GiB. In bf16 compute (STAGE_DTYPE) v5p-64 takes 11.6 GiB (12%), 11.9 GiB
-# with the splash kernel (the preset as it is).
+# with the splash kernel, 9.25 GiB in one micro-batch of 128, 18.9 GiB so with remat dots_no_batch (the stage-IV
+# preset as it is).
 # Scanned layers also make the 7B compile take minutes instead of hours (one decoder layer compiled, not 32).
 HW_PRESETS = {
     # Stage IV: one micro-batch of 128, 4 rows per chip, so each chip routes one whole MoE group of 4 sequences
     # (moe.group_size, the reference's per-GPU micro-batch). In micro-batches of 32 a group spans 4 chips and 8
     # groups leave 24 of the 32 chips without expert work: XLA's estimate 13.6 s per step against 1.23 s, memory
-    # 11.9 against 9.25 GiB (docs/training.md).
+    # 11.9 against 9.25 GiB. Saving the matmul outputs (dots_no_batch) instead of full remat: 1.10 s, 18.9 GiB;
+    # no remat: 88 GiB, over the limit (docs/training.md).
     'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='full', scan=True,
                          attention='auto'),
-               'IV': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=1, remat='full', scan=True,
+               'IV': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=1, remat='dots_no_batch', scan=True,
                           attention='auto')},
     'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='full', scan=True,
                           attention='auto')},
