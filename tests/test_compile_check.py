@@ -81,8 +81,8 @@ def _check_report(out: str) -> None:
 
 @pytest.fixture(scope='module')
 def compiled():
-    """The tiny stage-IV step compiled for a 4-chip and a 64-chip v5p slice, both at once (XLA compiles outside the
-    GIL, so the two compiles share the CI machine's two cores): {topology: result}."""
+    """The tiny stage-IV step compiled for a 4-chip and a 64-chip v5p slice from two threads: the lowerings overlap,
+    the TPU compiles take turns (compile_check's lock; libtpu crashed compiling both at once): {topology: result}."""
     from concurrent.futures import ThreadPoolExecutor
     four = tiny(data=1, fsdp=4)
     sixty_four = tiny(data=16, fsdp=4)
