@@ -47,6 +47,16 @@ class StepEstimate:
     mfu: float
 
     @property
+    def one_layer_seconds(self) -> float:
+        """The 1-layer micro-batch program, its kernels included."""
+        return self.xla_seconds[0] + self.kernel_seconds[0]
+
+    @property
+    def per_layer_seconds(self) -> float:
+        """What one more LLM layer adds to a micro-batch."""
+        return self.xla_seconds[1] + self.kernel_seconds[1] - self.one_layer_seconds
+
+    @property
     def recompute_ratio(self) -> float:
         """Compiled FLOPs over the model's (remat recompute, causal tiles skipped, padding)."""
         return self.step_flops_per_device * self.devices / self.model_flops
@@ -128,8 +138,8 @@ def estimate(config: mlc.ConfigDict, devices: list, compile_step: Callable[..., 
 
 def describe(e: StepEstimate) -> list[str]:
     """Report lines, labelled as the estimate they are."""
-    per_layer = (e.xla_seconds[1] + e.kernel_seconds[1]) - (e.xla_seconds[0] + e.kernel_seconds[0])
-    rest = e.xla_seconds[0] + e.kernel_seconds[0] - per_layer
+    per_layer = e.per_layer_seconds
+    rest = e.one_layer_seconds - per_layer
     kernels = (f'; Pallas kernels per layer {dict(sorted(e.kernels_per_layer.items()))} counted at the bf16 peak '
                f'({e.kernel_seconds[1] - e.kernel_seconds[0]:.4g} s of each layer)' if e.kernels_per_layer else '')
     return [f'  ESTIMATE (XLA\'s cost model, optimal_seconds; not measured): step {e.step_seconds:.4g} s = '
