@@ -64,7 +64,8 @@ def _estimate(row: dict) -> dict:
         with open(path) as f:
             e = json.load(f)
         row.update(est_step_s=e['step_seconds'], est_mfu=e['mfu'],
-                   est_recompute=e['step_flops_per_device'] * e['devices'] / e['model_flops'])
+                   est_recompute=e['step_flops_per_device'] * e['devices'] / e['model_flops'],
+                   est_chip_use=e['step_flops_per_device'] / (e['step_seconds'] * e['peak_flops']))
     return row
 
 
@@ -104,7 +105,7 @@ def _fmt(v, spec='.2f'):
 def table(rows: list[dict]) -> str:
     lines = ['| case | mesh | batch (accum x micro), length | remat | arguments | temporaries | total / HBM | '
              'verdict | XLA TFLOP/device (x accum) | formula TFLOP/device | step (estimate) | MFU (estimate) | '
-             'compiled / formula FLOPs |', '|' + '---|' * 13]
+             'compiled / formula FLOPs | compiled FLOPs / peak (estimate) |', '|' + '---|' * 14]
     for r in rows:
         lines.append(
             f'| {r["case"]}{" (estimate)" if r["estimate"] else ""} | {r.get("mesh", "-")} | '
@@ -114,7 +115,8 @@ def table(rows: list[dict]) -> str:
             f'({_fmt(r.get("hbm_fraction") and 100 * r["hbm_fraction"], ".1f")}%) | {r["verdict"]} | '
             f'{_fmt(r.get("xla_tflop_per_device"))} ({_fmt(r.get("xla_tflop_per_device_x_accum"), ".1f")}) | '
             f'{_fmt(r.get("formula_tflop_per_device"), ".1f")} | {_fmt(r.get("est_step_s"), ".2f")} s | '
-            f'{_fmt(r.get("est_mfu") and 100 * r["est_mfu"], ".1f")}% | {_fmt(r.get("est_recompute"))} |')
+            f'{_fmt(r.get("est_mfu") and 100 * r["est_mfu"], ".1f")}% | {_fmt(r.get("est_recompute"))} | '
+            f'{_fmt(r.get("est_chip_use") and 100 * r["est_chip_use"], ".1f")}% |')
     return '\n'.join(lines)
 
 

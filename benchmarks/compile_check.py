@@ -36,29 +36,36 @@ from medplib_jax.train.step_estimate import describe, estimate  # noqa: E402
 # result was measured with where the preset has moved since: the cases without a suffix fp32 compute and the einsum
 # attention (2026-12-02); `-bf16` today's 7B default compute; `-bf16-splash` the v5p-64 preset until 2026-12-07
 # (micro-batches of 32: routing groups of 4 sequences spread over 4 chips); `-accum1` one micro-batch of 128 (one
-# routing group per chip), `-accum1-dots` with it the lighter remat policy: the v5p-64 stage-IV preset since.
+# routing group per chip), `-accum1-dots` with it the lighter remat policy; `-grouped` the grouped MoE dispatch per
+# shard (the TPU presets' since 2026-12-08; every earlier case pins the einsum dispatch it was measured with).
 FP32 = {'model.dtype': 'float32', 'model.llm.attention': 'xla'}
 ACCUM4 = {'train.grad_accum': 4, 'model.remat_policy': 'full'}
 FULL = {'model.remat_policy': 'full'}
+EINSUM = {'model.moe.dispatch': 'einsum'}  # the TPU presets' dispatch until 2026-12-08
 CASES = {
-    'stage4-7b-v5p-64-default': ('configs/stage4.py', '', 'v5p-64', {'train.grad_accum': 4, **FP32}),
-    'stage4-7b-v5p-64': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {**FP32, **ACCUM4}),
-    'stage4-7b-v5p-64-bf16': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {'model.llm.attention': 'xla', **ACCUM4}),
-    'stage4-7b-v5p-64-bf16-splash': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', ACCUM4),
+    'stage4-7b-v5p-64-default': ('configs/stage4.py', '', 'v5p-64', {'train.grad_accum': 4, **FP32, **EINSUM}),
+    'stage4-7b-v5p-64': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {**FP32, **ACCUM4, **EINSUM}),
+    'stage4-7b-v5p-64-bf16': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
+                              {'model.llm.attention': 'xla', **ACCUM4, **EINSUM}),
+    'stage4-7b-v5p-64-bf16-splash': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {**ACCUM4, **EINSUM}),
     # A diagnostic, not a recipe: routing groups of one sequence (one per chip) instead of the reference's 4.
     'stage4-7b-v5p-64-bf16-splash-group1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
-                                            {'model.moe.group_size': 1, **ACCUM4}),
+                                            {'model.moe.group_size': 1, **ACCUM4, **EINSUM}),
     # The whole global batch as one micro-batch: 4 rows and one routing group per chip; full remat ...
-    'stage4-7b-v5p-64-accum1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {**FP32, **FULL}),
+    'stage4-7b-v5p-64-accum1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {**FP32, **FULL, **EINSUM}),
     'stage4-7b-v5p-64-bf16-accum1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
-                                     {'model.llm.attention': 'xla', **FULL}),
-    'stage4-7b-v5p-64-bf16-splash-accum1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', FULL),
+                                     {'model.llm.attention': 'xla', **FULL, **EINSUM}),
+    'stage4-7b-v5p-64-bf16-splash-accum1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {**FULL, **EINSUM}),
     # ... and the stage-IV preset now: matmul outputs saved (dots_no_batch) instead of full recompute
-    'stage4-7b-v5p-64-bf16-splash-accum1-dots': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {}),
+    'stage4-7b-v5p-64-bf16-splash-accum1-dots': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', EINSUM),
     'stage4-7b-v5p-64-bf16-splash-accum1-none': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
-                                                 {'model.remat_policy': 'none'}),
-    'stage4-7b-v5p-256': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', FP32),
-    'stage4-7b-v5p-256-bf16-splash': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', {}),
+                                                 {'model.remat_policy': 'none', **EINSUM}),
+    # ... and with the grouped dispatch per shard (ragged_dot): the stage-IV preset since 2026-12-08
+    'stage4-7b-v5p-64-bf16-splash-accum1-dots-grouped': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {}),
+    'stage4-7b-v5p-64-bf16-splash-accum1-none-grouped': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
+                                                         {'model.remat_policy': 'none'}),
+    'stage4-7b-v5p-256': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', {**FP32, **EINSUM}),
+    'stage4-7b-v5p-256-bf16-splash': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', EINSUM),
     'stage4-7b-8xh100': ('configs/stage4.py', 'hw=8xh100', 'gpu:8xH100', {**FP32, 'train.grad_accum': 8}),
     # the stage-IV preset since 2026-12-07: micro-batches of 32, one routing group of 4 per GPU
     'stage4-7b-8xh100-bf16-accum4': ('configs/stage4.py', 'hw=8xh100', 'gpu:8xH100', {'train.grad_accum': 4}),

@@ -273,12 +273,13 @@ HW_PRESETS = {
     # groups leave 24 of the 32 chips without expert work: XLA's estimate 13.6 s per step against 1.23 s, memory
     # 11.9 against 9.25 GiB. Saving the matmul outputs (dots_no_batch) instead of full remat: 1.10 s, 18.9 GiB;
     # no remat: 88 GiB, over the limit (docs/training.md).
+    # The grouped MoE dispatch computes each chip's routing groups on that chip (models/moe.py).
     'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='full', scan=True,
-                         attention='auto'),
+                         attention='auto', dispatch='grouped'),
                'IV': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=1, remat='dots_no_batch', scan=True,
-                          attention='auto')},
+                          attention='auto', dispatch='grouped')},
     'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='full', scan=True,
-                          attention='auto')},
+                          attention='auto', dispatch='grouped')},
     # stage III's loss groups of 32 sequences need micro-batches of 32 or more
     # stage IV: micro-batches of 32, one routing group of 4 per GPU (25.1 GiB per GPU by the CPU estimate)
     '8xh100': {'*': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=8, remat='full', scan=True),
@@ -300,6 +301,7 @@ def apply_hw(cfg: mlc.ConfigDict, hw: str, remat: str = '') -> mlc.ConfigDict:
         cfg.model.scan_layers = p['scan']
         # 'auto': the splash kernel on TPU; a run's parameters evaluated on CPU / GPU get the einsum path
         cfg.model.llm.attention = p.get('attention', cfg.model.llm.attention)
+        cfg.model.moe.dispatch = p.get('dispatch', cfg.model.moe.dispatch)
     if remat:
         cfg.model.remat_policy = remat
     return cfg

@@ -151,11 +151,14 @@ def test_tiny_fits_64_chip_v5p_with_the_splash_kernel(compiled):
 @needs_libtpu
 def test_step_estimate_extrapolates_per_layer_and_prices_the_splash_kernels():
     """The estimate from the 1- and 2-layer programs against the compiler's own cost of a 3-layer program (an
-    independent compile, not the formula); the splash kernels XLA does not price are counted per layer."""
+    independent compile, not the formula); the splash kernels XLA does not price are counted per layer. The MoE
+    runs the grouped dispatch per chip, as the TPU presets do: libtpu's ragged-dot kernels, which XLA prices."""
     from medplib_jax.train import step_estimate as se
     cfg = tiny(data=1, fsdp=4)
     cfg.model.llm.num_layers = 3
     cfg.model.llm.attention = 'auto'  # the splash kernel for the TPU target
+    cfg.model.moe.dispatch = 'grouped'  # 'auto' matmul: ragged_dot for the TPU target
+    cfg.model.moe.group_size = 1  # one sequence per chip: each routes its own group
     cfg.train.grad_accum = 2
     cfg.data.batch_size = 8  # two micro-batches of 4, one row per chip
     devices = cc.tpu_devices(cc.parse_topology('v5p-8'))
@@ -169,9 +172,15 @@ def test_step_estimate_extrapolates_per_layer_and_prices_the_splash_kernels():
     assert direct['xla_seconds'] + kernels / e.peak_flops == pytest.approx(one + 2 * per_layer, rel=0.1)
     assert e.step_seconds == pytest.approx(2 * (one + 2 * per_layer))  # two micro-batches
     # one forward (its residuals kept: remat 'none'), dq and dkv kernel per layer, each priced
-    assert sorted(se._SPLASH.search(k)[1] for k in e.kernels_per_layer) == ['dkv', 'dq', 'fwd']
-    assert set(e.kernels_per_layer.values()) == {1} and e.kernel_seconds[1] == pytest.approx(2 * e.kernel_seconds[0])
-    assert sum(direct['pallas_kernels'].values()) == 9
+    per_layer_splash = {k: n for k, n in e.kernels_per_layer.items() if se._SPLASH.search(k)}
+    assert sorted(se._SPLASH.search(k)[1] for k in per_layer_splash) == ['dkv', 'dq', 'fwd']
+    assert set(per_layer_splash.values()) == {1} and e.kernel_seconds[1] == pytest.approx(2 * e.kernel_seconds[0])
+    splash = {k: n for k, n in direct['pallas_kernels'].items() if se._SPLASH.search(k)}
+    assert sum(splash.values()) == 9
+    # each layer's expert matmuls ran as ragged dots (forward and gradients), priced by XLA, not added again
+    assert any(k.startswith('ragged-dot') for k in direct['pallas_kernels'])
+    assert se.kernel_flops(direct['pallas_kernels'], cfg, 4, direct['length'], 4) == se.kernel_flops(
+        splash, cfg, 4, direct['length'], 4)
     assert 0 < e.mfu < 1 and e.recompute_ratio > 1
     lines = se.describe(e)
     assert all(line.lstrip().startswith('ESTIMATE') for line in lines) and f'MFU {e.mfu:.1%}' in lines[1]

@@ -4,6 +4,7 @@ against the einsum one."""
 import dataclasses
 import functools
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -520,12 +521,15 @@ def test_grouped_dispatch_with_bucket_padding_equals_einsum(np_rng):
 
 
 @pytest.mark.slow
-def test_grouped_matmul_skips_an_empty_expert_and_matches_per_row_products(np_rng):
-    """Expert 1 gets no rows (its tiles are never visited); rows and weight gradients equal per-row products."""
+@pytest.mark.parametrize('kernel', ['tiles', 'ragged_dot'])
+def test_grouped_matmul_skips_an_empty_expert_and_matches_per_row_products(np_rng, kernel):
+    """Expert 1 gets no rows (its tiles are never visited); rows and weight gradients equal per-row products, by
+    either kernel."""
     expert = jnp.asarray([2, 0, 2, 2, 0, 2, 2, 0, 2, 2], jnp.int32)
     keep = jnp.asarray([1, 1, 1, 0, 1, 1, 1, 1, 1, 0], bool)
     layout, row = make_layout(expert, keep, 3, 10)
-    np.testing.assert_array_equal(np.diff(np.asarray(layout.tile_bounds), axis=1)[:, 0], [1, 0, 1])
+    layout = dataclasses.replace(layout, kernel=kernel)
+    np.testing.assert_array_equal(np.diff(np.asarray(layout.tile_bounds)[0], axis=1)[:, 0], [1, 0, 1])
     kept_rows = np.asarray(row)[np.asarray(keep)]
     num_rows = layout.row_expert.shape[0]
     assert len(set(kept_rows.tolist())) == kept_rows.size and np.all(np.asarray(row)[~np.asarray(keep)] == num_rows)
@@ -547,38 +551,52 @@ def test_grouped_matmul_skips_an_empty_expert_and_matches_per_row_products(np_rn
         close(got, ref)
 
 
+def _gathered_shapes(hlo: str) -> set[tuple[int, ...]]:
+    """Result shapes of every all-gather in a compiled HLO module."""
+    return {tuple(int(n) for n in dims.split(',') if n)
+            for dims in re.findall(r'= \w+\[([\d,]*)\][^=]*? all-gather(?:-start)?\(', hlo)}
+
+
 @pytest.mark.slow
-def test_grouped_dispatch_on_8_devices_equals_1_device(np_rng):
-    """The grouped MoE layer on a (data=4, fsdp=2) mesh vs 1 device, training with dropping and bucket padding:
-    same outputs, gradients and keep / drop decisions."""
+@pytest.mark.parametrize('k,kernel', [(1, 'tiles'), (2, 'ragged_dot')])
+def test_grouped_dispatch_per_shard_on_8_devices_equals_einsum_on_1(np_rng, k, kernel):
+    """The grouped MoE layer on a (data=4, fsdp=2) mesh, each shard laying out and computing its own groups' rows,
+    against the einsum dispatch (the reference) on 1 device: training with dropping and bucket padding, 3 experts,
+    top-1 and top-2. Same keep / drop decisions, outputs and gradients; and the compiled program gathers only
+    parameters (whole weights, as FSDP does), never tokens or rows."""
     x = jnp.asarray(np_rng.normal(size=(16, 8, 16)), jnp.float32)
     mask = jnp.asarray(np.arange(8)[None] < np_rng.integers(1, 9, size=(16, 1)))
-    layer = MoEFFN(MoEConfig(mode='dense', capacity_factor=0.5, group_size=2, dispatch='grouped'), 24,
-                   LoRAConfig(rank=2, alpha=4.0, dropout=0.0, targets=('gate_proj', 'up_proj', 'down_proj')))
-    boxed = jax.jit(functools.partial(layer.init, train=True))({'params': jax.random.key(0), 'moe': jax.random.key(1)},
-                                                               x, mask)
-    params = _random_params(layer, x, mask, np_rng)
+    moe = MoEConfig(mode='dense', num_experts=3, top_k=k, capacity_factor=0.5, group_size=2, grouped_matmul=kernel)
+    layers = _two_dispatches(moe, 24, LoRAConfig(rank=2, alpha=4.0, dropout=0.0,
+                                                 targets=('gate_proj', 'up_proj', 'down_proj')))
+    boxed = jax.jit(functools.partial(layers['grouped'].init, train=True))(
+        {'params': jax.random.key(0), 'moe': jax.random.key(1)}, x, mask)
+    params = _random_params(layers['grouped'], x, mask, np_rng)
 
-    def run(p, inputs, token_mask):
+    def run(layer, p, inputs, token_mask):
         def loss(p_, inputs_):
             y, state = layer.apply({'params': p_}, inputs_, token_mask, True, rngs={'moe': jax.random.key(7)},
                                    mutable=['intermediates'])
             return jnp.sum(y ** 2), (y, state['intermediates']['moe_token_slots'][0])
         return jax.grad(loss, argnums=(0, 1), has_aux=True)(p, inputs)
 
-    ref_grads, (ref_y, ref_slots) = jax.jit(run)(params, x, mask)
-    assert 0 < int(ref_slots.sum()) < int(routed_positions(mask, 2, 'micro_batch').sum())  # tokens are dropped
+    ref_grads, (ref_y, ref_slots) = jax.jit(functools.partial(run, layers['einsum']))(params, x, mask)
+    assert 0 < int(ref_slots.sum()) < k * int(routed_positions(mask, 2, 'micro_batch').sum())  # tokens are dropped
     mesh = sharding.make_mesh(dict(data=4, fsdp=2, tensor=1))
     shardings = sharding.param_shardings(boxed, mesh, LOGICAL_AXIS_RULES)['params']
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
-        grads, (y, slots) = jax.jit(run)(sharding.shard_like(params, shardings),
-                                         jax.device_put(x, sharding.data_sharding(mesh, 3)),
-                                         jax.device_put(mask, sharding.data_sharding(mesh, 2)))
+        args = (sharding.shard_like(params, shardings), jax.device_put(x, sharding.data_sharding(mesh, 3)),
+                jax.device_put(mask, sharding.data_sharding(mesh, 2)))
+        step = jax.jit(functools.partial(run, layers['grouped'])).lower(*args).compile()
+        grads, (y, slots) = step(*args)
     np.testing.assert_array_equal(np.asarray(slots), np.asarray(ref_slots))
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref_y), rtol=0, atol=1e-5 * float(np.abs(ref_y).max()))
     for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0,
                                    atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+    weights = {tuple(p.shape) for p in jax.tree.leaves(params)}
+    gathered = _gathered_shapes(step.as_text())
+    assert gathered and gathered <= weights, gathered - weights
 
 
 def test_dispatch_is_validated():

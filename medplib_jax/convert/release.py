@@ -107,7 +107,7 @@ def check_model_config(params_dir: str, model_cfg: Any) -> None:
     recorded = checkpoint.params_meta(params_dir)['config']['model']
     free = {'dtype', 'param_dtype', 'scan_layers', 'remat_policy', 'moe.group_size', 'moe.route_padding',
             'moe.capacity_factor', 'moe.eval_capacity_factor', 'moe.min_capacity', 'moe.aux_loss_coef',
-            'moe.dispatch', 'lora'}
+            'moe.dispatch', 'moe.grouped_matmul', 'lora'}
     ours = _dotted(_complete(model_cfg.to_dict() if hasattr(model_cfg, 'to_dict') else dict(model_cfg)))
     theirs = _dotted(_complete(recorded))
     differ = [f'model.{k}: {theirs.get(k)!r} (converted) vs {ours.get(k)!r}' for k in sorted(set(ours) | set(theirs))

@@ -20,6 +20,9 @@ MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
 # all: every position, bucket padding included. none: no padding at all (real tokens only).
 ROUTE_PADDING = ('micro_batch', 'all', 'none')
 DISPATCH = ('einsum', 'grouped')  # see the module docstring
+# The grouped dispatch's expert matmul (models/grouped.py): 'ragged_dot' (TPU / GPU), 'tiles' (CPU), 'auto' by
+# the platform the program is for.
+GROUPED_MATMUL = ('auto', 'ragged_dot', 'tiles')
 SELECT_FEATURES = ('patch', 'cls_patch')
 POSTPROCESS_MODES = ('reference', 'aligned')
 
@@ -67,6 +70,7 @@ class MoEConfig:
     route_padding: str = 'micro_batch'  # ROUTE_PADDING
     aux_loss_coef: float = 0.0  # stage-IV recipe; the reference's CLI default is 0.01
     dispatch: str = 'einsum'  # DISPATCH: how routed tokens reach the experts (same routing, same parameters)
+    grouped_matmul: str = 'auto'  # GROUPED_MATMUL: the 'grouped' dispatch's expert matmul kernel
 
     def __post_init__(self):
         if self.mode not in MOE_MODES:
@@ -82,6 +86,8 @@ class MoEConfig:
             raise ValueError(f'moe.route_padding={self.route_padding!r}; known: {ROUTE_PADDING}')
         if self.dispatch not in DISPATCH:
             raise ValueError(f'moe.dispatch={self.dispatch!r}; known: {DISPATCH}')
+        if self.grouped_matmul not in GROUPED_MATMUL:
+            raise ValueError(f'moe.grouped_matmul={self.grouped_matmul!r}; known: {GROUPED_MATMUL}')
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
             raise ValueError('moe.capacity_factor and moe.eval_capacity_factor must be > 0')
 

@@ -1,10 +1,18 @@
 """Grouped (per-expert) matmul over rows sorted by expert: the compute of the MoE layer's 'grouped' dispatch.
 
 Rows are laid out expert after expert, each expert's block padded to a whole number of `tile` rows, so every
-tile belongs to one expert. The matmul loops over the tiles each expert actually uses (dynamic trip counts), so
-its cost follows the routed rows (plus at most `tile - 1` padding rows per expert), not a static capacity.
-`jax.lax.ragged_dot` would be the natural primitive, but on CPU this jax lowers it by expanding the rows to one
-masked copy per group (E times the compute), so the tile loops are written out here, with their own VJP.
+tile belongs to one expert; rows past the last used tile are zero. Two kernels compute the same product
+(GROUPED_MATMUL in models/config.py):
+- 'ragged_dot': `jax.lax.ragged_dot` over the experts' row blocks. libtpu compiles it to its own grouped-matmul
+  kernel, priced by XLA's cost model at the rows' FLOPs; the choice on TPU and GPU.
+- 'tiles': loops over the tiles each expert actually uses (dynamic trip counts), with their own VJP. On CPU this
+  jax lowers `ragged_dot` by expanding the rows to one masked copy per expert (E times the compute), so CPU runs
+  these loops.
+Either way the cost follows the routed rows (plus at most `tile - 1` padding rows per expert), not a capacity.
+
+Under a mesh the rows of each batch shard stay on it: a layout with `axes` holds one block of rows per shard
+(rows of shard i at [i R, (i + 1) R), each block laid out as above, `tile_bounds` (shards, E, 2)), and the matmul
+runs per shard (`jax.shard_map` over `axes`, the weights gathered whole as FSDP gathers them for any matmul).
 """
 from __future__ import annotations
 
@@ -14,21 +22,25 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 MAX_TILE = 128  # rows per tile: large enough for efficient CPU matmuls, small enough to waste little padding
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupedLayout:
-    """Where each expert's rows are. tile_bounds (E, 2) int32: [first, end) tile of each expert;
-    row_expert (R,) int32: each row's expert (E for rows past the last used tile)."""
+    """Where each expert's rows are. tile_bounds (shards, E, 2) int32: per shard, [first, end) tile of each expert
+    in the shard's block of rows; row_expert (R,) int32: each row's expert (E for rows past the last used tile).
+    kernel: 'tiles' | 'ragged_dot'; axes: the mesh axes the blocks are split over (empty: one block, no mesh)."""
     tile: int
     tile_bounds: jax.Array
     row_expert: jax.Array
+    kernel: str = 'tiles'
+    axes: tuple[str, ...] = ()
 
     @property
     def num_experts(self) -> int:
-        return self.tile_bounds.shape[0]
+        return self.tile_bounds.shape[-2]
 
     def row_mask(self, dtype) -> jax.Array:
         """(R, E) one-hot of each row's expert (all zero for unused rows)."""
@@ -59,13 +71,30 @@ def make_layout(expert: jax.Array, keep: jax.Array, num_experts: int, max_rows: 
     row_tile = jnp.arange(num_rows, dtype=jnp.int32) // tile
     row_expert = jnp.sum(row_tile[:, None] >= tile_end[None, :], axis=1).astype(jnp.int32)
     bounds = jnp.stack([tile_start, tile_end], axis=1).astype(jnp.int32)
-    return GroupedLayout(tile, bounds, row_expert), row.astype(jnp.int32)
+    return GroupedLayout(tile, bounds[None], row_expert), row.astype(jnp.int32)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, layout: GroupedLayout) -> jax.Array:
     """x (R, K) rows sorted as `layout`, w (E, K, N) -> (R, N): each used tile times its expert's matrix; rows of
-    unused tiles are 0."""
-    return _gmm(x, w, layout.tile_bounds, layout.tile)
+    unused tiles are 0. Per shard when the layout's rows are split over mesh axes."""
+    local = functools.partial(_local_matmul, tile=layout.tile, kernel=layout.kernel)
+    if not layout.axes:
+        return local(x, w, layout.tile_bounds)
+    rows = P(layout.axes)
+    return jax.shard_map(local, in_specs=(rows, P(), rows), out_specs=rows, axis_names=frozenset(layout.axes),
+                         check_vma=False)(x, w, layout.tile_bounds)
+
+
+def _local_matmul(x: jax.Array, w: jax.Array, bounds: jax.Array, *, tile: int, kernel: str) -> jax.Array:
+    """One block of rows: x (R, K), w (E, K, N), bounds (1, E, 2)."""
+    bounds = bounds[0]
+    if kernel == 'tiles':
+        return _gmm(x, w, bounds, tile)
+    # ragged_dot wants group sizes that add up to the rows: the zero rows past the last used tile go to the last
+    # expert (zero in, zero out, nothing added to its weight gradient).
+    sizes = (bounds[:, 1] - bounds[:, 0]) * tile
+    sizes = sizes.at[-1].add(x.shape[0] - sizes.sum())
+    return lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32).astype(jnp.result_type(x.dtype, w.dtype))
 
 
 def _tile_loop(x: jax.Array, w: jax.Array, bounds: jax.Array, tile: int, transpose_w: bool) -> jax.Array:

@@ -6,9 +6,10 @@ DeepSpeed does) so that capacity, dropping and the aux loss do not depend on the
 picks how tokens reach the experts, from the same routing decisions:
 - 'einsum' (default, the reference): one-hot dispatch/combine einsums over (group, expert, capacity) as in
   GShard / MaxText; the experts run on all E x C buffer slots, used or not.
-- 'grouped': the kept (token, choice) pairs of all groups are gathered into rows sorted by expert, the experts
-  run as a grouped matmul over the rows they actually got (models/grouped.py), and the rows are gathered back and
-  scaled by the combine weight. Top-1 and top-2 alike. Same parameters, same outputs (up to float rounding).
+- 'grouped': the kept (token, choice) pairs are gathered into rows sorted by expert, the experts run as a grouped
+  matmul over the rows they actually got (models/grouped.py; `moe.grouped_matmul` picks the kernel), and the rows
+  are gathered back and scaled by the combine weight. Top-1 and top-2 alike. Same parameters, same outputs (up to
+  float rounding). Under a mesh each batch shard lays out and computes the rows of its own routing groups.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from medplib_jax.axis_rules import BATCH, LOGICAL_AXIS_RULES, mesh_axes
 from medplib_jax.models.config import LoRAConfig, MoEConfig
-from medplib_jax.models.grouped import GroupedLayout, make_layout
-from medplib_jax.models.layers import constrain, torch_linear_init
+from medplib_jax.models.grouped import GroupedLayout, make_layout, tile_rows
+from medplib_jax.models.layers import constrain, target_platform, torch_linear_init
 from medplib_jax.models.lora import projection
 
 
@@ -228,7 +231,8 @@ class MoEFFN(nn.Module):
                           name='experts')
         cap = capacity(s, moe.num_experts, k, cf, moe.min_capacity)
         if moe.dispatch == 'grouped':
-            y = _grouped_dispatch(experts, xg.astype(self.dtype), r, min(k * s, moe.num_experts * cap), train)
+            y = _grouped_dispatch(experts, xg.astype(self.dtype), r, min(k * s, moe.num_experts * cap), train,
+                                  moe.grouped_matmul)
         else:
             combine = jax.vmap(lambda r_: dense_combine(r_, moe.num_experts, cap))(r)
             expert_in = jnp.einsum('gsec,gsd->egcd', (combine != 0).astype(self.dtype), xg.astype(self.dtype))
@@ -248,22 +252,60 @@ class MoEFFN(nn.Module):
         return y.reshape(b, length, d)
 
 
-def _grouped_dispatch(experts: Experts, xg: jax.Array, r: Routing, max_kept_per_group: int,
-                      train: bool) -> jax.Array:
+def _grouped_dispatch(experts: Experts, xg: jax.Array, r: Routing, max_kept_per_group: int, train: bool,
+                      kernel: str) -> jax.Array:
     """The 'grouped' dispatch: xg (G, S, D) and the groups' routing -> (G, S, D).
 
-    Every kept (token, choice) pair of every group becomes one row, rows sorted by expert; dropped choices get
-    no row (their gathers read the fill value 0). Rows of all groups share the experts' tiles."""
+    Every kept (token, choice) pair becomes one row, rows sorted by expert; dropped choices get no row (their
+    gathers read the fill value 0). Under a mesh that splits the groups over batch shards, each shard lays out and
+    computes the rows of its own groups (`jax.shard_map`): no row crosses a device, as the reference's experts
+    see only their GPU's micro-batch. Otherwise all groups' rows share one layout."""
     g, s, d = xg.shape
     k = r.expert.shape[-1]
-    weight = r.weight.reshape(-1)  # entries (group, token, choice), flattened
-    layout, row = make_layout(r.expert.reshape(-1), weight != 0, experts.num_experts, g * max_kept_per_group)
-    token = jnp.arange(g * s * k, dtype=jnp.int32) // k
-    src = jnp.full(layout.row_expert.shape, g * s, jnp.int32).at[row].set(token, mode='drop')  # row -> token
-    rows_in = jnp.take(xg.reshape(g * s, d), src, axis=0, mode='fill', fill_value=0)
-    rows_out = experts(rows_in, train, layout)
-    y = jnp.take(rows_out, row, axis=0, mode='fill', fill_value=0) * weight.astype(rows_out.dtype)[:, None]
-    return y.reshape(g, s, k, d).sum(axis=2)
+    axes = _group_shard_axes(g)
+    shards = _mesh_size(axes)
+    kernel = kernel if kernel != 'auto' else 'tiles' if target_platform() == 'cpu' else 'ragged_dot'
+    tile = tile_rows(g // shards * max_kept_per_group, experts.num_experts)
+
+    def lay_out(xs, expert, weight):  # one shard's groups -> its rows
+        gl = xs.shape[0]
+        layout, row = make_layout(expert.reshape(-1), weight.reshape(-1) != 0, experts.num_experts,
+                                  gl * max_kept_per_group)
+        token = jnp.arange(gl * s * k, dtype=jnp.int32) // k
+        src = jnp.full(layout.row_expert.shape, gl * s, jnp.int32).at[row].set(token, mode='drop')  # row -> token
+        rows_in = jnp.take(xs.reshape(gl * s, d), src, axis=0, mode='fill', fill_value=0)
+        return rows_in, row, layout.tile_bounds, layout.row_expert
+
+    def gather_back(rows_out, row, weight):  # one shard's rows -> its groups' tokens
+        y = jnp.take(rows_out, row, axis=0, mode='fill', fill_value=0)
+        return (y * weight.reshape(-1).astype(y.dtype)[:, None]).reshape(-1, s, k, d).sum(axis=2)
+
+    if axes:
+        spec = P(axes)
+        lay_out = jax.shard_map(lay_out, in_specs=spec, out_specs=spec, axis_names=frozenset(axes), check_vma=False)
+        gather_back = jax.shard_map(gather_back, in_specs=spec, out_specs=spec, axis_names=frozenset(axes),
+                                    check_vma=False)
+    rows_in, row, bounds, row_expert = lay_out(xg, r.expert, r.weight)
+    rows_out = experts(rows_in, train, GroupedLayout(tile, bounds, row_expert, kernel, axes))
+    return gather_back(rows_out, row, r.weight)
+
+
+def _group_shard_axes(groups: int) -> tuple[str, ...]:
+    """The mesh axes (of the mesh in context) that split the routing groups as the rules split
+    `activation_batch`, when they split them into whole groups; () for no mesh, one shard or groups that straddle
+    shards (then all groups share one layout, as without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES  # as sharding.data_sharding: the table by default
+    axes = tuple(a for a in mesh_axes(BATCH, rules) if a in mesh.axis_names)
+    shards = _mesh_size(axes)
+    return axes if shards > 1 and groups % shards == 0 else ()
+
+
+def _mesh_size(axes: tuple[str, ...]) -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in axes) if axes else 1
 
 
 def routed_positions(token_mask: jax.Array, group: int, route_padding: str) -> jax.Array | None:
