@@ -9,7 +9,7 @@ picks how tokens reach the experts, from the same routing decisions:
 - 'grouped': the kept (token, choice) pairs are gathered into rows sorted by expert, the experts run as a grouped
   matmul over the rows they actually got (models/grouped.py; `moe.grouped_matmul` picks the kernel), and the rows
   are gathered back and scaled by the combine weight. Top-1 and top-2 alike. Same parameters, same outputs (up to
-  float rounding). Under a mesh each batch shard lays out and computes the rows of its own routing groups.
+  float rounding). Under a mesh each batch shard lays out and computes the rows of its own sequences.
 """
 from __future__ import annotations
 
@@ -212,8 +212,9 @@ class MoEFFN(nn.Module):
             raise ValueError(f'moe.group_size={moe.group_size} does not divide the batch of {b} sequences; set '
                              f'--config.model.moe.group_size to a divisor (routing groups are whole sequences)')
         groups, s = b // group, group * length
-        xg = constrain(x.reshape(groups, s, d), ('activation_batch', 'activation_length', 'activation_embed'))
-        logits = _Router(moe.num_experts, name='gate')(xg)
+        # The router runs per token where the tokens are (a group may straddle batch shards); only its (.., E)
+        # logits are regrouped.
+        logits = _Router(moe.num_experts, name='gate')(x).reshape(groups, s, moe.num_experts)
         cf = moe.capacity_factor if train else moe.eval_capacity_factor
         k = moe.top_k
         if noise is None and gate_needs_noise(s, moe.num_experts, k, cf, moe.min_capacity):
@@ -231,10 +232,10 @@ class MoEFFN(nn.Module):
                           name='experts')
         cap = capacity(s, moe.num_experts, k, cf, moe.min_capacity)
         if moe.dispatch == 'grouped':
-            y = _grouped_dispatch(experts, xg.astype(self.dtype), r, min(k * s, moe.num_experts * cap), train,
-                                  moe.grouped_matmul)
+            y = _grouped_dispatch(experts, x.astype(self.dtype), r, group, cap, train, moe.grouped_matmul)
         else:
             combine = jax.vmap(lambda r_: dense_combine(r_, moe.num_experts, cap))(r)
+            xg = constrain(x.reshape(groups, s, d), ('activation_batch', 'activation_length', 'activation_embed'))
             expert_in = jnp.einsum('gsec,gsd->egcd', (combine != 0).astype(self.dtype), xg.astype(self.dtype))
             expert_in = constrain(expert_in, ('expert', 'activation_batch', None, 'activation_embed'))
             y = jnp.einsum('gsec,egcd->gsd', combine.astype(self.dtype), experts(expert_in, train))
@@ -252,55 +253,59 @@ class MoEFFN(nn.Module):
         return y.reshape(b, length, d)
 
 
-def _grouped_dispatch(experts: Experts, xg: jax.Array, r: Routing, max_kept_per_group: int, train: bool,
+def _grouped_dispatch(experts: Experts, x: jax.Array, r: Routing, group: int, cap: int, train: bool,
                       kernel: str) -> jax.Array:
-    """The 'grouped' dispatch: xg (G, S, D) and the groups' routing -> (G, S, D).
+    """The 'grouped' dispatch: x (B, L, D) and the routing of its groups of `group` sequences -> (B, L, D).
 
     Every kept (token, choice) pair becomes one row, rows sorted by expert; dropped choices get no row (their
-    gathers read the fill value 0). Under a mesh that splits the groups over batch shards, each shard lays out and
-    computes the rows of its own groups (`jax.shard_map`): no row crosses a device, as the reference's experts
-    see only their GPU's micro-batch. Otherwise all groups' rows share one layout."""
-    g, s, d = xg.shape
+    gathers read the fill value 0). The keep / drop decisions are the groups'; once made, a token's output needs
+    only its own row, so under a mesh each batch shard lays out, computes and gathers back the rows of its own
+    sequences (`jax.shard_map`): no token or row crosses a device, whole groups per shard or not (the reference's
+    experts see only their GPU's micro-batch). Without a mesh all sequences' rows share one layout."""
+    b, length, d = x.shape
     k = r.expert.shape[-1]
-    axes = _group_shard_axes(g)
-    shards = _mesh_size(axes)
+    num_experts = experts.num_experts
+    axes = _batch_shard_axes(b)
+    rows = b // _mesh_size(axes)  # sequences per shard
+    # kept entries per shard: at most k per token, and E x capacity per group it touches
+    max_kept = min(k * rows * length, -(-rows // group) * num_experts * cap)
     kernel = kernel if kernel != 'auto' else 'tiles' if target_platform() == 'cpu' else 'ragged_dot'
-    tile = tile_rows(g // shards * max_kept_per_group, experts.num_experts)
 
-    def lay_out(xs, expert, weight):  # one shard's groups -> its rows
-        gl = xs.shape[0]
-        layout, row = make_layout(expert.reshape(-1), weight.reshape(-1) != 0, experts.num_experts,
-                                  gl * max_kept_per_group)
-        token = jnp.arange(gl * s * k, dtype=jnp.int32) // k
-        src = jnp.full(layout.row_expert.shape, gl * s, jnp.int32).at[row].set(token, mode='drop')  # row -> token
-        rows_in = jnp.take(xs.reshape(gl * s, d), src, axis=0, mode='fill', fill_value=0)
+    def lay_out(xs, expert, weight):  # one shard's sequences -> its rows
+        n = xs.shape[0] * length
+        layout, row = make_layout(expert.reshape(-1), weight.reshape(-1) != 0, num_experts, max_kept)
+        token = jnp.arange(n * k, dtype=jnp.int32) // k
+        src = jnp.full(layout.row_expert.shape, n, jnp.int32).at[row].set(token, mode='drop')  # row -> token
+        rows_in = jnp.take(xs.reshape(n, d), src, axis=0, mode='fill', fill_value=0)
         return rows_in, row, layout.tile_bounds, layout.row_expert
 
-    def gather_back(rows_out, row, weight):  # one shard's rows -> its groups' tokens
+    def gather_back(rows_out, row, weight):  # one shard's rows -> its sequences' tokens
         y = jnp.take(rows_out, row, axis=0, mode='fill', fill_value=0)
-        return (y * weight.reshape(-1).astype(y.dtype)[:, None]).reshape(-1, s, k, d).sum(axis=2)
+        return (y * weight.reshape(-1).astype(y.dtype)[:, None]).reshape(-1, length, k, d).sum(axis=2)
 
     if axes:
         spec = P(axes)
         lay_out = jax.shard_map(lay_out, in_specs=spec, out_specs=spec, axis_names=frozenset(axes), check_vma=False)
         gather_back = jax.shard_map(gather_back, in_specs=spec, out_specs=spec, axis_names=frozenset(axes),
                                     check_vma=False)
-    rows_in, row, bounds, row_expert = lay_out(xg, r.expert, r.weight)
-    rows_out = experts(rows_in, train, GroupedLayout(tile, bounds, row_expert, kernel, axes))
-    return gather_back(rows_out, row, r.weight)
+    # (groups, group x L, k) -> (B, L x k): a group's tokens are its sequences' tokens in order
+    expert, weight = r.expert.reshape(b, length * k), r.weight.reshape(b, length * k)
+    rows_in, row, bounds, row_expert = lay_out(x, expert, weight)
+    rows_out = experts(rows_in, train, GroupedLayout(tile_rows(max_kept, num_experts), bounds, row_expert, kernel,
+                                                      axes))
+    return gather_back(rows_out, row, weight)
 
 
-def _group_shard_axes(groups: int) -> tuple[str, ...]:
-    """The mesh axes (of the mesh in context) that split the routing groups as the rules split
-    `activation_batch`, when they split them into whole groups; () for no mesh, one shard or groups that straddle
-    shards (then all groups share one layout, as without a mesh)."""
+def _batch_shard_axes(batch: int) -> tuple[str, ...]:
+    """The mesh axes (of the mesh in context) that split the batch as the rules split `activation_batch`; () for
+    no mesh, one shard, or a batch they do not divide (then all sequences' rows share one layout)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return ()
     rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES  # as sharding.data_sharding: the table by default
     axes = tuple(a for a in mesh_axes(BATCH, rules) if a in mesh.axis_names)
     shards = _mesh_size(axes)
-    return axes if shards > 1 and groups % shards == 0 else ()
+    return axes if shards > 1 and batch % shards == 0 else ()
 
 
 def _mesh_size(axes: tuple[str, ...]) -> int:
