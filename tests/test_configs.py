@@ -80,8 +80,11 @@ def test_tpu_presets_pick_the_kernel_by_platform_and_the_default_is_the_einsum_o
     from configs import stage4
     assert stage4.get_config('model=7b').model.llm.attention == 'xla'
     assert stage4.get_config('model=7b,hw=8xh100').model.llm.attention == 'xla'
+    assert stage4.get_config('model=7b').model.moe.dispatch == 'einsum'  # the reference's; the GPU preset's too
+    assert stage4.get_config('model=7b,hw=8xh100').model.moe.dispatch == 'einsum'
     for hw in ('v5p-64', 'v5p-256'):  # the splash kernel on TPU (tests/test_compile_check.py compiles it)
-        assert stage4.get_config(f'model=7b,hw={hw}').model.llm.attention == 'auto'
-    with pytest.raises(ValueError, match=r"^model.llm.attention='flash'; known: \['xla', 'splash', 'auto'\]$"):
+        cfg = stage4.get_config(f'model=7b,hw={hw}').model
+        assert cfg.llm.attention == 'auto' and cfg.moe.dispatch == 'grouped'
+    with pytest.raises(ValueError, match=r"^model.llm.attention='flash'; known: \['xla', 'splash', 'cudnn', 'auto'\]$"):
         from medplib_jax.models.config import LlamaConfig
         LlamaConfig.from_model_config(dict(get_config().model, llm=dict(get_config().model.llm, attention='flash')))

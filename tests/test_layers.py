@@ -78,6 +78,30 @@ def test_splash_kernel_equals_the_einsum_attention(np_rng):
         np.testing.assert_allclose(g_splash, g_xla, rtol=1e-5, atol=1e-5)
 
 
+def test_cudnn_arguments_equal_the_einsum_attention(np_rng):
+    """The cuDNN path's arguments (causal flag, key lengths for the padding, GQA heads, default scale) through
+    jax.nn.dot_product_attention's own XLA implementation (the fused kernel itself needs a GPU) against the einsum
+    path, forward and gradients (fp32, 1e-5): right padding, a full row, a row of padding only (uniform average);
+    a left-padded batch gets NaN rather than a wrong answer."""
+    from medplib_jax.models.layers import cudnn_causal_attention
+    b, t = 3, int(np_rng.integers(20, 60))
+    q = jnp.asarray(np_rng.normal(size=(b, t, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(np_rng.normal(size=(b, t, 2, 16)), jnp.float32) for _ in range(2))
+    mask = np.ones((b, t), bool)
+    mask[1, int(np_rng.integers(1, t - 1)):] = False  # right padding
+    mask[2] = False  # padding only
+    mask = jnp.asarray(mask)
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
+    xla = jax.jit(lambda q, k, v: causal_attention(q, k, v, mask, 0, 'xla'))
+    fused = jax.jit(lambda q, k, v: cudnn_causal_attention(q, k, v, mask, implementation=None))
+    np.testing.assert_allclose(fused(q, k, v), xla(q, k, v), rtol=1e-5, atol=1e-5)
+    for g_xla, g_fused in zip(jax.jit(jax.grad(loss(xla), (0, 1, 2)))(q, k, v),
+                              jax.jit(jax.grad(loss(fused), (0, 1, 2)))(q, k, v)):
+        np.testing.assert_allclose(g_fused, g_xla, rtol=1e-5, atol=1e-5)
+    left = jnp.asarray(np.arange(t)[None] >= np.array([[0], [2], [0]]))
+    assert np.isnan(np.asarray(cudnn_causal_attention(q, k, v, left, implementation=None))).all()
+
+
 @pytest.mark.slow
 def test_splash_kernel_runs_per_shard_under_a_mesh(np_rng):
     """Under a (data 2, fsdp 2, tensor 2) mesh of 8 fake CPU devices the splash kernel runs per shard (batch over

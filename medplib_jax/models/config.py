@@ -9,7 +9,7 @@ from medplib_jax.config_fields import known_fields
 from medplib_jax.constants import MASK_THRESHOLD
 
 DTYPES = ('float32', 'bfloat16', 'float16')  # models/layers.py DTYPES maps them to jnp dtypes
-ATTENTION = ('xla', 'splash', 'auto')  # LlamaConfig.attention; models/layers.py causal_attention runs them
+ATTENTION = ('xla', 'splash', 'cudnn', 'auto')  # LlamaConfig.attention; models/layers.py causal_attention runs them
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')  # models/llama.py REMAT_POLICIES: the jax policies
 LORA_TARGETS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 MOE_MODES = ('none', 'dense', 'first_half', 'second_half', 'sparse')
@@ -124,7 +124,8 @@ class LlamaConfig:
     # masked upper-triangle blocks (same result; faster on CPU, see docs/performance.md).
     attention_block: int = 0
     # The causal self-attention's kernel (ATTENTION): 'xla' the einsum core above (the reference's function),
-    # 'splash' Pallas's TPU splash attention (interpreted off TPU), 'auto' splash on TPU and xla elsewhere.
+    # 'splash' Pallas's TPU splash attention (interpreted off TPU), 'cudnn' jax's fused cuDNN attention (GPU,
+    # bf16 / fp16, right-padded rows), 'auto' splash on TPU, cudnn on GPU in bf16 / fp16, xla elsewhere.
     attention: str = 'xla'
     lora: LoRAConfig = LoRAConfig()
     moe: MoEConfig = MoEConfig()

@@ -108,12 +108,17 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.A
     fully-masked upper-triangle blocks are never computed (about half the score work and memory at long T). The
     result equals `dot_product_attention` with the full (B, T, T) mask, fully-masked rows included (those get the
     uniform average of all T values, as the full-width softmax over float32-min scores gives). `kernel`: 'xla'
-    (the einsums here), 'splash' (`splash_causal_attention`), 'auto' (splash on TPU, else xla); the same function.
+    (the einsums here), 'splash' (`splash_causal_attention`), 'cudnn' (`cudnn_causal_attention`), 'auto' (splash
+    on TPU, cudnn on GPU for bf16 / fp16 inputs, else xla); the same function.
     """
     if kernel == 'auto':
-        kernel = 'splash' if target_platform() == 'tpu' else 'xla'
+        platform = target_platform()
+        kernel = ('splash' if platform == 'tpu' else
+                  'cudnn' if platform == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16) else 'xla')
     if kernel == 'splash':
         return splash_causal_attention(q, k, v, token_mask)
+    if kernel == 'cudnn':
+        return cudnn_causal_attention(q, k, v, token_mask)
     b, t, h, d = q.shape
     if block <= 0 or block >= t:
         causal = jnp.tril(jnp.ones((t, t), bool))
@@ -187,6 +192,24 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Arra
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t]
     seen = jnp.cumsum(token_mask, axis=1) > 0  # a real key at or before t
     return jnp.where(seen[:, :, None, None], out.astype(v.dtype), _uniform_rows(v, g).astype(v.dtype))
+
+
+def cudnn_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array,
+                           implementation: str | None = 'cudnn') -> jax.Array:
+    """`causal_attention` through `jax.nn.dot_product_attention`'s fused cuDNN kernel (flash-style: no (T, T)
+    scores in memory; GPU, bf16 / fp16). Padding reaches the kernel as key lengths, so each row must be right-padded
+    (its real tokens first, as the Collator and `Predictor.prompt_routing` pad; prompts for decoding are left-padded
+    but take the KV-cache path): a padding query then sees the real keys before it, as in the einsum path, and a
+    row of padding only gets the uniform average there. A batch with any other mask gets NaN, not a silently wrong
+    result. `implementation=None` lets jax pick (its XLA reference off GPU: how the CPU tests check the arguments)."""
+    t = q.shape[1]
+    lengths = token_mask.sum(axis=1).astype(jnp.int32)
+    right_padded = jnp.all(token_mask == (jnp.arange(t)[None, :] < lengths[:, None]))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    uniform = _uniform_rows(v, q.shape[2] // k.shape[2]).astype(out.dtype)
+    out = jnp.where((lengths > 0)[:, None, None, None], out, uniform)
+    return jnp.where(right_padded, out, jnp.nan).astype(v.dtype)
 
 
 def _uniform_rows(v: jax.Array, groups: int) -> jax.Array:
