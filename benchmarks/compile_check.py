@@ -60,12 +60,20 @@ CASES = {
     'stage4-7b-v5p-64-bf16-splash-accum1-dots': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', EINSUM),
     'stage4-7b-v5p-64-bf16-splash-accum1-none': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
                                                  {'model.remat_policy': 'none', **EINSUM}),
-    # ... and with the grouped dispatch per shard (ragged_dot): the stage-IV preset since 2026-12-08
-    'stage4-7b-v5p-64-bf16-splash-accum1-dots-grouped': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {}),
+    # ... and with the grouped dispatch per shard (ragged_dot), the TPU presets' dispatch since 2026-12-08: with
+    # dots_no_batch, and with no remat (the v5p-64 stage-IV preset since that day)
+    'stage4-7b-v5p-64-bf16-splash-accum1-dots-grouped': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
+                                                         {'model.remat_policy': 'dots_no_batch'}),
     'stage4-7b-v5p-64-bf16-splash-accum1-none-grouped': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
                                                          {'model.remat_policy': 'none'}),
     'stage4-7b-v5p-256': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', {**FP32, **EINSUM}),
     'stage4-7b-v5p-256-bf16-splash': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', EINSUM),
+    'stage4-7b-v5p-256-bf16-splash-grouped': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256',
+                                              {'model.remat_policy': 'full'}),
+    'stage4-7b-v5p-256-bf16-splash-grouped-none': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256',
+                                                   {'model.remat_policy': 'none'}),
+    'stage4-7b-v5p-256-bf16-splash-grouped-dots': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256',
+                                                   {'model.remat_policy': 'dots_no_batch'}),
     'stage4-7b-8xh100': ('configs/stage4.py', 'hw=8xh100', 'gpu:8xH100', {**FP32, 'train.grad_accum': 8}),
     # the stage-IV preset since 2026-12-07: micro-batches of 32, one routing group of 4 per GPU
     'stage4-7b-8xh100-bf16-accum4': ('configs/stage4.py', 'hw=8xh100', 'gpu:8xH100', {'train.grad_accum': 4}),

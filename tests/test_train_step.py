@@ -217,8 +217,11 @@ def test_accumulation_is_the_reference_average(mesh, root):
 
 def test_stage4_steps_on_eight_devices_equal_one_device(root):
     """3 stage-IV steps (MoE, LoRA dropout, random token selection, 2 micro-batches) on a (data 2, fsdp 2,
-    tensor 2) mesh of 8 fake CPU devices give the 1-device parameters (1e-5), loss and gradient norm, and the same
-    keep / drop decision for every token of every layer."""
+    tensor 2) mesh of 8 fake CPU devices with the TPU presets' paths (splash attention per shard, interpreted; the
+    grouped MoE dispatch per shard) give the parameters (1e-5), loss and gradient norm of the reference paths
+    (einsum attention and dispatch) on 1 device, and the same keep / drop decision for every token of every layer.
+    LoRA sits on q / v only here: the grouped dispatch draws expert-LoRA dropout masks on its rows, not per token
+    (tests/test_moe.py compares the dispatches with expert LoRA, dropout off)."""
     results = []
     for mesh in (dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2)):
         # Adam divides by |g| + eps: where the true gradient is 0 (e.g. key biases, softmax-invariant) float noise
@@ -226,7 +229,10 @@ def test_stage4_steps_on_eight_devices_equal_one_device(root):
         # at ~1e-3 lr while real gradients (>> 1e-6) still take full Adam steps.
         cfg = stage_config('stage4', root, batch_size=8, grad_accum=2, lr=1e-3, eps=1e-6)
         cfg.model.moe.capacity_factor = 1.0  # capacity below demand: tokens are dropped
+        cfg.model.lora.targets = ('q_proj', 'v_proj')
         cfg.mesh = mesh
+        if mesh['data'] > 1:
+            cfg.model.llm.attention, cfg.model.moe.dispatch = 'splash', 'grouped'
         host = host_batch(cfg)
         setup = setup_stage(cfg, host, runs=root, total_steps=100, warmup=2, log=lambda _: None,
                             devices=devices(cfg))

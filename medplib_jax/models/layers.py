@@ -160,9 +160,23 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask
     if heads[2] != kv_heads[2]:  # each shard must hold whole query groups with their KV heads
         raise ValueError(f'llm.attention=splash: the rules split activation_heads over {heads[2]!r} but '
                          f'activation_kv_heads over {kv_heads[2]!r}; split both alike or use llm.attention=xla')
-    rows = jax.sharding.PartitionSpec(heads[0], None)
+    def fits(axes, size):  # a dimension the axes do not divide (the one-row batch of model init) stays whole
+        return axes if size % math.prod(mesh.shape[a] for a in _names(axes)) == 0 else None
+
+    batch = fits(heads[0], q.shape[0])
+    heads = jax.sharding.PartitionSpec(batch, None, fits(heads[2], q.shape[2]), None)
+    kv_heads = jax.sharding.PartitionSpec(batch, None, fits(kv_heads[2], k.shape[2]), None)
+    if heads[2] != kv_heads[2]:
+        heads = jax.sharding.PartitionSpec(batch, None, None, None)
+        kv_heads = heads
+    rows = jax.sharding.PartitionSpec(batch, None)
     return jax.shard_map(_splash_local, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, rows), out_specs=heads,
                          check_vma=False)(q, k, v, token_mask)
+
+
+def _names(axes) -> tuple[str, ...]:
+    """A PartitionSpec entry -> the mesh axis names in it."""
+    return () if axes is None else tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
 def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array) -> jax.Array:

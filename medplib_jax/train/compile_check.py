@@ -500,8 +500,9 @@ def report(r: CheckResult) -> str:
                   f'{r.devices} devices ({r.flops_per_device / 1e12:.4g} per device; a scanned micro-batch body '
                   f'is counted once), formula {r.formula_flops / 1e12:.4g} TFLOP (train/flops.py)']
         if r.pallas_calls:
-            lines.append(f'  Pallas kernels: {r.pallas_calls} calls in the program (XLA\'s cost analysis does not '
-                         f'count their FLOPs)')
+            lines.append(f'  Pallas kernels: {r.pallas_calls} calls in the program '
+                         f'{dict(sorted(r.pallas_kernels.items()))} (XLA\'s cost analysis prices libtpu\'s '
+                         f'ragged-dot kernels, not the splash attention ones)')
         if r.estimate is not None:
             from medplib_jax.train.step_estimate import describe
             lines += describe(r.estimate)
