@@ -7,9 +7,12 @@ XLA's CPU compiler over fake devices for the GPU estimate). Needs libtpu (`pip i
     python benchmarks/compile_check.py stage4-7b-v5p-64     # chosen cases
     python benchmarks/compile_check.py --list
     python benchmarks/compile_check.py --estimate stage4-7b-v5p-64-bf16-splash   # -> step_estimate_<case>.json
+    python benchmarks/compile_check.py --confirm stage4-7b-v5p-64-bf16-splash 4  # -> step_confirm_<case>_4.json
 
 `--estimate` compiles only the two reduced-depth programs of train/step_estimate.py (XLA's cost-model step time and
-the MFU it implies, an ESTIMATE) for TPU cases; the memory figures stay those of the full compile.
+the MFU it implies, an ESTIMATE) for TPU cases; the memory figures stay those of the full compile. `--confirm CASE L`
+compiles the case's micro-batch with L unrolled layers and compares its cost-model time with the estimate's
+extrapolation (needs the case's step_estimate JSON).
 """
 from __future__ import annotations
 
@@ -57,17 +60,18 @@ CASES = {
                                      {'model.llm.attention': 'xla', **FULL, **EINSUM}),
     'stage4-7b-v5p-64-bf16-splash-accum1': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', {**FULL, **EINSUM}),
     # ... and the stage-IV preset now: matmul outputs saved (dots_no_batch) instead of full recompute
-    'stage4-7b-v5p-64-bf16-splash-accum1-dots': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64', EINSUM),
+    'stage4-7b-v5p-64-bf16-splash-accum1-dots': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
+                                                 {'model.remat_policy': 'dots_no_batch', **EINSUM}),
     'stage4-7b-v5p-64-bf16-splash-accum1-none': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
                                                  {'model.remat_policy': 'none', **EINSUM}),
     # ... and with the grouped dispatch per shard (ragged_dot), the TPU presets' dispatch since 2026-12-08: with
-    # dots_no_batch, and with no remat (the v5p-64 stage-IV preset since that day)
+    # dots_no_batch, and with no remat (the v5p-64 and v5p-256 stage-IV presets since that day)
     'stage4-7b-v5p-64-bf16-splash-accum1-dots-grouped': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
                                                          {'model.remat_policy': 'dots_no_batch'}),
     'stage4-7b-v5p-64-bf16-splash-accum1-none-grouped': ('configs/stage4.py', 'hw=v5p-64', 'v5p-64',
                                                          {'model.remat_policy': 'none'}),
-    'stage4-7b-v5p-256': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', {**FP32, **EINSUM}),
-    'stage4-7b-v5p-256-bf16-splash': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', EINSUM),
+    'stage4-7b-v5p-256': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', {**FP32, **FULL, **EINSUM}),
+    'stage4-7b-v5p-256-bf16-splash': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256', {**FULL, **EINSUM}),
     'stage4-7b-v5p-256-bf16-splash-grouped': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256',
                                               {'model.remat_policy': 'full'}),
     'stage4-7b-v5p-256-bf16-splash-grouped-none': ('configs/stage4.py', 'hw=v5p-256', 'v5p-256',
@@ -105,6 +109,9 @@ def main(names: list[str]) -> None:
     if names == ['--list']:
         print('\n'.join(CASES))
         return
+    if names[:1] == ['--confirm']:
+        confirm(names[1], int(names[2]))
+        return
     only_estimate = '--estimate' in names
     names = [n for n in names if n != '--estimate']
     os.makedirs(os.path.join(HERE, 'results'), exist_ok=True)
@@ -130,6 +137,34 @@ def main(names: list[str]) -> None:
         out = dict(meta, command=command, **r.to_dict())
         with open(os.path.join(HERE, 'results', f'compile_check_{name}.json'), 'w') as f:
             json.dump(out, f, indent=1, default=str)
+
+
+def confirm(name: str, layers: int) -> None:
+    """The case's micro-batch compiled with `layers` unrolled LLM layers, its cost-model time (kernels priced as
+    the estimate prices them) against the estimate's extrapolation from 1 and 2 layers (step_estimate_CASE.json):
+    how far the per-layer extrapolation holds at a depth nearer the model's -> step_confirm_CASE_L.json."""
+    from medplib_jax.train.step_estimate import kernel_flops, reduced
+    path, arg, topology, overrides = CASES[name]
+    config = load_config(path, arg, overrides)
+    with open(os.path.join(HERE, 'results', f'step_estimate_{name}.json')) as f:
+        e = json.load(f)
+    devices = tpu_devices(parse_topology(topology))
+    start = time.perf_counter()
+    fig = compile_step(reduced(config, layers), devices, print)
+    kernels = kernel_flops(fig['pallas_kernels'], config, fig['batch'], fig['length'], len(devices))
+    direct = fig['xla_seconds'] + kernels / e['peak_flops']
+    one = e['xla_seconds'][0] + e['kernel_seconds'][0]
+    per_layer = e['xla_seconds'][1] + e['kernel_seconds'][1] - one
+    extrapolated = one + (layers - 1) * per_layer
+    out = dict(case=name, date=datetime.date.today().isoformat(), layers=layers,
+               host=f'{platform.node()} ({os.cpu_count()} CPUs), {_versions()}',
+               command=f'python benchmarks/compile_check.py --confirm {name} {layers}',
+               compile_s=round(time.perf_counter() - start), direct_seconds=direct, extrapolated_seconds=extrapolated,
+               relative_difference=extrapolated / direct - 1, pallas_kernels=fig['pallas_kernels'])
+    print(f'{name}: {layers} unrolled layers, cost-model time {direct:.4g} s; extrapolated from 1 and 2 layers '
+          f'{extrapolated:.4g} s ({out["relative_difference"]:+.1%})', flush=True)
+    with open(os.path.join(HERE, 'results', f'step_confirm_{name}_{layers}.json'), 'w') as f:
+        json.dump(out, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -258,28 +258,29 @@ STAGE_ARGS = dict(model='7b', init='prev', dtype='', scan=False, remat='', data=
 
 # Hardware presets (stage configs' `hw=` arg): the mesh, the micro-batch (through config.train.grad_accum; the
 # global batch config.data.batch_size stays 128), the remat policy, the scanned layer layout and, on TPU, the
-# splash attention kernel (model.llm.attention), per target and
+# splash attention kernel (model.llm.attention) and the grouped MoE dispatch (model.moe.dispatch), per target and
 # stage. Keys: the hw name, then the stage ('*' = any stage without its own entry). `remat=` in the arg and
 # `--config.*` flags still override a preset. FSDP over every chip (7B's vocab 32267 is odd, so no tensor axis).
-# Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?"), 7B stage IV in fp32 compute: v5p-64
-# 13.5 GiB per chip (14% of HBM), v5p-256 17.2 GiB (18%), 8 x H100 24.8 GiB (31%, a CPU estimate); without remat the
-# v5p-64 step's temporaries alone are 119 GiB. In bf16 compute (STAGE_DTYPE) v5p-64 takes 11.6 GiB (12%), 11.9 GiB
-# with the splash kernel, 9.25 GiB in one micro-batch of 128, 18.9 GiB so with remat dots_no_batch (the stage-IV
-# preset as it is).
+# Measured with `medplib-jax compile-check` (docs/training.md, "Will it fit?" and "Estimated step time"; step times
+# are XLA's cost-model ESTIMATES, nothing ran on a TPU). 7B stage IV in fp32 compute and full remat: v5p-64 13.5 GiB
+# per chip, v5p-256 17.2 GiB, 8 x H100 24.8 GiB (a CPU estimate); bf16 compute (STAGE_DTYPE) 11.6 GiB on v5p-64.
 # Scanned layers also make the 7B compile take minutes instead of hours (one decoder layer compiled, not 32).
 HW_PRESETS = {
-    # Stage IV: one micro-batch of 128, 4 rows per chip, so each chip routes one whole MoE group of 4 sequences
-    # (moe.group_size, the reference's per-GPU micro-batch). In micro-batches of 32 a group spans 4 chips and 8
-    # groups leave 24 of the 32 chips without expert work: XLA's estimate 13.6 s per step against 1.23 s, memory
-    # 11.9 against 9.25 GiB. Saving the matmul outputs (dots_no_batch) instead of full remat: 1.10 s, 18.9 GiB;
-    # no remat: 88 GiB, over the limit (docs/training.md).
-    # The grouped MoE dispatch computes each chip's routing groups on that chip (models/moe.py).
+    # Stage IV in one micro-batch of 128 (4 rows per chip: each chip routes a whole MoE group of 4 sequences, the
+    # reference's per-GPU micro-batch) with the grouped MoE dispatch (each chip computes its own tokens' expert
+    # rows) and no remat: 60.6 GiB per chip, 0.72 s per step (estimate). In micro-batches of 32 with the einsum
+    # dispatch a group spanned 4 chips and 24 of 32 chips had no expert work: 13.6 s. remat dots_no_batch: 29.8
+    # GiB, 0.88 s; the einsum dispatch with dots_no_batch 18.9 GiB, 1.10 s.
     'v5p-64': {'*': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=4, remat='full', scan=True,
                          attention='auto', dispatch='grouped'),
-               'IV': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=1, remat='dots_no_batch', scan=True,
+               'IV': dict(mesh=dict(data=1, fsdp=32, tensor=1), grad_accum=1, remat='none', scan=True,
                           attention='auto', dispatch='grouped')},
+    # One row per chip: stage IV's routing groups straddle 4 chips, which the grouped dispatch does not mind (only
+    # the gate's logits move). No remat: 17.4 GiB, 0.26 s (estimate); full remat 0.36 s.
     'v5p-256': {'*': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='full', scan=True,
-                          attention='auto', dispatch='grouped')},
+                          attention='auto', dispatch='grouped'),
+                'IV': dict(mesh=dict(data=1, fsdp=128, tensor=1), grad_accum=1, remat='none', scan=True,
+                           attention='auto', dispatch='grouped')},
     # stage III's loss groups of 32 sequences need micro-batches of 32 or more
     # stage IV: micro-batches of 32, one routing group of 4 per GPU (25.1 GiB per GPU by the CPU estimate)
     '8xh100': {'*': dict(mesh=dict(data=1, fsdp=8, tensor=1), grad_accum=8, remat='full', scan=True),

@@ -122,6 +122,7 @@ def test_tiny_fits_4_chip_v5p_and_fails_on_a_small_hbm(compiled):
             and 'a multiple of 16 rows' in out)
     assert dataclasses.replace(r, batch=16).routing_note == '' and dataclasses.replace(r, batch=8).routing_note
     assert dataclasses.replace(r, moe_group_size=0).routing_note == ''
+    assert dataclasses.replace(r, moe_dispatch='grouped').routing_note == ''  # each shard computes its own tokens
 
 
 @pytest.mark.slow

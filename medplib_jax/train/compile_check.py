@@ -223,6 +223,7 @@ class CheckResult:
     xla_seconds: float = 0.0
     estimate: Any = None  # step_estimate.StepEstimate when asked for (TPU targets)
     moe_group_size: int = 0  # sequences per MoE routing group in training (0: no MoE layers)
+    moe_dispatch: str = ''  # config.model.moe.dispatch
 
     @property
     def hbm_fraction(self) -> float:
@@ -234,15 +235,17 @@ class CheckResult:
 
     @property
     def routing_note(self) -> str:
-        """'' when every batch shard holds whole MoE routing groups; else what the split costs."""
+        """'' when every batch shard holds whole MoE routing groups, or the grouped dispatch computes each shard's
+        own tokens whatever their groups (models/moe.py); else what the split costs the einsum dispatch."""
         g, micro = self.moe_group_size, self.batch // max(self.grad_accum, 1)
         shards = self.mesh.get('data', 1) * self.mesh.get('fsdp', 1)
-        if not g or micro % (g * shards) == 0:
+        if not g or micro % (g * shards) == 0 or (self.moe_dispatch == 'grouped' and micro % shards == 0):
             return ''
         return (f'MoE routing groups of {g} sequences in micro-batches of {micro} rows over {shards} batch shards '
                 f'(data x fsdp): {micro // g} groups, so a group spans several devices and only part of them get '
-                f'expert work (docs/training.md, "Estimated step time"); whole groups per shard need '
-                f'micro-batches of a multiple of {g * shards} rows (config.train.grad_accum)')
+                f'expert work with the einsum dispatch (docs/training.md, "Estimated step time"); whole groups per '
+                f'shard need micro-batches of a multiple of {g * shards} rows (config.train.grad_accum), or '
+                f'--config.model.moe.dispatch=grouped')
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -555,6 +558,7 @@ def _finish(config_filename, config, target, figures, max_hbm_fraction, max_repl
     r = CheckResult(config=config_filename, target=target.name, label=target.label, devices=target.devices,
                     grad_accum=int(config.train.grad_accum), remat_policy=str(config.model.remat_policy),
                     moe_group_size=int(config.model.moe.group_size) if config.model.moe.mode != 'none' else 0,
+                    moe_dispatch=str(config.model.moe.dispatch),
                     scan_layers=bool(config.model.scan_layers), hbm_bytes=hbm,
                     thresholds=dict(max_hbm_fraction=max_hbm_fraction,
                                     max_replicated_fraction=max_replicated_fraction), **figures)
