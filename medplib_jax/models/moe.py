@@ -267,8 +267,11 @@ def _grouped_dispatch(experts: Experts, x: jax.Array, r: Routing, group: int, ca
     num_experts = experts.num_experts
     axes = _batch_shard_axes(b)
     rows = b // _mesh_size(axes)  # sequences per shard
-    # kept entries per shard: at most k per token, and E x capacity per group it touches
-    max_kept = min(k * rows * length, -(-rows // group) * num_experts * cap)
+    # Kept entries per shard: at most k per token, and E x capacity per group when the shard holds whole groups
+    # (a shard that cuts groups may hold parts of one more group than rows / group, so only the first bound).
+    max_kept = k * rows * length
+    if rows % group == 0:
+        max_kept = min(max_kept, rows // group * num_experts * cap)
     kernel = kernel if kernel != 'auto' else 'tiles' if target_platform() == 'cpu' else 'ragged_dot'
 
     def lay_out(xs, expert, weight):  # one shard's sequences -> its rows
