@@ -13,6 +13,13 @@ step's memory_analysis (arguments + temporaries + outputs not aliased) and the p
                                    depths cut to --llm_layers / --vision_layers (default 1 / 1), batch 1, one
                                    length bucket (--length, default 640). Needs `--dry` (a CPU stand-in for the
                                    7B step).
+  --config 7b-accelerator          the 7B stage-IV step as the accelerator presets run it, on one device: bf16,
+                                   llm.attention=auto (cuDNN on GPU, splash on TPU), the grouped MoE dispatch,
+                                   one routing group (batch 4) at the longest bucket (1599), remat --remat
+                                   (default none), the vision towers whole, --llm_layers of the 32 LLM layers
+                                   (as many as fit). MFU also against the device's vendor bf16 peak
+                                   (train/flops.py PEAK_FLOPS) and a measured bf16 matmul. benchmarks/gpu_step.py
+                                   runs it; with --dry on CPU it runs the tiny model the same way.
 
     python benchmarks/train_step.py [--config tiny] [--steps 5] [--length N] [--batch N]
     python benchmarks/train_step.py --config 7b-width-reduced-depth --dry [--llm_layers 1] [--steps 2]
@@ -72,6 +79,20 @@ def build_config(args):
         label = (f'configs/stage4.py:model=7b,init=random,dtype=float32 with llm.num_layers={args.llm_layers}, '
                  f'vision.num_layers={args.vision_layers + 1} (select_layer -2), sam_encoder.depth='
                  f'{args.vision_layers}, batch {cfg.data.batch_size}, length {cfg.data.length_buckets[0]}')
+    elif args.config == '7b-accelerator':
+        model = 'tiny' if args.dry else '7b'
+        cfg = _load('configs/stage4.py', f'model={model},init=random,remat={args.remat}')
+        if not args.dry:
+            cfg.model.llm.num_layers = args.llm_layers
+        cfg.model.llm.attention = 'auto'
+        cfg.model.moe.dispatch = 'grouped'
+        cfg.data.batch_size = args.batch or int(cfg.model.moe.group_size)
+        cfg.data.length_buckets = (args.length or max(cfg.data.length_buckets),)
+        cfg.train.grad_accum = 1
+        label = (f'configs/stage4.py:model={model},init=random,remat={args.remat} with llm.num_layers='
+                 f'{cfg.model.llm.num_layers}, attention auto, grouped MoE dispatch, batch {cfg.data.batch_size}, '
+                 f'length {cfg.data.length_buckets[0]}')
+        return _one_device(cfg), label
     else:
         sys.exit(f'unknown --config {args.config!r}')
     if args.config != '7b-width-reduced-depth':
@@ -82,11 +103,15 @@ def build_config(args):
     return cfg, label
 
 
-def measured_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+def _one_device(cfg):
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
+    return cfg
+
+
+def measured_peak_flops(n: int = 2048, repeats: int = 5, dtype: str = 'float32') -> float:
     import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     jax.block_until_ready(f(a, b))
     best = float('inf')
@@ -118,7 +143,10 @@ def synthetic_batch(example: dict, vocab: int, seed: int = 0) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--config', default='tiny', choices=('tiny', 'demo', '7b-width-reduced-depth'))
+    parser.add_argument('--config', default='tiny', choices=('tiny', 'demo', '7b-width-reduced-depth',
+                                                             '7b-accelerator'))
+    parser.add_argument('--remat', default='none', help='--config 7b-accelerator: model.remat_policy')
+    parser.add_argument('--profile', default='', help='a folder: one traced step (jax.profiler) is written there')
     parser.add_argument('--stage', type=int, default=4, choices=(1, 2, 3, 4), help='--config demo: which stage')
     parser.add_argument('--dry', action='store_true', help='allow the cut-down 7B-width step on a CPU host')
     parser.add_argument('--llm_layers', type=int, default=1)
@@ -144,9 +172,13 @@ def main() -> None:
     example = example_batch(cfg)
     host = synthetic_batch(example, mcfg.llm.vocab_size)
     batch_size, length = host['input_ids'].shape
-    peak = measured_peak_flops()
-    print(f'{label}: batch {batch_size} x {length} tokens; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s '
-          f'({jax.device_count()} {jax.devices()[0].platform} device(s))', flush=True)
+    accelerator = jax.devices()[0].platform != 'cpu'
+    peak_dtype = 'bfloat16' if accelerator else 'float32'
+    peak = measured_peak_flops(8192 if accelerator else 2048, dtype=peak_dtype)
+    vendor_peak = flops_lib.peak_flops(jax.devices()[0].device_kind)
+    print(f'{label}: batch {batch_size} x {length} tokens; measured {peak_dtype} matmul peak {peak / 1e9:.1f} '
+          f'GFLOP/s ({jax.device_count()} {jax.devices()[0].platform} device(s), {jax.devices()[0].device_kind})',
+          flush=True)
 
     start = time.perf_counter()
     setup = setup_stage(cfg, host, runs='/nonexistent', total_steps=1000, warmup=2, log=lambda _: None)
@@ -166,6 +198,10 @@ def main() -> None:
             if i:
                 times.append(time.perf_counter() - start)
         loss = float(metrics['loss'])
+        if args.profile:  # one more step, traced (open with TensorBoard's profile plugin or Perfetto)
+            with jax.profiler.trace(args.profile):
+                state, metrics = exe(state, batch, rng)
+                jax.block_until_ready(metrics['loss'])
     mem = exe.memory_analysis()
     step_s = statistics.median(times)
     f = flops_lib.step_flops(mcfg, batch_size, length)
@@ -174,7 +210,10 @@ def main() -> None:
     row = dict(config=args.config, label=label, batch=batch_size, length=length, steps=args.steps,
                step_s=step_s, step_times_s=times, tokens_per_s=tokens / step_s, formula_flops=f.total,
                formula_llm_flops=f.llm, formula_vision_flops=f.vision, achieved_flops_per_s=achieved,
-               measured_peak_flops_per_s=peak, mfu=achieved / (peak * jax.device_count()), loss=loss,
+               measured_peak_flops_per_s=peak, peak_dtype=peak_dtype, mfu=achieved / (peak * jax.device_count()),
+               vendor_peak_flops_per_s=vendor_peak,
+               mfu_vendor=None if vendor_peak is None else achieved / (vendor_peak * jax.device_count()), loss=loss,
+               device_kind=jax.devices()[0].device_kind,
                init_s=init_s, compile_s=compile_s,
                memory_analysis_mib=None if mem is None else dict(
                    arguments=mem.argument_size_in_bytes / 2**20, outputs=mem.output_size_in_bytes / 2**20,
@@ -184,7 +223,8 @@ def main() -> None:
                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(f'step {step_s:.3f} s (median of {args.steps}), {row["tokens_per_s"]:.0f} tokens/s, formula '
           f'{f.total / 1e9:.2f} GFLOP/step -> {achieved / 1e9:.2f} GFLOP/s, MFU {row["mfu"]:.1%} of the measured '
-          f'matmul peak; step memory {row["memory_analysis_mib"]["peak"]:.0f} MiB (XLA), peak RSS '
+          f'matmul peak' + ('' if vendor_peak is None else f', {row["mfu_vendor"]:.1%} of the vendor bf16 peak') +
+          f'; step memory {row["memory_analysis_mib"]["peak"]:.0f} MiB (XLA), peak RSS '
           f'{row["peak_rss_mib"]:.0f} MiB; compile {compile_s:.1f} s', flush=True)
     result = dict(benchmark='train_step', date=datetime.date.today().isoformat(), command=' '.join(sys.argv),
                   platform=jax.devices()[0].platform, device_count=jax.device_count(), cpu_count=os.cpu_count(),
