@@ -19,6 +19,8 @@ Variants (`--variants`; attention / XLA flags / jit options):
   block64, block128, block256   current with llm.attention_block = 64 / 128 / 256 (layers.causal_attention: query
             blocks that skip the masked upper triangle);  block128_bias  the same with the `bias` formulation
   hm128, hm256   blocked attention with q, k, v transposed to heads-major once per layer (monkeypatched in)
+  flash128  block128 with a flash-style custom VJP on each block's attention: the forward keeps only the output and
+            the rows' log-sum-exp, the backward recomputes the probabilities from them (monkeypatched in)
 
     python benchmarks/vs_torch_cpu.py [--variants current,einsum] [--threads 1] [--rounds 6]
         [--layers 4 --hidden 256 --ffn 688 --heads 4 --vocab 8192 --batch 4 --length 512] [--xla_flags '...']
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import multiprocessing as mp
 import os
 import platform
@@ -54,6 +57,7 @@ VARIANTS = {
     'block128_bias': ('bias', '', True, 'none', 128),
     'hm128': ('headsmajor', '', True, 'none', 128),
     'hm256': ('headsmajor', '', True, 'none', 256),
+    'flash128': ('flash', '', True, 'none', 128),
 }
 SINGLE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 
@@ -184,11 +188,53 @@ def _jax_worker(conn, argd, variant, hf_cfg, state) -> None:
         out = jnp.concatenate(outs, axis=3)  # (B, K, G, T, D)
         return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
+    neg = jnp.finfo(jnp.float32).min
+
+    def _flash_forward(qh, k, v, mask, scale):  # head-major as layers.dot_product_attention: -> (out, lse)
+        sc = jnp.where(mask, jnp.einsum('bktd,bskd->bkts', qh, k, preferred_element_type=jnp.float32) * scale, neg)
+        m = sc.max(-1, keepdims=True)
+        e = jnp.exp(sc - m)
+        total = e.sum(-1, keepdims=True)
+        out = jnp.einsum('bkts,bskd->bktd', e.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
+        return out.astype(v.dtype), m + jnp.log(total)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def flash_core(qh, k, v, mask, scale):
+        return _flash_forward(qh, k, v, mask, scale)[0]
+
+    def flash_fwd(qh, k, v, mask, scale):
+        out, lse = _flash_forward(qh, k, v, mask, scale)
+        return out, (qh, k, v, mask, out, lse)
+
+    def flash_bwd(scale, res, do):
+        qh, k, v, mask, out, lse = res
+        sc = jnp.where(mask, jnp.einsum('bktd,bskd->bkts', qh, k, preferred_element_type=jnp.float32) * scale, neg)
+        p = jnp.exp(sc - lse)  # the probabilities, recomputed
+        do = do.astype(jnp.float32)
+        dp = jnp.einsum('bktd,bskd->bkts', do, v.astype(jnp.float32))
+        ds = p * (dp - jnp.sum(do * out.astype(jnp.float32), axis=-1, keepdims=True)) * scale
+        return (jnp.einsum('bkts,bskd->bktd', ds, k.astype(jnp.float32)).astype(qh.dtype),
+                jnp.einsum('bkts,bktd->bskd', ds, qh.astype(jnp.float32)).astype(k.dtype),
+                jnp.einsum('bkts,bktd->bskd', p, do).astype(v.dtype), None)
+
+    flash_core.defvjp(flash_fwd, flash_bwd)
+
+    def flash_attention(q, k, v, mask=None, bias=None):
+        b, t, h, d = q.shape
+        kv = k.shape[2]
+        g, s_len = h // kv, k.shape[1]
+        qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+        mask = jnp.ones((b, t, s_len), bool) if mask is None else jnp.broadcast_to(mask, (b, t, s_len))
+        mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, s_len)).reshape(b, 1, g * t, s_len)
+        out = flash_core(qh, k, v, mask, d ** -0.5)
+        return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
     if attention == 'headsmajor':
         llama_mod.causal_attention = headsmajor_causal
         attention = 'current'
     layers.dot_product_attention = {'current': base_attention, 'einsum': einsum_attention,
-                                       'bias': bias_attention, 'jaxnn': jaxnn_attention}[attention]
+                                       'bias': bias_attention, 'jaxnn': jaxnn_attention,
+                                       'flash': flash_attention}[attention]
     cfg = llama_mod.LlamaConfig.from_hf(hf_cfg, remat_policy=remat, attention_block=block[0] if block else 0)
     model = llama_mod.LlamaForCausalLM(cfg)
     params = jax.tree.map(jnp.asarray, hf_to_params(state, cfg))
