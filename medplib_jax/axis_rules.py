@@ -45,5 +45,10 @@ def mesh_axes(logical: str, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]
     """The mesh axes a logical axis is split over (first matching rule; none: not split)."""
     for name, axes in rules:
         if name == logical:
-            return () if axes is None else tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+            return axis_names(axes)
     return ()
+
+
+def axis_names(entry: Any) -> tuple[str, ...]:
+    """A rule's or a PartitionSpec's entry (None, a name, or names) -> the mesh axis names in it."""
+    return () if entry is None else tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medplib_jax.axis_rules import LOGICAL_AXIS_RULES
+from medplib_jax.axis_rules import LOGICAL_AXIS_RULES, axis_names
 from medplib_jax.models.config import DTYPES as DTYPE_NAMES
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -161,7 +161,7 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask
         raise ValueError(f'llm.attention=splash: the rules split activation_heads over {heads[2]!r} but '
                          f'activation_kv_heads over {kv_heads[2]!r}; split both alike or use llm.attention=xla')
     def fits(axes, size):  # a dimension the axes do not divide (the one-row batch of model init) stays whole
-        return axes if size % math.prod(mesh.shape[a] for a in _names(axes)) == 0 else None
+        return axes if size % math.prod(mesh.shape[a] for a in axis_names(axes)) == 0 else None
 
     batch = fits(heads[0], q.shape[0])
     heads = jax.sharding.PartitionSpec(batch, None, fits(heads[2], q.shape[2]), None)
@@ -172,11 +172,6 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_mask
     rows = jax.sharding.PartitionSpec(batch, None)
     return jax.shard_map(_splash_local, mesh=mesh, in_specs=(heads, kv_heads, kv_heads, rows), out_specs=heads,
                          check_vma=False)(q, k, v, token_mask)
-
-
-def _names(axes) -> tuple[str, ...]:
-    """A PartitionSpec entry -> the mesh axis names in it."""
-    return () if axes is None else tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
 def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, token_mask: jax.Array) -> jax.Array:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from medplib_jax import sharding
 from medplib_jax.axis_rules import BATCH, LOGICAL_AXIS_RULES, mesh_axes
 from medplib_jax.models.config import LoRAConfig, MoEConfig
 from medplib_jax.models.grouped import GroupedLayout, make_layout, tile_rows
@@ -265,8 +266,8 @@ def _grouped_dispatch(experts: Experts, x: jax.Array, r: Routing, group: int, ca
     b, length, d = x.shape
     k = r.expert.shape[-1]
     num_experts = experts.num_experts
-    axes = _batch_shard_axes(b)
-    rows = b // _mesh_size(axes)  # sequences per shard
+    axes, shards = _batch_shards(b)
+    rows = b // shards  # sequences per shard
     # Kept entries per shard: at most k per token, and E x capacity per group when the shard holds whole groups
     # (a shard that cuts groups may hold parts of one more group than rows / group, so only the first bound).
     max_kept = k * rows * length
@@ -299,21 +300,16 @@ def _grouped_dispatch(experts: Experts, x: jax.Array, r: Routing, group: int, ca
     return gather_back(rows_out, row, weight)
 
 
-def _batch_shard_axes(batch: int) -> tuple[str, ...]:
-    """The mesh axes (of the mesh in context) that split the batch as the rules split `activation_batch`; () for
-    no mesh, one shard, or a batch they do not divide (then all sequences' rows share one layout)."""
+def _batch_shards(batch: int) -> tuple[tuple[str, ...], int]:
+    """(the mesh axes that split the batch as the rules split `activation_batch`, their number of shards) for the
+    mesh in context; ((), 1) for no mesh, one shard, or a batch they do not divide (then all sequences' rows share
+    one layout)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return ()
+        return (), 1
     rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES  # as sharding.data_sharding: the table by default
-    axes = tuple(a for a in mesh_axes(BATCH, rules) if a in mesh.axis_names)
-    shards = _mesh_size(axes)
-    return axes if shards > 1 and batch % shards == 0 else ()
-
-
-def _mesh_size(axes: tuple[str, ...]) -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    return math.prod(mesh.shape[a] for a in axes) if axes else 1
+    shards = sharding.batch_shards(mesh, rules)
+    return (mesh_axes(BATCH, rules), shards) if shards > 1 and batch % shards == 0 else ((), 1)
 
 
 def routed_positions(token_mask: jax.Array, group: int, route_padding: str) -> jax.Array | None:
